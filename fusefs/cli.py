@@ -1,0 +1,561 @@
+"""The ``contentfs`` command line: store commands mirroring ``ctr content``, plus
+``mount``, ``umount`` and ``serve``.
+
+Every store error prints one line, ``contentfs: <message>``, and exits with the code of
+its class (EXIT_CODES); anything else is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import stat
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO, Any, NoReturn, TypeVar
+
+import click
+
+from store import (
+    AlreadyExists,
+    DataLoss,
+    FailedPrecondition,
+    Info,
+    InvalidArgument,
+    LocalStore,
+    NotFound,
+    NotImplemented,
+    Status,
+    StoreError,
+    Unavailable,
+    parse_digest,
+)
+
+#: Exit status per store error class; stable for scripts (documented in the README).
+EXIT_CODES: dict[type[StoreError], int] = {
+    InvalidArgument: 3,
+    NotFound: 4,
+    AlreadyExists: 5,
+    FailedPrecondition: 6,
+    Unavailable: 7,
+    DataLoss: 8,
+    NotImplemented: 9,
+}
+EXIT_OTHER = 1
+
+F = TypeVar("F", bound=Callable[..., Any])
+_CHUNK = 1 << 20
+
+
+def default_root() -> str:
+    """``$CONTENTFS_ROOT``, else /var/lib/contentfs for root, else a per-user data dir."""
+    env = os.environ.get("CONTENTFS_ROOT")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/var/lib/contentfs"
+    base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.path.join(base, "contentfs")
+
+
+def fail(message: str, code: int = EXIT_OTHER) -> NoReturn:
+    click.echo(f"contentfs: {message}", err=True)
+    sys.exit(code)
+
+
+def exit_code(exc: StoreError) -> int:
+    for cls, code in EXIT_CODES.items():
+        if isinstance(exc, cls):
+            return code
+    return EXIT_OTHER
+
+
+class _Group(click.Group):
+    """Turns store errors into one line and a per-class exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except StoreError as exc:
+            fail(str(exc), exit_code(exc))
+        except BrokenPipeError:
+            # the reader went away (e.g. `contentfs get ... | head`): not an error of ours
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            sys.exit(EXIT_OTHER)
+
+
+def root_option(f: F) -> F:
+    """``--root`` after the command name too (``contentfs ls --root R``)."""
+    return click.option(
+        "--root",
+        "cmd_root",
+        metavar="ROOT",
+        default=None,
+        help="Store directory (default: $CONTENTFS_ROOT, else a per-user data directory).",
+    )(f)
+
+
+def open_store(ctx: click.Context, cmd_root: str | None, *, create: bool = False) -> LocalStore:
+    root = cmd_root or ctx.obj.get("root") or default_root()
+    explicit = bool(cmd_root or ctx.obj.get("root") or os.environ.get("CONTENTFS_ROOT"))
+    if not os.path.isdir(root):
+        if create or not explicit:
+            os.makedirs(root, mode=0o755, exist_ok=True)
+        else:
+            fail(f"store root {root}: not a directory", EXIT_CODES[NotFound])
+    store = LocalStore(root)
+    ctx.call_on_close(store.close)
+    return store
+
+
+def rfc3339(when: dt.datetime) -> str:
+    return when.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def info_json(info: Info) -> dict[str, Any]:
+    return {
+        "digest": info.digest,
+        "size": info.size,
+        "created_at": rfc3339(info.created_at),
+        "updated_at": rfc3339(info.updated_at),
+        "labels": dict(sorted(info.labels.items())),
+    }
+
+
+def status_json(st: Status) -> dict[str, Any]:
+    return {
+        "ref": st.ref,
+        "offset": st.offset,
+        "total": st.total,
+        "expected": st.expected or "",
+        "started_at": rfc3339(st.started_at),
+        "updated_at": rfc3339(st.updated_at),
+    }
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def age(when: dt.datetime) -> str:
+    secs = max(0, int((dt.datetime.now(dt.timezone.utc) - when).total_seconds()))
+    for unit, length in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if secs >= length:
+            return f"{secs // length} {unit}"
+    return f"{secs} seconds"
+
+
+def parse_pairs(pairs: Iterable[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidArgument(f"label {pair!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--root",
+    metavar="ROOT",
+    default=None,
+    help="Store directory (default: $CONTENTFS_ROOT, else a per-user data directory).",
+)
+@click.version_option(package_name="contentfs")
+@click.pass_context
+def cli(ctx: click.Context, root: str | None) -> None:
+    """A content-addressed blob store with containerd's semantics.
+
+    A store is a directory in containerd's layout (blobs/<alg>/<hex>, ingest/); a
+    containerd content directory or an OCI image layout opens as one. Mount it with
+    `contentfs mount ROOT MOUNTPOINT` and use ls, cat, cp, mv, rm, getfattr and
+    setfattr, or serve it to `ctr` with `contentfs serve`.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["root"] = root
+
+
+@cli.command("ls")
+@click.argument("filters", nargs=-1)
+@click.option("-q", "--quiet", is_flag=True, help="Print only the digests.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of blobs.")
+@root_option
+@click.pass_context
+def ls_cmd(
+    ctx: click.Context, filters: tuple[str, ...], quiet: bool, as_json: bool, cmd_root: str | None
+) -> None:
+    """List committed blobs, optionally matching containerd FILTERS.
+
+    Several filters match when any does; within one, comma-separated selectors must
+    all match: `labels."containerd.io/gc.root"`, `digest~=^sha256:ab`,
+    `labels.team==infra,labels.env!=prod`.
+    """
+    store = open_store(ctx, cmd_root)
+    infos = store.list(*filters)
+    if as_json:
+        click.echo(json.dumps([info_json(i) for i in infos], indent=2))
+        return
+    if quiet:
+        for info in infos:
+            click.echo(info.digest)
+        return
+    rows = [("DIGEST", "SIZE", "AGE", "LABELS")]
+    for info in infos:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(info.labels.items()))
+        rows.append((info.digest, human_size(info.size), age(info.created_at), labels))
+    _table(rows)
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=False)] + [row[-1]]
+        click.echo("  ".join(cells).rstrip())
+
+
+@cli.command("info")
+@click.argument("digest")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@root_option
+@click.pass_context
+def info_cmd(ctx: click.Context, digest: str, as_json: bool, cmd_root: str | None) -> None:
+    """Show one blob's size, times and labels."""
+    info = open_store(ctx, cmd_root).info(digest)
+    if as_json:
+        click.echo(json.dumps(info_json(info), indent=2))
+        return
+    click.echo(f"digest:     {info.digest}")
+    click.echo(f"size:       {info.size}")
+    click.echo(f"created_at: {rfc3339(info.created_at)}")
+    click.echo(f"updated_at: {rfc3339(info.updated_at)}")
+    for k, v in sorted(info.labels.items()):
+        click.echo(f"label:      {k}={v}")
+
+
+@cli.command("get")
+@click.argument("digest")
+@root_option
+@click.pass_context
+def get_cmd(ctx: click.Context, digest: str, cmd_root: str | None) -> None:
+    """Write a blob's bytes to standard output."""
+    store = open_store(ctx, cmd_root)
+    with store.reader_at(digest) as reader:
+        out = sys.stdout.buffer
+        out.flush()
+        _copy_out(reader.fileno(), out.fileno(), reader.size)
+
+
+def _copy_out(src: int, dst: int, size: int) -> None:
+    offset = 0
+    try:
+        while offset < size:
+            sent = os.sendfile(dst, src, offset, min(size - offset, 1 << 30))
+            if sent == 0:
+                break
+            offset += sent
+        return
+    except OSError as exc:
+        if exc.errno not in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: fall back
+            raise
+    while offset < size:
+        chunk = os.pread(src, min(_CHUNK, size - offset), offset)
+        if not chunk:
+            break
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(dst, view) :]
+        offset += len(chunk)
+
+
+@cli.command("ingest")
+@click.argument("ref")
+@click.argument("file", required=False, type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--expected-digest", metavar="DIGEST", help="Fail unless the bytes have it.")
+@click.option("--expected-size", metavar="N", type=click.IntRange(min=0), default=0,
+              help="Fail unless there are exactly N bytes.")
+@click.option("--label", "labels", metavar="KEY=VALUE", multiple=True,
+              help="Label for the committed blob (repeatable).")
+@root_option
+@click.pass_context
+def ingest_cmd(
+    ctx: click.Context,
+    ref: str,
+    file: str | None,
+    expected_digest: str | None,
+    expected_size: int,
+    labels: tuple[str, ...],
+    cmd_root: str | None,
+) -> None:
+    """Store FILE (or standard input) under ingest REF, commit it, print its digest.
+
+    An interrupted ingest of the same REF resumes where it stopped (the bytes already
+    stored are skipped in the input). Content that already exists is success.
+    """
+    store = open_store(ctx, cmd_root)
+    label_map = parse_pairs(labels)
+    expected = parse_digest(expected_digest) if expected_digest else None
+    source: IO[bytes]
+    if file is None or file == "-":
+        source = sys.stdin.buffer
+    else:
+        try:
+            source = open(file, "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            fail(f"{file}: {exc.strerror}")
+    try:
+        try:
+            writer = store.writer(ref, total=expected_size, expected=expected)
+        except AlreadyExists:
+            assert expected is not None
+            if label_map:
+                _merge_labels(store, expected, label_map)
+            click.echo(expected)
+            return
+        try:
+            size = _source_size(source)
+            _skip(source, writer.offset)
+            with _progress(size, writer.offset) as advance:
+                for chunk in _chunks(source):
+                    writer.write(chunk)
+                    advance(len(chunk))
+            try:
+                digest = writer.commit(expected_size, expected, labels=label_map)
+            except AlreadyExists as exc:
+                digest = parse_digest(str(exc).split()[1].rstrip(":"))
+                if label_map:
+                    _merge_labels(store, digest, label_map)
+        except BaseException:
+            writer.close()
+            raise
+        click.echo(digest)
+    finally:
+        if source is not sys.stdin.buffer:
+            source.close()
+
+
+def _merge_labels(store: LocalStore, digest: str, labels: dict[str, str]) -> None:
+    info = store.info(digest)
+    store.update(Info(info.digest, info.size, info.created_at, info.updated_at, labels),
+                 *(f"labels.{k}" for k in labels))
+
+
+def _source_size(source: IO[bytes]) -> int | None:
+    try:
+        st = os.fstat(source.fileno())
+    except (OSError, ValueError):
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def _skip(source: IO[bytes], n: int) -> None:
+    """Skip the ``n`` bytes a resumed ingest already holds."""
+    if n == 0:
+        return
+    try:
+        if source.seekable():
+            source.seek(n, os.SEEK_CUR)
+            return
+    except OSError:
+        pass
+    while n > 0:
+        chunk = source.read(min(n, _CHUNK))
+        if not chunk:
+            raise FailedPrecondition(f"input is shorter than the {n} bytes already ingested")
+        n -= len(chunk)
+
+
+def _chunks(source: IO[bytes]) -> Iterator[bytes]:
+    read = getattr(source, "read1", source.read)
+    while chunk := read(_CHUNK):
+        yield chunk
+
+
+class _progress:
+    """A progress bar on stderr when it is a terminal; a no-op otherwise."""
+
+    def __init__(self, total: int | None, done: int) -> None:
+        self._bar: Any = None
+        if sys.stderr.isatty():
+            self._bar = click.progressbar(
+                length=total, label="ingesting", file=sys.stderr, show_pos=total is None
+            )
+            if done:
+                self._bar.update(done)
+
+    def __enter__(self) -> Callable[[int], None]:
+        if self._bar is None:
+            return lambda n: None
+        self._bar.__enter__()
+        return self._bar.update  # type: ignore[no-any-return]
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+
+@cli.command("active")
+@click.argument("filters", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of ingests.")
+@root_option
+@click.pass_context
+def active_cmd(
+    ctx: click.Context, filters: tuple[str, ...], as_json: bool, cmd_root: str | None
+) -> None:
+    """List active (unfinished) ingests, optionally matching FILTERS on `ref`
+    (e.g. `ref~=^layer-`)."""
+    statuses = open_store(ctx, cmd_root).list_statuses(*filters)
+    if as_json:
+        click.echo(json.dumps([status_json(s) for s in statuses], indent=2))
+        return
+    rows = [("REF", "SIZE", "TOTAL", "AGE")]
+    for st in statuses:
+        rows.append((st.ref, str(st.offset), str(st.total or ""), age(st.started_at)))
+    _table(rows)
+
+
+@cli.command("abort")
+@click.argument("refs", nargs=-1, required=True)
+@root_option
+@click.pass_context
+def abort_cmd(ctx: click.Context, refs: tuple[str, ...], cmd_root: str | None) -> None:
+    """Abort active ingests, discarding their data."""
+    store = open_store(ctx, cmd_root)
+    for ref in refs:
+        store.abort(ref)
+
+
+@cli.command("rm")
+@click.argument("digests", nargs=-1, required=True)
+@root_option
+@click.pass_context
+def rm_cmd(ctx: click.Context, digests: tuple[str, ...], cmd_root: str | None) -> None:
+    """Delete blobs; print each digest deleted. A missing blob is an error."""
+    store = open_store(ctx, cmd_root)
+    first_error: StoreError | None = None
+    for digest in digests:
+        try:
+            store.delete(digest)
+        except StoreError as exc:
+            click.echo(f"contentfs: {exc}", err=True)
+            first_error = first_error or exc
+            continue
+        click.echo(digest)
+    if first_error is not None:
+        sys.exit(exit_code(first_error))
+
+
+@cli.command("label")
+@click.argument("digest")
+@click.argument("pairs", nargs=-1)
+@root_option
+@click.pass_context
+def label_cmd(
+    ctx: click.Context, digest: str, pairs: tuple[str, ...], cmd_root: str | None
+) -> None:
+    """Set (KEY=VALUE) or remove (KEY=) labels of a blob; print its labels."""
+    store = open_store(ctx, cmd_root)
+    if pairs:
+        changes = parse_pairs(pairs)
+        info = store.info(digest)
+        info = store.update(
+            Info(info.digest, info.size, info.created_at, info.updated_at, changes),
+            *(f"labels.{k}" for k in changes),
+        )
+    else:
+        info = store.info(digest)
+    click.echo(",".join(f"{k}={v}" for k, v in sorted(info.labels.items())))
+
+
+@cli.command("verify")
+@click.argument("digests", nargs=-1)
+@root_option
+@click.pass_context
+def verify_cmd(ctx: click.Context, digests: tuple[str, ...], cmd_root: str | None) -> None:
+    """Rehash blobs (all when none given) and report those that no longer match their
+    digest. Exits non-zero if any is corrupt or missing."""
+    store = open_store(ctx, cmd_root)
+    targets = list(digests) or [i.digest for i in store.list()]
+    bad = 0
+    code = 0
+    for digest in targets:
+        try:
+            store.verify(digest)
+        except StoreError as exc:
+            bad += 1
+            code = code or exit_code(exc)
+            click.echo(f"{digest}: FAILED ({exc})")
+            continue
+        click.echo(f"{digest}: OK")
+    if bad:
+        click.echo(f"contentfs: {bad} of {len(targets)} blobs failed verification", err=True)
+        sys.exit(code)
+
+
+@cli.command(
+    "mount",
+    context_settings={"ignore_unknown_options": False},
+)
+@click.argument("root", type=click.Path(file_okay=False))
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("-o", "options", metavar="OPT[,OPT...]", multiple=True,
+              help="Mount options: ro, allow_other, default_permissions, ... "
+                   "(generic ones such as rw, defaults, nofail, _netdev are ignored).")
+@click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground.")
+@click.option("--debug", is_flag=True, help="Log every request (implies -f).")
+def mount_cmd(
+    root: str, mountpoint: str, options: tuple[str, ...], foreground: bool, debug: bool
+) -> None:
+    """Mount the store ROOT at MOUNTPOINT.
+
+    Returns once the mount answers; the daemon stays in the background unless -f.
+    Unmount with `contentfs umount MOUNTPOINT` (or SIGINT/SIGTERM in the foreground).
+    """
+    from .mount import mount_main
+
+    sys.exit(mount_main(root, mountpoint, options, foreground=foreground or debug, debug=debug))
+
+
+@cli.command("umount")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("-l", "--lazy", is_flag=True, help="Detach now, clean up when no longer busy.")
+def umount_cmd(mountpoint: str, lazy: bool) -> None:
+    """Unmount a contentfs mount and wait for its daemon to finish."""
+    from .mount import umount_main
+
+    sys.exit(umount_main(mountpoint, lazy=lazy))
+
+
+@cli.command("serve")
+@click.option("--address", metavar="ADDR", default=None,
+              help="unix:///PATH (default: a socket in the user's runtime dir) "
+                   "or tcp://127.0.0.1:PORT.")
+@click.option("--debug", is_flag=True, help="Log every call.")
+@root_option
+@click.pass_context
+def serve_cmd(ctx: click.Context, address: str | None, debug: bool, cmd_root: str | None) -> None:
+    """Serve the store over containerd's gRPC Content API (for `ctr -a SOCKET content ...`)."""
+    from store.grpc.server import serve_main
+
+    store = open_store(ctx, cmd_root, create=True)
+    sys.exit(serve_main(store, address, debug=debug))
+
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point. Accepts mount(8)'s form ``contentfs ROOT MOUNTPOINT -o OPTS`` too."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) >= 2 and args[0] not in cli.commands and not args[0].startswith("-"):
+        args.insert(0, "mount")
+    cli.main(args=args, prog_name="contentfs")
+
+
+if __name__ == "__main__":
+    main()

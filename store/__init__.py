@@ -1,0 +1,45 @@
+"""contentfs's content store: containerd's content-store contract in Python.
+
+Never imports trio, pyfuse3 or grpc; the adapters (``fusefs``, ``store.grpc``) import it.
+"""
+
+from .digest import ALGORITHMS, Digest, digest_of, parse_digest
+from .errors import (
+    AlreadyExists,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    NotImplemented,
+    StoreError,
+    Unavailable,
+)
+from .filters import Filter, parse_filters
+from .local import MAX_LABEL_SIZE, LocalStore, validate_labels
+from .reader import FileReaderAt
+from .types import Info, Status
+from .writer import LocalWriter
+
+__all__ = [
+    "ALGORITHMS",
+    "MAX_LABEL_SIZE",
+    "AlreadyExists",
+    "DataLoss",
+    "Digest",
+    "FailedPrecondition",
+    "FileReaderAt",
+    "Filter",
+    "Info",
+    "InvalidArgument",
+    "LocalStore",
+    "LocalWriter",
+    "NotFound",
+    "NotImplemented",
+    "Status",
+    "StoreError",
+    "Unavailable",
+    "digest_of",
+    "parse_digest",
+    "parse_filters",
+    "validate_labels",
+]

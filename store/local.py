@@ -1,0 +1,548 @@
+"""LocalStore: containerd's local content store, with persistent labels and
+cross-process ref locks.
+
+Thread-safe: any method may be called from any thread. A Writer is used by one caller
+at a time (it serialises its own calls).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+
+from .digest import ALGORITHMS, CANONICAL, Digest, parse_digest, split_digest
+from .errors import AlreadyExists, DataLoss, InvalidArgument, NotFound
+from .filters import parse_filters
+from .fsutil import read_small, write_atomic
+from .layout import Layout
+from .locks import try_lock
+from .metadata import MetadataDB
+from .reader import FileReaderAt
+from .types import Info, Status, format_time, from_ns, parse_time
+from .writer import LocalWriter, _ResumeState
+
+__all__ = ["MAX_LABEL_SIZE", "LocalStore", "validate_labels"]
+
+log = logging.getLogger(__name__)
+
+MAX_LABEL_SIZE = 4096
+_CHUNK = 1 << 20
+
+
+def validate_labels(labels: Mapping[str, str]) -> None:
+    """Raise InvalidArgument for an empty key or key plus value over 4096 UTF-8 bytes."""
+    for key, value in labels.items():
+        if not key:
+            raise InvalidArgument("label key must not be empty")
+        size = len(key.encode("utf-8", "surrogateescape")) + len(
+            value.encode("utf-8", "surrogateescape")
+        )
+        if size > MAX_LABEL_SIZE:
+            raise InvalidArgument(
+                f"label key and value length ({size} bytes) greater than maximum size"
+                f" ({MAX_LABEL_SIZE} bytes), key: {key[:64]}"
+            )
+
+
+def _check_ref(ref: str) -> None:
+    if not isinstance(ref, str) or not ref:
+        raise InvalidArgument("ref must not be empty")
+    if "\0" in ref:
+        raise InvalidArgument(f"ref {ref!r}: must not contain NUL")
+
+
+def _is_dir(path: str) -> bool:
+    """True for a real directory (a symlink planted in its place does not count)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+class LocalStore:
+    """A content store rooted at a directory in containerd's local layout.
+
+    ``readonly`` opens the metadata database read-only and refuses nothing else by
+    itself: the adapters refuse changes on read-only mounts.
+    """
+
+    def __init__(self, root: str, *, readonly: bool = False) -> None:
+        self.layout = Layout(root)
+        self.root = self.layout.root
+        if not os.path.isdir(self.root):
+            raise NotFound(f"store root {self.root}")
+        self.readonly = readonly
+        self.db = MetadataDB(self.layout.db, readonly=readonly)
+        self._cache_lock = threading.Lock()
+        # ref -> (st_ino, st_size, st_mtime_ns, hasher): lets a writer closed in this
+        # process resume without rehashing its data.
+        self._hash_cache: dict[str, tuple[int, int, int, hashlib._Hash]] = {}
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> LocalStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Provider -------------------------------------------------------------------------
+
+    def reader_at(self, digest: str) -> FileReaderAt:
+        """Open a blob for positional reads. NotFound if it is not committed."""
+        dgst = parse_digest(digest)
+        try:
+            fd = os.open(self.layout.blob_path(dgst), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(f"content {dgst}") from None
+        except OSError as exc:
+            if exc.errno == 40:  # ELOOP: a symlink planted in place of a blob
+                raise NotFound(f"content {dgst} (not a regular file)") from None
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise NotFound(f"content {dgst} (not a regular file)")
+        return FileReaderAt(fd, st.st_size, dgst)
+
+    # Manager --------------------------------------------------------------------------
+
+    def info(self, digest: str) -> Info:
+        """Info of a committed blob. InvalidArgument for a bad digest, NotFound if absent."""
+        dgst = parse_digest(digest)
+        st = self._stat_blob(dgst)
+        return self._info(dgst, st, self.db.get_blob(dgst))
+
+    def _stat_blob(self, dgst: Digest) -> os.stat_result:
+        try:
+            st = os.lstat(self.layout.blob_path(dgst))
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(f"content {dgst}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise NotFound(f"content {dgst}")
+        return st
+
+    @staticmethod
+    def _info(
+        dgst: Digest, st: os.stat_result, row: tuple[int, int, int, dict[str, str]] | None
+    ) -> Info:
+        if row is not None and row[0] == st.st_size:
+            return Info(dgst, st.st_size, from_ns(row[1]), from_ns(row[2]), row[3])
+        return Info(dgst, st.st_size, from_ns(st.st_mtime_ns), from_ns(st.st_mtime_ns), {})
+
+    def update(self, info: Info, *fieldpaths: str) -> Info:
+        """Change a blob's labels, as containerd's Update.
+
+        No fieldpaths or ``labels``: replace all labels with ``info.labels``.
+        ``labels.<key>``: set that key from ``info.labels``, or remove it when absent or
+        empty. Any other path: InvalidArgument and nothing changes. Size, digest and
+        times in ``info`` are ignored. UpdatedAt becomes now.
+        """
+        dgst = parse_digest(info.digest)
+        replace: dict[str, str] | None = None
+        changes: dict[str, str] = {}
+        for path in fieldpaths or ("labels",):
+            if path == "labels":
+                replace = dict(info.labels)
+            elif path.startswith("labels."):
+                key = path[len("labels.") :]
+                changes[key] = info.labels.get(key, "")
+            else:
+                raise InvalidArgument(f'cannot update "{path}" field on content info "{dgst}"')
+        validate_labels({k: v for k, v in {**(replace or {}), **changes}.items() if v})
+        st = self._stat_blob(dgst)
+        row = self.db.get_blob(dgst)
+        created = row[1] if row is not None and row[0] == st.st_size else st.st_mtime_ns
+        new = self.db.update_labels(dgst, st.st_size, created, time.time_ns(), replace, changes)
+        return self._info(dgst, st, new)
+
+    def walk(self, fn: Callable[[Info], object], *filters: str) -> None:
+        """Call ``fn`` for each committed blob matching any filter, in digest order.
+
+        Filters are parsed first (InvalidArgument on a syntax error). Fields: ``digest``
+        and ``labels.<key>``. Blobs on disk without metadata are included.
+        """
+        flt = parse_filters(*filters)
+        rows = self.db.all_blobs()
+        for alg in sorted(self.algorithms()):
+            for name, st in self._scan_blobs(alg):
+                dgst = Digest(f"{alg}:{name}")
+                info = self._info(dgst, st, rows.get(dgst))
+                if flt.match(_info_adaptor(info)):
+                    fn(info)
+
+    def list(self, *filters: str) -> list[Info]:
+        """Walk into a list."""
+        out: list[Info] = []
+        self.walk(out.append, *filters)
+        return out
+
+    def algorithms(self) -> list[str]:
+        """Algorithm directories present under ``blobs/``."""
+        try:
+            names = os.listdir(self.layout.blobs)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return [a for a in names if a in ALGORITHMS and _is_dir(self.layout.blob_dir(a))]
+
+    def _scan_blobs(self, alg: str) -> Iterator[tuple[str, os.stat_result]]:
+        want = ALGORITHMS[alg]
+        try:
+            entries = sorted(os.scandir(self.layout.blob_dir(alg)), key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for entry in entries:
+            name = entry.name
+            if len(name) != want or name.strip("0123456789abcdef"):
+                log.debug("skipping %s: not a digest", entry.path)
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                yield name, st
+
+    def blob_names(self, algorithm: str) -> Iterator[tuple[str, os.stat_result]]:
+        """Stream (hex, stat) of the blobs of one algorithm, in name order."""
+        if algorithm not in ALGORITHMS:
+            return iter(())
+        return self._scan_blobs(algorithm)
+
+    def delete(self, digest: str) -> None:
+        """Delete a committed blob. NotFound if absent. Open readers keep reading."""
+        dgst = parse_digest(digest)
+        path = self.layout.blob_path(dgst)
+        try:
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                raise NotFound(f"content {dgst}")
+            os.unlink(path)
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(f"content {dgst}") from None
+        self.db.delete_blob(dgst)
+
+    def verify(self, digest: str) -> Info:
+        """Rehash a blob. DataLoss if its bytes no longer match its digest."""
+        dgst = parse_digest(digest)
+        info = self.info(dgst)
+        alg, want = split_digest(dgst)
+        hasher = hashlib.new(alg)
+        with self.reader_at(dgst) as r:
+            fd = r.fileno()
+            offset = 0
+            while chunk := os.pread(fd, _CHUNK, offset):
+                hasher.update(chunk)
+                offset += len(chunk)
+        if hasher.hexdigest() != want:
+            raise DataLoss(
+                f"content {dgst}: bytes on disk hash to {alg}:{hasher.hexdigest()}"
+            )
+        return info
+
+    # IngestManager --------------------------------------------------------------------
+
+    def status(self, ref: str) -> Status:
+        """Status of an active ingest; NotFound if there is none for ``ref``."""
+        _check_ref(ref)
+        st = self._read_status(self.layout.ingest_dir(ref), ref)
+        if st is None:
+            raise NotFound(f"ingest {ref}")
+        return st
+
+    def _read_status(self, path: str, ref: str | None) -> Status | None:
+        """Status from an ingest directory, or None if it is missing or not an ingest."""
+        if not _is_dir(path):
+            return None
+        try:
+            data_st = os.lstat(os.path.join(path, "data"))
+            stored_ref = read_small(os.path.join(path, "ref")).decode("utf-8", "surrogateescape")
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            log.warning("ingest %s unreadable: %s", path, exc)
+            return None
+        if ref is not None and stored_ref != ref:
+            return None
+        started = _read_time(os.path.join(path, "startedat"))
+        updated = max(_read_time(os.path.join(path, "updatedat")), data_st.st_mtime_ns)
+        total = _read_total(os.path.join(path, "total"))
+        expected, _ = self.db.get_ingest(stored_ref)
+        return Status(
+            stored_ref,
+            data_st.st_size,
+            total,
+            Digest(expected) if expected else None,
+            from_ns(started),
+            from_ns(updated),
+        )
+
+    def list_statuses(self, *filters: str) -> list[Status]:
+        """Statuses of active ingests matching any filter (field ``ref``), sorted by ref."""
+        flt = parse_filters(*filters)
+        out = []
+        for st in self._all_statuses():
+            ref = st.ref
+            if flt.match(lambda fp, r=ref: (r, True) if tuple(fp) == ("ref",) else ("", False)):
+                out.append(st)
+        return sorted(out, key=lambda s: s.ref)
+
+    def _all_statuses(self) -> Iterator[Status]:
+        try:
+            names = os.listdir(self.layout.ingest)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for name in names:
+            st = self._read_status(os.path.join(self.layout.ingest, name), None)
+            if st is not None:
+                yield st
+
+    def abort(self, ref: str) -> None:
+        """Remove an active ingest. NotFound if there is none. Does not wait for writers."""
+        _check_ref(ref)
+        path = self.layout.ingest_dir(ref)
+        if self._read_status(path, ref) is None:
+            raise NotFound(f"ingest {ref}")
+        shutil.rmtree(path, ignore_errors=True)
+        self.db.delete_ingest(ref)
+        with self._cache_lock:
+            self._hash_cache.pop(ref, None)
+
+    # Ingester -------------------------------------------------------------------------
+
+    def writer(self, ref: str, *, total: int = 0, expected: str | None = None) -> LocalWriter:
+        """Open the writer for ``ref``: a fresh ingest, or resume an existing one.
+
+        Raises InvalidArgument (empty ref, bad digest), AlreadyExists (``expected`` is
+        already committed), Unavailable (another writer, in any process, holds ``ref``:
+        never waits). A resumed writer starts at the ingest's offset with the digest of
+        the bytes so far. An ingest that cannot be resumed (corrupt metadata, a
+        different total) is restarted empty. The caller must ``close()`` or ``commit()``.
+        """
+        _check_ref(ref)
+        exp = parse_digest(expected) if expected else None
+        if total < 0:
+            raise InvalidArgument(f"ingest {ref}: negative total {total}")
+        if exp is not None and self._exists(exp):
+            raise AlreadyExists(f"content {exp}")
+        os.makedirs(self.layout.locks, mode=0o700, exist_ok=True)
+        os.makedirs(self.layout.ingest, mode=0o755, exist_ok=True)
+        lock = try_lock(self.layout.lock_path(ref), ref)
+        try:
+            algorithm = split_digest(exp)[0] if exp else CANONICAL
+            path = self.layout.ingest_dir(ref)
+            state = self._resume(path, ref, total, algorithm)
+            if state is None:
+                state = self._fresh(path, ref, total, algorithm)
+            return LocalWriter(self, ref, lock, path, state, exp)
+        except BaseException:
+            lock.release()
+            raise
+
+    def _exists(self, dgst: Digest) -> bool:
+        try:
+            return stat.S_ISREG(os.lstat(self.layout.blob_path(dgst)).st_mode)
+        except OSError:
+            return False
+
+    def _resume(self, path: str, ref: str, total: int, algorithm: str) -> _ResumeState | None:
+        try:
+            if os.path.islink(path):
+                os.unlink(path)
+                return None
+            if not os.path.isdir(path):
+                return None
+            stored_ref = read_small(os.path.join(path, "ref")).decode("utf-8", "surrogateescape")
+            if stored_ref != ref:
+                raise ValueError(f"ref file holds {stored_ref!r}")
+            started = _parse_time_file(os.path.join(path, "startedat"))
+            updated = _parse_time_file(os.path.join(path, "updatedat"))
+            stored_total = _read_total(os.path.join(path, "total"))
+            if total and stored_total and total != stored_total:
+                raise ValueError(f"provided total {total} differs from status {stored_total}")
+            fd = os.open(
+                os.path.join(path, "data"), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+            )
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            log.info("ingest %s: failed to resume (%s); restarting it empty", ref, exc)
+            return None
+        try:
+            st = os.fstat(fd)
+            hasher = self._cached_hasher(ref, st, algorithm)
+            if hasher is None:
+                hasher = hashlib.new(algorithm)
+                offset = 0
+                while chunk := os.pread(fd, _CHUNK, offset):
+                    hasher.update(chunk)
+                    offset += len(chunk)
+            if stored_total == 0 and total > 0:
+                write_atomic(os.path.join(path, "total"), str(total).encode(), sync=False)
+            return _ResumeState(
+                fd, hasher, st.st_size, total or stored_total, started,
+                max(updated, st.st_mtime_ns),
+            )
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _fresh(self, path: str, ref: str, total: int, algorithm: str) -> _ResumeState:
+        if os.path.lexists(path) and not _is_dir(path):
+            os.unlink(path)
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        now = time.time_ns()
+        write_atomic(os.path.join(path, "ref"), ref.encode("utf-8", "surrogateescape"), sync=False)
+        write_atomic(os.path.join(path, "startedat"), format_time(now).encode(), sync=False)
+        write_atomic(os.path.join(path, "updatedat"), format_time(now).encode(), sync=False)
+        total_path = os.path.join(path, "total")
+        if total > 0:
+            write_atomic(total_path, str(total).encode(), sync=False)
+        elif os.path.lexists(total_path):
+            os.unlink(total_path)
+        data = os.path.join(path, "data")
+        if os.path.islink(data):
+            os.unlink(data)
+        fd = os.open(
+            data, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+        )
+        with self._cache_lock:
+            self._hash_cache.pop(ref, None)
+        return _ResumeState(fd, hashlib.new(algorithm), 0, total, now, now)
+
+    def _cached_hasher(
+        self, ref: str, st: os.stat_result, algorithm: str
+    ) -> hashlib._Hash | None:
+        with self._cache_lock:
+            cached = self._hash_cache.pop(ref, None)
+        if cached is None:
+            return None
+        ino, size, mtime, hasher = cached
+        if (ino, size, mtime) != (st.st_ino, st.st_size, st.st_mtime_ns):
+            return None
+        if hasher.name != algorithm:
+            return None
+        return hasher
+
+    def _remember_hasher(self, ref: str, st: os.stat_result, hasher: hashlib._Hash) -> None:
+        with self._cache_lock:
+            if len(self._hash_cache) > 1024:
+                self._hash_cache.clear()
+            self._hash_cache[ref] = (st.st_ino, st.st_size, st.st_mtime_ns, hasher.copy())
+
+    # Extensions beyond containerd ----------------------------------------------------
+
+    def ingest_hints(self, ref: str) -> tuple[Digest | None, dict[str, str]]:
+        """The expected digest and labels recorded for an ingest, applied at commit."""
+        expected, labels = self.db.get_ingest(ref)
+        return (Digest(expected) if expected else None), labels
+
+    def set_ingest_hints(
+        self,
+        ref: str,
+        *,
+        expected: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        total: int | None = None,
+        clear_expected: bool = False,
+    ) -> None:
+        """Record hints for an active ingest (NotFound if none): an expected digest,
+        labels for the blob (replacing earlier ones) and/or the expected total size."""
+        _check_ref(ref)
+        path = self.layout.ingest_dir(ref)
+        if self._read_status(path, ref) is None:
+            raise NotFound(f"ingest {ref}")
+        old_expected, old_labels = self.db.get_ingest(ref)
+        if expected is not None:
+            old_expected = parse_digest(expected)
+        if clear_expected:
+            old_expected = None
+        if labels is not None:
+            validate_labels(labels)
+            old_labels = dict(labels)
+        if expected is not None or labels is not None or clear_expected:
+            self.db.put_ingest(ref, old_expected, old_labels)
+        if total is not None:
+            if total < 0:
+                raise InvalidArgument(f"ingest {ref}: negative total {total}")
+            total_path = os.path.join(path, "total")
+            if total > 0:
+                write_atomic(total_path, str(total).encode(), sync=False)
+            elif os.path.lexists(total_path):
+                os.unlink(total_path)
+
+    def rename_ingest(self, old: str, new: str) -> None:
+        """Give ingest ``old`` the ref ``new``, replacing an ingest already named ``new``.
+
+        Unavailable if either ref is held by a writer; NotFound if ``old`` is not active.
+        """
+        _check_ref(old)
+        _check_ref(new)
+        if old == new:
+            self.status(old)
+            return
+        os.makedirs(self.layout.locks, mode=0o700, exist_ok=True)
+        lock_old = try_lock(self.layout.lock_path(old), old)
+        try:
+            lock_new = try_lock(self.layout.lock_path(new), new)
+            try:
+                src = self.layout.ingest_dir(old)
+                if self._read_status(src, old) is None:
+                    raise NotFound(f"ingest {old}")
+                dst = self.layout.ingest_dir(new)
+                if os.path.lexists(dst):
+                    shutil.rmtree(dst, ignore_errors=True)
+                    self.db.delete_ingest(new)
+                write_atomic(os.path.join(src, "ref"), new.encode("utf-8", "surrogateescape"))
+                os.rename(src, dst)
+                self.db.rename_ingest(old, new)
+                with self._cache_lock:
+                    cached = self._hash_cache.pop(old, None)
+                    self._hash_cache.pop(new, None)
+                    if cached is not None:
+                        self._hash_cache[new] = cached
+            finally:
+                lock_new.release()
+        finally:
+            lock_old.release()
+
+    def ingest_data_path(self, ref: str) -> str:
+        """Path of an ingest's data file (for read-only access by adapters)."""
+        return os.path.join(self.layout.ingest_dir(ref), "data")
+
+
+def _info_adaptor(info: Info) -> Callable[..., tuple[str, bool]]:
+    def adapt(fieldpath: tuple[str, ...]) -> tuple[str, bool]:
+        if not fieldpath:
+            return "", False
+        if fieldpath[0] == "digest" and len(fieldpath) == 1:
+            return info.digest, True
+        if fieldpath[0] == "labels" and len(fieldpath) > 1:
+            key = ".".join(fieldpath[1:])
+            if key in info.labels:
+                return info.labels[key], True
+        return "", False
+
+    return adapt
+
+
+def _parse_time_file(path: str) -> int:
+    return parse_time(read_small(path, 128).decode())
+
+
+def _read_time(path: str) -> int:
+    try:
+        return _parse_time_file(path)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return 0
+
+
+def _read_total(path: str) -> int:
+    try:
+        return max(0, int(read_small(path, 64).decode().strip() or 0))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return 0

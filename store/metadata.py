@@ -1,0 +1,225 @@
+"""Labels and times in SQLite (WAL) beside the blobs.
+
+The database is an index, never the truth about which blobs exist: the files under
+``blobs/`` are. A blob on disk without a row (a containerd directory, an OCI layout, a
+crash between the commit rename and the row write) is listed with times from its file.
+A missing database is created empty; a corrupt one is moved aside and recreated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+from .errors import Unavailable
+
+__all__ = ["BlobRow", "IngestRow", "MetadataDB"]
+
+log = logging.getLogger(__name__)
+
+BlobRow = tuple[int, int, int, dict[str, str]]  # size, created_ns, updated_ns, labels
+IngestRow = tuple[str | None, dict[str, str]]  # expected digest, labels
+
+
+def create_tables(conn: sqlite3.Connection) -> None:
+    """The whole schema. Times are integer nanoseconds since the Unix epoch, UTC."""
+    conn.executescript(
+        """
+        CREATE TABLE IF NOT EXISTS blobs (
+            digest     TEXT PRIMARY KEY,    -- 'sha256:<hex>'
+            size       INTEGER NOT NULL,    -- bytes, as committed
+            created_ns INTEGER NOT NULL,    -- commit time (CreatedAt)
+            updated_ns INTEGER NOT NULL     -- last label change (UpdatedAt)
+        ) WITHOUT ROWID;
+        CREATE TABLE IF NOT EXISTS labels (
+            digest TEXT NOT NULL,           -- blob the label belongs to
+            key    TEXT NOT NULL,
+            value  TEXT NOT NULL,           -- never empty: empty means removed
+            PRIMARY KEY (digest, key)
+        ) WITHOUT ROWID;
+        CREATE TABLE IF NOT EXISTS ingests (
+            ref      TEXT PRIMARY KEY,      -- the ingest's ref, as given by the client
+            expected TEXT,                  -- digest hint for commit, or NULL
+            labels   TEXT NOT NULL          -- JSON object: labels to give the blob at commit
+        ) WITHOUT ROWID;
+        """
+    )
+
+
+class MetadataDB:
+    """A thread-safe handle on the metadata database (one connection behind a lock)."""
+
+    def __init__(self, path: str, *, readonly: bool = False) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._conn = self._open(readonly)
+
+    def _open(self, readonly: bool) -> sqlite3.Connection:
+        if readonly:
+            if not os.path.exists(self.path):
+                conn = sqlite3.connect(":memory:", check_same_thread=False)
+                create_tables(conn)
+                return conn
+            uri = f"file:{self.path}?mode=ro"
+            conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=10)
+            return conn
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        for attempt in (1, 2):
+            conn = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                with conn:
+                    create_tables(conn)
+                conn.execute("SELECT count(*) FROM blobs LIMIT 1").fetchone()
+                return conn
+            except sqlite3.DatabaseError as exc:
+                conn.close()
+                if "locked" in str(exc) or attempt == 2:
+                    raise Unavailable(f"metadata database {self.path}: {exc}") from None
+                aside = f"{self.path}.corrupt-{int(time.time())}"
+                log.error("metadata database %s is unreadable (%s); moved to %s, recreating",
+                          self.path, exc, aside)
+                for suffix in ("", "-wal", "-shm"):
+                    if os.path.exists(self.path + suffix):
+                        os.replace(self.path + suffix, aside + suffix)
+        raise AssertionError("unreachable")
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                with self._conn:
+                    yield self._conn
+            except sqlite3.OperationalError as exc:
+                if "locked" in str(exc) or "busy" in str(exc):
+                    raise Unavailable(f"metadata database {self.path}: {exc}") from None
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # blobs ---------------------------------------------------------------------------
+
+    def get_blob(self, digest: str) -> BlobRow | None:
+        with self._tx() as c:
+            row = c.execute(
+                "SELECT size, created_ns, updated_ns FROM blobs WHERE digest = ?", (digest,)
+            ).fetchone()
+            if row is None:
+                return None
+            labels = dict(c.execute("SELECT key, value FROM labels WHERE digest = ?", (digest,)))
+        return row[0], row[1], row[2], labels
+
+    def all_blobs(self) -> dict[str, BlobRow]:
+        with self._tx() as c:
+            rows = {
+                d: (size, cr, up, {})
+                for d, size, cr, up in c.execute(
+                    "SELECT digest, size, created_ns, updated_ns FROM blobs"
+                )
+            }
+            for d, k, v in c.execute("SELECT digest, key, value FROM labels"):
+                if d in rows:
+                    rows[d][3][k] = v
+        return rows
+
+    def put_blob(self, digest: str, size: int, now_ns: int, labels: Mapping[str, str]) -> None:
+        """Record a fresh commit: times = now, labels replace any stale ones."""
+        with self._tx() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO blobs(digest, size, created_ns, updated_ns)"
+                " VALUES (?, ?, ?, ?)",
+                (digest, size, now_ns, now_ns),
+            )
+            c.execute("DELETE FROM labels WHERE digest = ?", (digest,))
+            c.executemany(
+                "INSERT INTO labels(digest, key, value) VALUES (?, ?, ?)",
+                [(digest, k, v) for k, v in labels.items() if v],
+            )
+
+    def update_labels(
+        self,
+        digest: str,
+        size: int,
+        created_ns: int,
+        now_ns: int,
+        replace: Mapping[str, str] | None,
+        changes: Mapping[str, str],
+    ) -> BlobRow:
+        """Replace all labels (``replace``) and/or apply ``changes`` (empty value removes).
+
+        Creates the row when the blob had none. Returns the new row.
+        """
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO blobs(digest, size, created_ns, updated_ns) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT(digest) DO UPDATE SET updated_ns = excluded.updated_ns",
+                (digest, size, created_ns, now_ns),
+            )
+            if replace is not None:
+                c.execute("DELETE FROM labels WHERE digest = ?", (digest,))
+                c.executemany(
+                    "INSERT INTO labels(digest, key, value) VALUES (?, ?, ?)",
+                    [(digest, k, v) for k, v in replace.items() if v],
+                )
+            for k, v in changes.items():
+                if v:
+                    c.execute(
+                        "INSERT OR REPLACE INTO labels(digest, key, value) VALUES (?, ?, ?)",
+                        (digest, k, v),
+                    )
+                else:
+                    c.execute("DELETE FROM labels WHERE digest = ? AND key = ?", (digest, k))
+            row = c.execute(
+                "SELECT size, created_ns, updated_ns FROM blobs WHERE digest = ?", (digest,)
+            ).fetchone()
+            labels = dict(c.execute("SELECT key, value FROM labels WHERE digest = ?", (digest,)))
+        return row[0], row[1], row[2], labels
+
+    def delete_blob(self, digest: str) -> None:
+        with self._tx() as c:
+            c.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
+            c.execute("DELETE FROM labels WHERE digest = ?", (digest,))
+
+    # ingests -------------------------------------------------------------------------
+
+    def get_ingest(self, ref: str) -> IngestRow:
+        with self._tx() as c:
+            row = c.execute("SELECT expected, labels FROM ingests WHERE ref = ?", (ref,)).fetchone()
+        if row is None:
+            return None, {}
+        return row[0], json.loads(row[1])
+
+    def all_ingests(self) -> dict[str, IngestRow]:
+        with self._tx() as c:
+            return {
+                ref: (exp, json.loads(lbl))
+                for ref, exp, lbl in c.execute("SELECT ref, expected, labels FROM ingests")
+            }
+
+    def put_ingest(self, ref: str, expected: str | None, labels: Mapping[str, str]) -> None:
+        with self._tx() as c:
+            if expected is None and not labels:
+                c.execute("DELETE FROM ingests WHERE ref = ?", (ref,))
+            else:
+                c.execute(
+                    "INSERT OR REPLACE INTO ingests(ref, expected, labels) VALUES (?, ?, ?)",
+                    (ref, expected, json.dumps(dict(labels), sort_keys=True)),
+                )
+
+    def delete_ingest(self, ref: str) -> None:
+        with self._tx() as c:
+            c.execute("DELETE FROM ingests WHERE ref = ?", (ref,))
+
+    def rename_ingest(self, old: str, new: str) -> None:
+        with self._tx() as c:
+            c.execute("DELETE FROM ingests WHERE ref = ?", (new,))
+            c.execute("UPDATE ingests SET ref = ? WHERE ref = ?", (new, old))

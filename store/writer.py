@@ -1,0 +1,284 @@
+"""LocalWriter: one open ingest, holding its ref lock until close or commit."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from .digest import Digest, parse_digest, split_digest
+from .errors import AlreadyExists, FailedPrecondition, NotFound, NotImplemented
+from .fsutil import fsync_dir, write_atomic
+from .locks import RefLock
+from .types import Status, format_time, from_ns
+
+if TYPE_CHECKING:
+    from .local import LocalStore
+
+__all__ = ["LocalWriter"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _ResumeState:
+    fd: int
+    hasher: hashlib._Hash
+    offset: int
+    total: int
+    started_ns: int
+    updated_ns: int
+
+
+class LocalWriter:
+    """An open ingest (containerd's content.Writer).
+
+    Writes append at ``offset``; the digest is computed as bytes arrive, so commit never
+    rereads the data. ``close()`` keeps the ingest for resuming; ``commit()`` always
+    ends the writer (and releases the ref lock), whether it succeeds or fails.
+    """
+
+    def __init__(
+        self,
+        store: LocalStore,
+        ref: str,
+        lock: RefLock,
+        path: str,
+        state: _ResumeState,
+        expected: Digest | None,
+    ) -> None:
+        self._store = store
+        self.ref = ref
+        self._lock = lock
+        self._path = path
+        self._fd = state.fd
+        self._hasher = state.hasher
+        self._offset = state.offset
+        self._total = state.total
+        self._started_ns = state.started_ns
+        self._updated_ns = state.updated_ns
+        self._expected = expected
+        self._mutex = threading.Lock()
+        self._closed = False
+        self._dirty = False
+
+    # queries ------------------------------------------------------------------------
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def digest(self) -> Digest:
+        """Digest of the bytes written so far (of the empty input for a fresh writer)."""
+        with self._mutex:
+            return Digest(f"{self._hasher.name}:{self._hasher.hexdigest()}")
+
+    def status(self) -> Status:
+        with self._mutex:
+            return Status(
+                self.ref,
+                self._offset,
+                self._total,
+                self._expected,
+                from_ns(self._started_ns),
+                from_ns(self._updated_ns),
+            )
+
+    def set_total(self, total: int) -> None:
+        """Change the expected total size (0 = unknown), on disk too."""
+        with self._mutex:
+            self._check_open()
+            self._total = max(0, total)
+            self._store.set_ingest_hints(self.ref, total=self._total)
+
+    # changes ------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FailedPrecondition(f"ingest {self.ref}: writer is closed")
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Append ``data``; return its length. OSError (e.g. ENOSPC) passes through,
+        leaving the offset at the bytes that did reach the file."""
+        view = memoryview(data)
+        with self._mutex:
+            self._check_open()
+            done = 0
+            try:
+                while done < len(view):
+                    done += os.pwrite(self._fd, view[done:], self._offset + done)
+            finally:
+                if done:
+                    self._hasher.update(view[:done])
+                    self._offset += done
+                    self._updated_ns = time.time_ns()
+                    self._dirty = True
+                    if done < len(view):
+                        # keep the file a true prefix of what we hashed
+                        os.ftruncate(self._fd, self._offset)
+            return done
+
+    def truncate(self, size: int) -> None:
+        """Only ``truncate(0)`` is supported: it restarts the ingest empty."""
+        with self._mutex:
+            self._check_open()
+            if size != 0:
+                raise NotImplemented(
+                    f"ingest {self.ref}: truncate to {size} bytes is not supported, only to 0"
+                )
+            os.ftruncate(self._fd, 0)
+            self._hasher = hashlib.new(self._hasher.name)
+            self._offset = 0
+            self._updated_ns = time.time_ns()
+            self._dirty = True
+
+    def sync(self) -> None:
+        """Make the bytes written so far durable (fsync), if any changed."""
+        with self._mutex:
+            if not self._closed and self._dirty:
+                os.fsync(self._fd)
+                self._dirty = False
+
+    def commit(
+        self,
+        size: int = 0,
+        expected: str | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> Digest:
+        """Commit the ingest as a blob and return its digest.
+
+        ``size`` (else the total given at open) and ``expected`` (else a recorded hint)
+        are checked: a mismatch is FailedPrecondition and the ingest is kept, resumable.
+        Labels are the ingest's recorded labels updated with ``labels``; an oversized one
+        is InvalidArgument (ingest kept). Content that is already committed gives
+        AlreadyExists and removes the ingest. Data and the blob directory are fsynced
+        before this returns. The writer is closed afterwards in every case.
+        """
+        from .local import validate_labels
+
+        with self._mutex:
+            if self._closed:
+                raise FailedPrecondition("cannot commit on closed writer")
+            store = self._store
+            try:
+                hint_expected, hint_labels = store.ingest_hints(self.ref)
+                all_labels = {**hint_labels, **(labels or {})}
+                validate_labels(all_labels)
+                want = parse_digest(expected) if expected else hint_expected
+                want_size = size if size > 0 else self._total
+                os.fsync(self._fd)
+                actual_size = os.fstat(self._fd).st_size
+                if actual_size != self._offset:
+                    raise FailedPrecondition(
+                        f"unexpected commit size {actual_size}, expected {self._offset}"
+                    )
+                if want_size > 0 and want_size != actual_size:
+                    raise FailedPrecondition(
+                        f'"{self.ref}" failed size validation: {actual_size} != {want_size}'
+                    )
+                actual = Digest(f"{self._hasher.name}:{self._hasher.hexdigest()}")
+                if want is not None and split_digest(want)[0] != self._hasher.name:
+                    actual = self._rehash(split_digest(want)[0])
+                if want is not None and want != actual:
+                    raise FailedPrecondition(
+                        f"unexpected commit digest {actual}, expected {want}"
+                    )
+                return self._publish(actual, actual_size, all_labels)
+            finally:
+                self._end()
+
+    def _rehash(self, algorithm: str) -> Digest:
+        hasher = hashlib.new(algorithm)
+        offset = 0
+        while chunk := os.pread(self._fd, 1 << 20, offset):
+            hasher.update(chunk)
+            offset += len(chunk)
+        return Digest(f"{algorithm}:{hasher.hexdigest()}")
+
+    def _publish(self, dgst: Digest, size: int, labels: Mapping[str, str]) -> Digest:
+        store = self._store
+        layout = store.layout
+        alg, _ = split_digest(dgst)
+        blob_dir = layout.blob_dir(alg)
+        os.makedirs(blob_dir, mode=0o755, exist_ok=True)
+        target = layout.blob_path(dgst)
+        if os.path.lexists(target):
+            self._remove_ingest()
+            raise AlreadyExists(f"content {dgst}")
+        data = os.path.join(self._path, "data")
+        now = time.time_ns()
+        mode = os.fstat(self._fd).st_mode & 0o777 & ~0o333
+        os.fchmod(self._fd, mode or 0o400)
+        os.utime(self._fd, ns=(now, now))
+        try:
+            os.rename(data, target)
+        except FileNotFoundError:
+            raise NotFound(f"ingest {self.ref} (aborted while open)") from None
+        fsync_dir(blob_dir)
+        # The blob is visible: from here on failures are logged, never raised.
+        try:
+            store.db.put_blob(dgst, size, now, labels)
+        except Exception as exc:  # noqa: BLE001 - the blob is committed; labels are lost
+            log.error("content %s: committed but labels not recorded: %s", dgst, exc)
+        self._remove_ingest()
+        return dgst
+
+    def _remove_ingest(self) -> None:
+        shutil.rmtree(self._path, ignore_errors=True)
+        try:
+            self._store.db.delete_ingest(self.ref)
+        except Exception as exc:  # noqa: BLE001
+            log.error("ingest %s: hints not removed: %s", self.ref, exc)
+
+    def _end(self) -> None:
+        self._closed = True
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+        self._lock.release()
+
+    def close(self) -> None:
+        """Keep the ingest for resuming: fsync data, record updatedat, release the lock.
+        A second close, or a close after commit, does nothing."""
+        with self._mutex:
+            if self._closed:
+                return
+            try:
+                if self._dirty:
+                    os.fsync(self._fd)
+                st = os.fstat(self._fd)
+                if st.st_nlink:
+                    self._store._remember_hasher(self.ref, st, self._hasher)
+                    try:
+                        write_atomic(
+                            os.path.join(self._path, "updatedat"),
+                            format_time(self._updated_ns).encode(),
+                            sync=False,
+                        )
+                    except FileNotFoundError:
+                        pass  # aborted while open
+            finally:
+                self._end()
+
+    def __enter__(self) -> LocalWriter:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"offset={self._offset}"
+        return f"<LocalWriter ref={self.ref!r} {state}>"
