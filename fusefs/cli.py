@@ -12,7 +12,7 @@ import json
 import os
 import stat
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any, NoReturn, TypeVar
 
 import click
@@ -25,7 +25,7 @@ from store import (
     InvalidArgument,
     LocalStore,
     NotFound,
-    NotImplemented,
+    NotImplemented,  # noqa: A004
     Status,
     StoreError,
     Unavailable,
@@ -111,7 +111,7 @@ def open_store(ctx: click.Context, cmd_root: str | None, *, create: bool = False
 
 
 def rfc3339(when: dt.datetime) -> str:
-    return when.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
+    return when.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 def info_json(info: Info) -> dict[str, Any]:
@@ -145,7 +145,7 @@ def human_size(n: int) -> str:
 
 
 def age(when: dt.datetime) -> str:
-    secs = max(0, int((dt.datetime.now(dt.timezone.utc) - when).total_seconds()))
+    secs = max(0, int((dt.datetime.now(dt.UTC) - when).total_seconds()))
     for unit, length in (("days", 86400), ("hours", 3600), ("minutes", 60)):
         if secs >= length:
             return f"{secs // length} {unit}"
@@ -214,7 +214,7 @@ def ls_cmd(
     _table(rows)
 
 
-def _table(rows: list[tuple[str, ...]]) -> None:
+def _table(rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         cells = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=False)] + [row[-1]]

@@ -7,6 +7,7 @@ at a time (it serialises its own calls).
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import logging
 import os
@@ -14,7 +15,7 @@ import shutil
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from .digest import ALGORITHMS, CANONICAL, Digest, parse_digest, split_digest
 from .errors import AlreadyExists, DataLoss, InvalidArgument, NotFound
@@ -178,19 +179,19 @@ class LocalStore:
                 if flt.match(_info_adaptor(info)):
                     fn(info)
 
-    def list(self, *filters: str) -> list[Info]:
+    def list(self, *filters: str) -> builtins.list[Info]:
         """Walk into a list."""
-        out: list[Info] = []
+        out: builtins.list[Info] = []
         self.walk(out.append, *filters)
         return out
 
-    def algorithms(self) -> list[str]:
+    def algorithms(self) -> builtins.list[str]:
         """Algorithm directories present under ``blobs/``."""
         try:
             names = os.listdir(self.layout.blobs)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        return [a for a in names if a in ALGORITHMS and _is_dir(self.layout.blob_dir(a))]
+        return [n for n in names if n in ALGORITHMS and _is_dir(self.layout.blob_dir(n))]
 
     def _scan_blobs(self, alg: str) -> Iterator[tuple[str, os.stat_result]]:
         want = ALGORITHMS[alg]
@@ -283,13 +284,12 @@ class LocalStore:
             from_ns(updated),
         )
 
-    def list_statuses(self, *filters: str) -> list[Status]:
+    def list_statuses(self, *filters: str) -> builtins.list[Status]:
         """Statuses of active ingests matching any filter (field ``ref``), sorted by ref."""
         flt = parse_filters(*filters)
         out = []
         for st in self._all_statuses():
-            ref = st.ref
-            if flt.match(lambda fp, r=ref: (r, True) if tuple(fp) == ("ref",) else ("", False)):
+            if flt.match(_ref_adaptor(st.ref)):
                 out.append(st)
         return sorted(out, key=lambda s: s.ref)
 
@@ -515,8 +515,8 @@ class LocalStore:
         return os.path.join(self.layout.ingest_dir(ref), "data")
 
 
-def _info_adaptor(info: Info) -> Callable[..., tuple[str, bool]]:
-    def adapt(fieldpath: tuple[str, ...]) -> tuple[str, bool]:
+def _info_adaptor(info: Info) -> Callable[[Sequence[str]], tuple[str, bool]]:
+    def adapt(fieldpath: Sequence[str]) -> tuple[str, bool]:
         if not fieldpath:
             return "", False
         if fieldpath[0] == "digest" and len(fieldpath) == 1:
@@ -526,6 +526,13 @@ def _info_adaptor(info: Info) -> Callable[..., tuple[str, bool]]:
             if key in info.labels:
                 return info.labels[key], True
         return "", False
+
+    return adapt
+
+
+def _ref_adaptor(ref: str) -> Callable[[Sequence[str]], tuple[str, bool]]:
+    def adapt(fieldpath: Sequence[str]) -> tuple[str, bool]:
+        return (ref, True) if tuple(fieldpath) == ("ref",) else ("", False)
 
     return adapt
 

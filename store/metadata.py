@@ -120,7 +120,7 @@ class MetadataDB:
 
     def all_blobs(self) -> dict[str, BlobRow]:
         with self._tx() as c:
-            rows = {
+            rows: dict[str, BlobRow] = {
                 d: (size, cr, up, {})
                 for d, size, cr, up in c.execute(
                     "SELECT digest, size, created_ns, updated_ns FROM blobs"

@@ -11,7 +11,7 @@ from .digest import Digest
 
 __all__ = ["EPOCH", "Info", "Status", "format_time", "from_ns", "parse_time", "to_ns"]
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 #: Go's zero time, 0001-01-01T00:00:00Z: what containerd writes for "unset".
 EPOCH = dt.datetime(1, 1, 1, tzinfo=UTC)
 _UNIX = dt.datetime(1970, 1, 1, tzinfo=UTC)

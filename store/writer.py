@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from .digest import Digest, parse_digest, split_digest
-from .errors import AlreadyExists, FailedPrecondition, NotFound, NotImplemented
+from .errors import AlreadyExists, FailedPrecondition, NotFound, NotImplemented  # noqa: A004
 from .fsutil import fsync_dir, write_atomic
 from .locks import RefLock
 from .types import Status, format_time, from_ns
@@ -134,7 +134,7 @@ class LocalWriter:
         with self._mutex:
             self._check_open()
             if size != 0:
-                raise NotImplemented(
+                raise NotImplemented(  # noqa: F901 - store.errors.NotImplemented
                     f"ingest {self.ref}: truncate to {size} bytes is not supported, only to 0"
                 )
             os.ftruncate(self._fd, 0)
