@@ -412,6 +412,7 @@ class LocalStore:
         )
         with self._cache_lock:
             self._hash_cache.pop(ref, None)
+        self.db.delete_ingest(ref)  # hints of an earlier ingest of this ref do not carry over
         return _ResumeState(fd, hashlib.new(algorithm), 0, total, now, now)
 
     def _cached_hasher(
