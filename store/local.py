@@ -80,6 +80,8 @@ class LocalStore:
             raise NotFound(f"store root {self.root}")
         self.readonly = readonly
         self.db = MetadataDB(self.layout.db, readonly=readonly)
+        if not readonly:  # as containerd 1.6: ingest/ exists once the store is open
+            os.makedirs(self.layout.ingest, mode=0o755, exist_ok=True)
         self._cache_lock = threading.Lock()
         # ref -> (st_ino, st_size, st_mtime_ns, hasher): lets a writer closed in this
         # process resume without rehashing its data.
