@@ -1,0 +1,200 @@
+"""containerd's filter language (reference §7) against a table of cases, quirks included."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from store import Digest, Info, InvalidArgument, LocalStore, digest_of, parse_filters
+from store.local import _info_adaptor
+
+_T = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+ITEMS: dict[str, Info] = {
+    "A": Info(
+        Digest("sha256:" + "a" * 64), 1, _T, _T,
+        {"team": "infra", "containerd.io/gc.root": "2026", "x.y": "dotted", "odd,key": "q"},
+    ),
+    "B": Info(Digest("sha256:" + "b" * 64), 2, _T, _T, {"team": "web", "env": "prod"}),
+    "C": Info(Digest("sha512:" + "c" * 128), 3, _T, _T, {}),
+}
+
+
+def matching(*filters: str) -> str:
+    flt = parse_filters(*filters)
+    return "".join(name for name, info in ITEMS.items() if flt.match(_info_adaptor(info)))
+
+
+MATCH_CASES: list[tuple[tuple[str, ...], str]] = [
+    # no filter, or an empty string anywhere among them, matches everything
+    ((), "ABC"),
+    (("",), "ABC"),
+    (("labels.team==infra", ""), "ABC"),
+    # presence
+    (("labels.team",), "AB"),
+    (("labels",), ""),  # `labels` alone is never present
+    (("digest",), "ABC"),
+    (("e5",), ""),  # a bare word is a presence test on an unknown field
+    # equality
+    (("labels.team==infra",), "A"),
+    (("labels.team==inf",), ""),
+    (("digest==sha256:" + "b" * 64,), "B"),
+    # != : an absent field counts as "" and therefore matches
+    (("labels.team!=infra",), "BC"),
+    (("labels.nope!=z",), "ABC"),
+    (("labels.team!=infra,labels.team",), "B"),
+    # ~= : RE2-style search, unanchored; absent is ""
+    (("labels.team~=nfr",), "A"),
+    (("labels.team~=^nfra",), ""),
+    (("labels.team~=^(infra|web)$",), "AB"),
+    (("labels.nope~=^$",), "ABC"),
+    (("digest~=^sha512:",), "C"),
+    # an invalid regex is not an error: it matches nothing
+    (("labels.team~=[",), ""),
+    (("labels.nope~=(",), ""),
+    # /…/ and |…| quotes after ~= (they may hold commas and spaces)
+    (("labels.team~=/in.*a/",), "A"),
+    (("labels.team~=|w.b|",), "B"),
+    (("labels.team~=/^(web|x, y)$/",), "B"),
+    (("labels.team~=/a\\/b/",), ""),
+    # double-quoted values, with Go escapes
+    (('labels.team=="infra"',), "A"),
+    (('labels.team=="in\\x66ra"',), "A"),
+    (('labels.team=="in\\u0066ra"',), "A"),
+    (('labels.team=="in\\146ra"',), "A"),
+    # single quotes are literal characters
+    (("labels.team=='infra'",), ""),
+    (("labels.team!='infra'",), "ABC"),
+    # quoted fieldpaths; labels.x.y means key "x.y"
+    (('labels."containerd.io/gc.root"',), "A"),
+    (('labels."containerd.io/gc.root"==2026',), "A"),
+    (('"labels"."team"==web',), "B"),
+    (('labels."odd,key"==q',), "A"),
+    (("labels.x.y==dotted",), "A"),
+    (("labels.x.y",), "A"),
+    (('labels."x.y"',), "A"),
+    (('labels."x\\x2ey"',), "A"),
+    # comma = AND, several strings = OR
+    (("labels.team==infra,labels.env==prod",), ""),
+    (("labels.team==web,labels.env==prod",), "B"),
+    (("labels.team==infra", "labels.env==prod"), "AB"),
+    (("labels.team==nobody", "labels.nope"), ""),
+    # whitespace between tokens is ignored
+    (("labels.team == infra",), "A"),
+    (("  labels.team==infra  ,  labels.x.y  ",), "A"),
+    (("labels . team==infra",), "A"),
+    # size is recognised by containerd but never present
+    (("size==3",), ""),
+    (("size!=3",), "ABC"),
+    (("size",), ""),
+    # values may hold ':' '/' '=' after their first character
+    (("labels.team==a=b",), ""),
+    (("digest!=sha256:x/y",), "ABC"),
+]
+
+
+@pytest.mark.parametrize(("filters", "want"), MATCH_CASES, ids=[repr(c[0]) for c in MATCH_CASES])
+def test_match(filters: tuple[str, ...], want: str) -> None:
+    assert matching(*filters) == want
+
+
+#: (filter, index of the character the error must mark, or None for end of input, reason)
+ERROR_CASES: list[tuple[str, int | None, str]] = [
+    ("labels.containerd.io/gc.root", 20, "unquoted / starts a quoted literal"),
+    ("labels.team==/a/", 13, "/…/ only after ~="),
+    ("labels.team!=|a|", 13, "|…| only after ~="),
+    ('labels./a/==b', 7, "/…/ never in a fieldpath"),
+    ("labels.team=infra", 11, "= is unsupported"),
+    ("labels.team===infra", 11, "=== is unsupported"),
+    ("labels.team!infra", 11, "! is unsupported"),
+    ("labels.team=!infra", 11, "=! is unsupported"),
+    ("labels.team==infra,", None, "trailing comma"),
+    ("labels.team==infra,,labels.env", 19, "empty selector"),
+    (",labels.team", 0, "leading comma"),
+    ("labels.team==.a", 13, "value may not start with ."),
+    ("labels.team==,a", 13, "value may not start with ,"),
+    ("labels.team==", None, "missing value"),
+    ("labels.team~=", None, "missing regex"),
+    ("labels.team==infra labels.env==prod", 19, "selectors need a comma"),
+    ('labels."unterminated', 7, "unterminated quote"),
+    ('labels.team=="a\\qb"', 13, "invalid escape"),
+    ("labels.", None, "missing field"),
+    ("labels..team", 7, "empty field"),
+    (".labels", 0, "leading dot"),
+    ("labels.te*am", 9, "illegal character in a field"),
+    ("==a", 0, "missing fieldpath"),
+]
+
+
+@pytest.mark.parametrize(("text", "pos", "why"), ERROR_CASES, ids=[c[0] for c in ERROR_CASES])
+def test_parse_error(text: str, pos: int | None, why: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        parse_filters(text)
+    msg = str(info.value)
+    assert msg.startswith("filters: parse error: ["), msg
+    if pos is None:
+        assert msg.startswith(f"filters: parse error: [{text}]: "), msg
+    else:
+        marked = f"[{text[:pos]} >|{text[pos]}|< {text[pos + 1:]}]"
+        assert marked in msg, (why, msg)
+
+
+def test_error_in_any_string_rejects_all() -> None:
+    with pytest.raises(InvalidArgument):
+        parse_filters("labels.team==infra", "labels.team=x")
+
+
+@given(st.text(max_size=40))
+def test_any_text_parses_or_is_invalid_argument(text: str) -> None:
+    """Arbitrary input never raises anything but InvalidArgument."""
+    try:
+        flt = parse_filters(text)
+    except InvalidArgument as exc:
+        assert str(exc).startswith("filters: parse error: ")
+        return
+    for info in ITEMS.values():
+        flt.match(_info_adaptor(info))
+
+
+# through the store: walk (digest, labels.*) and list_statuses (ref) ---------------------
+
+
+def test_walk_and_list_statuses_filters(store: LocalStore) -> None:
+    data = {"a": b"alpha", "b": b"beta"}
+    for ref, blob in data.items():
+        w = store.writer(ref)
+        w.write(blob)
+        w.commit(labels={"name": ref, "containerd.io/gc.root": "now"} if ref == "a" else {})
+    for ref in ("layer-sha256:1", "config-sha256:2", "e5"):
+        store.writer(ref).close()
+
+    def walked(*flt: str) -> list[str]:
+        return [i.digest for i in store.list(*flt)]
+
+    da, db = digest_of(b"alpha"), digest_of(b"beta")
+    assert walked() == sorted([da, db])
+    assert walked('labels."containerd.io/gc.root"') == [da]
+    assert walked("labels.name!=a") == [db]
+    assert walked(f"digest=={db}") == [db]
+    assert walked("labels.name~=[") == []
+    with pytest.raises(InvalidArgument, match=re.escape(">|=|<")):
+        store.list("labels.name=a")
+
+    def refs(*flt: str) -> list[str]:
+        return [s.ref for s in store.list_statuses(*flt)]
+
+    assert refs() == ["config-sha256:2", "e5", "layer-sha256:1"]
+    assert refs("") == refs()
+    assert refs("ref") == refs()  # ref is always present
+    assert refs("ref~=^layer-") == ["layer-sha256:1"]
+    assert refs("ref~=sha256") == ["config-sha256:2", "layer-sha256:1"]
+    assert refs('ref=="e5"') == ["e5"]
+    assert refs("ref!=e5") == ["config-sha256:2", "layer-sha256:1"]
+    assert refs("e5") == []  # ctr content active e5: a presence test on an unknown field
+    assert refs("offset==0") == []  # only ref can be filtered
+    assert refs("ref==e5", "ref~=^config") == ["config-sha256:2", "e5"]
+    with pytest.raises(InvalidArgument):
+        store.list_statuses("ref==")
