@@ -1,0 +1,335 @@
+"""``contentfs serve``: containerd's Content, Version and Introspection services on grpcio.
+
+Addresses: ``unix:///PATH`` (or a bare absolute path), default a socket in the user's
+runtime directory (``$XDG_RUNTIME_DIR/contentfs/contentfs.sock``, ``/run/contentfs/
+contentfs.sock`` for root), created with mode 0600. The server refuses a path that is not
+a socket, a socket owned by someone else, or one that a live server answers on; a stale
+socket of ours is replaced. TCP only when asked: ``tcp://HOST:PORT`` (port 0 picks one).
+
+Once listening it prints ``contentfs: serving ROOT on ADDRESS`` to stderr. SIGINT and
+SIGTERM stop it: calls in flight get a short grace period, then open Write streams are
+cancelled and their writers closed, so their ingests stay resumable.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from google.protobuf import empty_pb2
+
+from store.errors import StoreError
+from store.local import LocalStore
+
+from .errors import GrpcError, to_grpc
+from .pb import content_pb2 as pb
+from .pb import introspection_pb2, version_pb2
+from .service import ContentService
+
+__all__ = ["Address", "build_server", "default_address", "parse_address", "serve_main"]
+
+log = logging.getLogger(__name__)
+
+CONTENT = "containerd.services.content.v1.Content"
+VERSION = "containerd.services.version.v1.Version"
+INTROSPECTION = "containerd.services.introspection.v1.Introspection"
+#: containerd's default message limit, both directions (reference §8.1).
+MAX_MESSAGE = 16 << 20
+GRACE_SECONDS = 2.0
+WORKERS = 32
+
+Req = TypeVar("Req")
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where to listen: ``unix`` with a socket path, or ``tcp`` with ``host:port``."""
+
+    scheme: str
+    target: str
+
+    def grpc_target(self) -> str:
+        return f"unix:{self.target}" if self.scheme == "unix" else self.target
+
+    def __str__(self) -> str:
+        return f"unix://{self.target}" if self.scheme == "unix" else f"tcp://{self.target}"
+
+
+def default_address() -> Address:
+    """``$XDG_RUNTIME_DIR/contentfs/contentfs.sock``; for root without it,
+    ``/run/contentfs/contentfs.sock``; else a per-user directory under /tmp."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        base = os.path.join(runtime, "contentfs")
+    elif os.geteuid() == 0:
+        base = "/run/contentfs"
+    else:
+        base = f"/tmp/contentfs-{os.geteuid()}"
+    return Address("unix", os.path.join(base, "contentfs.sock"))
+
+
+def parse_address(text: str | None) -> Address:
+    """Parse ``unix:///PATH``, ``/PATH`` or ``tcp://HOST:PORT``; ValueError otherwise."""
+    if not text:
+        return default_address()
+    if text.startswith("unix://"):
+        path = text[len("unix://") :]
+    elif text.startswith("/"):
+        path = text
+    elif text.startswith("tcp://"):
+        hostport = text[len("tcp://") :]
+        host, sep, port = hostport.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"address {text}: want tcp://HOST:PORT")
+        return Address("tcp", hostport)
+    else:
+        raise ValueError(f"address {text}: want unix:///PATH or tcp://HOST:PORT")
+    if not path.startswith("/"):
+        raise ValueError(f"address {text}: the socket path must be absolute")
+    return Address("unix", os.path.normpath(path))
+
+
+def _prepare_socket_path(path: str) -> None:
+    """Create the parent directory (0700 when we create it) and clear a stale socket of
+    ours; ValueError for a path we must not take over."""
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ValueError(f"socket {path}: exists and is not a socket")
+    if st.st_uid != os.geteuid():
+        raise ValueError(f"socket {path}: owned by uid {st.st_uid}, not by us")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise ValueError(f"socket {path}: {exc.strerror}") from None
+        os.unlink(path)  # stale: nobody listens
+        return
+    finally:
+        probe.close()
+    raise ValueError(f"socket {path}: a server is already listening there")
+
+
+# -- binding the service to grpcio ---------------------------------------------------
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
+    code, message = to_grpc(exc)
+    log.debug("%s", message)
+    context.abort(code, message)
+    raise AssertionError("unreachable")  # context.abort always raises
+
+
+#: What a handler turns into a status; anything else is a bug, which grpcio logs with its
+#: traceback and reports as UNKNOWN.
+_EXPECTED = (StoreError, GrpcError, OSError)
+
+
+def _unary(
+    fn: Callable[[Any, Any], Any], request_type: Any, response_serializer: Any
+) -> grpc.RpcMethodHandler:
+    def handler(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            result = fn(request, context.invocation_metadata())
+        except _EXPECTED as exc:
+            _abort(context, exc)
+        return empty_pb2.Empty() if result is None else result
+
+    return grpc.unary_unary_rpc_method_handler(
+        handler,
+        request_deserializer=request_type.FromString,
+        response_serializer=response_serializer,
+    )
+
+
+def _server_stream(
+    fn: Callable[[Any, Any], Iterator[Any]], request_type: Any, response_serializer: Any
+) -> grpc.RpcMethodHandler:
+    def handler(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from fn(request, context.invocation_metadata())
+        except _EXPECTED as exc:
+            _abort(context, exc)
+
+    return grpc.unary_stream_rpc_method_handler(
+        handler,
+        request_deserializer=request_type.FromString,
+        response_serializer=response_serializer,
+    )
+
+
+def _bidi_stream(
+    fn: Callable[[Iterator[Any], Any], Iterator[Any]],
+    request_type: Any,
+    response_serializer: Any,
+) -> grpc.RpcMethodHandler:
+    def handler(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from fn(requests, context.invocation_metadata())
+        except _EXPECTED as exc:
+            if not context.is_active():
+                return  # cancelled by the client or by shutdown: nobody to tell
+            _abort(context, exc)
+
+    return grpc.stream_stream_rpc_method_handler(
+        handler,
+        request_deserializer=request_type.FromString,
+        response_serializer=response_serializer,
+    )
+
+
+def _serialize(message: Any) -> bytes:
+    data: bytes = message.SerializeToString()
+    return data
+
+
+def content_handler(service: ContentService) -> grpc.GenericRpcHandler:
+    """The Content service's method table."""
+    s = _serialize
+    return grpc.method_handlers_generic_handler(
+        CONTENT,
+        {
+            "Info": _unary(service.info, pb.InfoRequest, s),
+            "Update": _unary(service.update, pb.UpdateRequest, s),
+            "List": _server_stream(service.list, pb.ListContentRequest, s),
+            "Delete": _unary(service.delete, pb.DeleteContentRequest, s),
+            "Read": _server_stream(service.read, pb.ReadContentRequest, None),
+            "Status": _unary(service.status, pb.StatusRequest, s),
+            "ListStatuses": _unary(service.list_statuses, pb.ListStatusesRequest, s),
+            "Write": _bidi_stream(service.write, pb.WriteContentRequest, s),
+            "Abort": _unary(service.abort, pb.AbortRequest, s),
+        },
+    )
+
+
+def _version(_req: Any, _md: Any) -> version_pb2.VersionResponse:
+    from importlib import metadata
+
+    try:
+        version = metadata.version("contentfs")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return version_pb2.VersionResponse(version=f"contentfs {version}", revision="")
+
+
+def other_handlers(server_uuid: str) -> list[grpc.GenericRpcHandler]:
+    """Version (for ``ctr version``) and Introspection.Server (newer ctr asks it on every
+    command, to print deprecations: we have none)."""
+
+    def server_info(_req: Any, _md: Any) -> introspection_pb2.ServerResponse:
+        return introspection_pb2.ServerResponse(uuid=server_uuid, pid=os.getpid())
+
+    return [
+        grpc.method_handlers_generic_handler(
+            VERSION, {"Version": _unary(_version, empty_pb2.Empty, _serialize)}
+        ),
+        grpc.method_handlers_generic_handler(
+            INTROSPECTION, {"Server": _unary(server_info, empty_pb2.Empty, _serialize)}
+        ),
+    ]
+
+
+class _LogCalls(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        log.debug("call %s", handler_call_details.method)
+        return continuation(handler_call_details)
+
+
+def build_server(
+    store: LocalStore, *, debug: bool = False
+) -> tuple[grpc.Server, futures.ThreadPoolExecutor]:
+    """A grpcio server with the three services, not yet bound or started, and its pool."""
+    pool = futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="contentfs-grpc")
+    server = grpc.server(
+        pool,
+        handlers=[content_handler(ContentService(store)), *other_handlers(str(uuid.uuid4()))],
+        interceptors=[_LogCalls()] if debug else None,
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    return server, pool
+
+
+def serve_main(store: LocalStore, address: str | None, *, debug: bool) -> int:
+    """Serve ``store`` until SIGINT/SIGTERM; return the exit status (0 after a clean stop,
+    2 for an unusable address)."""
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="contentfs: %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        addr = parse_address(address)
+        if addr.scheme == "unix":
+            _prepare_socket_path(addr.target)
+    except (ValueError, OSError) as exc:
+        print(f"contentfs: {exc}", file=sys.stderr)
+        return 2
+    server, pool = build_server(store, debug=debug)
+    old_umask = os.umask(0o177) if addr.scheme == "unix" else None
+    try:
+        port = server.add_insecure_port(addr.grpc_target())
+    except RuntimeError as exc:
+        print(f"contentfs: address {addr}: cannot listen: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if old_umask is not None:
+            os.umask(old_umask)
+    if addr.scheme == "unix":
+        os.chmod(addr.target, 0o600)
+    else:
+        host = addr.target.rpartition(":")[0]
+        addr = Address("tcp", f"{host}:{port}")
+        if host not in ("127.0.0.1", "localhost", "[::1]"):
+            print(f"contentfs: warning: {addr} is reachable from the network, "
+                  "with no authentication", file=sys.stderr)
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.start()
+        print(f"contentfs: serving {store.root} on {addr}", file=sys.stderr, flush=True)
+        while not stop.wait(3600):
+            pass
+        server.stop(GRACE_SECONDS).wait()
+        pool.shutdown(wait=True)  # cancelled Write streams close their writers
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if addr.scheme == "unix":
+            try:
+                os.unlink(addr.target)
+            except FileNotFoundError:
+                pass
+    print("contentfs: stopped", file=sys.stderr, flush=True)
+    return 0

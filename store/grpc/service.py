@@ -1,0 +1,328 @@
+"""containerd's Content service (1.6 server behaviour) over a LocalStore, free of any
+server framework: each RPC is a plain method taking decoded requests and returning (or
+yielding) responses, raising StoreError or GrpcError. ``server`` binds them to grpcio.
+
+Deliberate departures from containerd 1.6, all invisible to ``ctr``:
+
+* every namespace sees the same blobs and labels (the namespace is validated, then
+  ignored); so there is no shared-ingest special case;
+* List fills ``updated_at`` (1.6 sends the zero time; main fills it);
+* Status and ListStatuses fill ``expected`` when an expected digest is recorded;
+* the ref lock never waits: a second writer gets UNAVAILABLE at once (main's behaviour;
+  1.6 retries for up to about a second).
+
+Kept on purpose: ReadContentResponse.offset is relative to the start of the read, and a
+Write stream that ends without error repeats its last response once (reference §8.5,
+§8.6). Timestamps are always encoded; "unset" is Go's zero time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+from collections.abc import Iterable, Iterator, Sequence
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from store.digest import Digest, parse_digest
+from store.errors import InvalidArgument, NotFound, StoreError
+from store.local import LocalStore
+from store.types import EPOCH, Info, Status, to_ns
+from store.writer import LocalWriter
+
+from .errors import GrpcError
+from .pb import content_pb2 as pb
+
+__all__ = [
+    "LIST_BATCH",
+    "NAMESPACE_KEY",
+    "READ_CHUNK",
+    "ContentService",
+    "check_namespace",
+    "info_to_pb",
+    "status_to_pb",
+    "timestamp",
+]
+
+log = logging.getLogger(__name__)
+
+NAMESPACE_KEY = "containerd-namespace"
+LIST_BATCH = 100
+READ_CHUNK = 1 << 20
+#: Go's zero time (0001-01-01T00:00:00Z) in Unix seconds: what 1.6 encodes for "unset".
+ZERO_SECONDS = -62135596800
+_IDENTIFIER = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*")
+_IDENTIFIER_MAX = 76
+
+STAT, WRITE, COMMIT = pb.STAT, pb.WRITE, pb.COMMIT
+
+
+def check_namespace(metadata: Iterable[tuple[str, str | bytes]]) -> str:
+    """The request's namespace (first ``containerd-namespace`` value), validated as
+    containerd's identifiers: FailedPrecondition when missing or empty, InvalidArgument
+    when malformed."""
+    for key, value in metadata:
+        if key == NAMESPACE_KEY:
+            ns = value if isinstance(value, str) else value.decode("utf-8", "replace")
+            break
+    else:
+        ns = ""
+    if not ns:
+        raise GrpcError(
+            grpc.StatusCode.FAILED_PRECONDITION, "namespace is required: failed precondition"
+        )
+    if len(ns) > _IDENTIFIER_MAX:
+        raise GrpcError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f'namespace validation: identifier "{ns}" greater than maximum length'
+            f" ({_IDENTIFIER_MAX} characters): invalid argument",
+        )
+    if not _IDENTIFIER.fullmatch(ns):
+        raise GrpcError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f'namespace validation: identifier "{ns}" must match'
+            f" {_IDENTIFIER.pattern}: invalid argument",
+        )
+    return ns
+
+
+def timestamp(when: dt.datetime) -> Timestamp:
+    """A Timestamp that is always set; the zero time becomes Go's zero (reference §8.3)."""
+    ns = to_ns(when)
+    if ns <= 0:
+        return Timestamp(seconds=ZERO_SECONDS)
+    secs, nanos = divmod(ns, 10**9)
+    return Timestamp(seconds=secs, nanos=nanos)
+
+
+def info_to_pb(info: Info) -> pb.Info:
+    return pb.Info(
+        digest=info.digest,
+        size=info.size,
+        created_at=timestamp(info.created_at),
+        updated_at=timestamp(info.updated_at),
+        labels=dict(info.labels),
+    )
+
+
+def status_to_pb(st: Status) -> pb.Status:
+    return pb.Status(
+        started_at=timestamp(st.started_at),
+        updated_at=timestamp(st.updated_at),
+        ref=st.ref,
+        offset=st.offset,
+        total=st.total,
+        expected=st.expected or "",
+    )
+
+
+def _validated(digest: str) -> Digest:
+    """Info and Update check the digest themselves, with containerd's message."""
+    try:
+        return parse_digest(digest)
+    except InvalidArgument:
+        raise GrpcError(
+            grpc.StatusCode.INVALID_ARGUMENT, f'"{digest}" failed validation'
+        ) from None
+
+
+class ContentService:
+    """The nine Content RPCs over one store. ``metadata`` is the call's invocation metadata,
+    checked for the namespace where containerd's store would check it (after the
+    server's own argument checks)."""
+
+    def __init__(self, store: LocalStore) -> None:
+        self.store = store
+
+    def info(self, req: pb.InfoRequest, metadata: Sequence[tuple[str, str]]) -> pb.InfoResponse:
+        dgst = _validated(req.digest)
+        check_namespace(metadata)
+        return pb.InfoResponse(info=info_to_pb(self.store.info(dgst)))
+
+    def update(
+        self, req: pb.UpdateRequest, metadata: Sequence[tuple[str, str]]
+    ) -> pb.UpdateResponse:
+        dgst = _validated(req.info.digest)
+        check_namespace(metadata)
+        wanted = Info(dgst, req.info.size, EPOCH, EPOCH, dict(req.info.labels))
+        updated = self.store.update(wanted, *req.update_mask.paths)
+        return pb.UpdateResponse(info=info_to_pb(updated))
+
+    def list(
+        self, req: pb.ListContentRequest, metadata: Sequence[tuple[str, str]]
+    ) -> Iterator[pb.ListContentResponse]:
+        check_namespace(metadata)
+        infos = self.store.list(*req.filters)
+        for start in range(0, len(infos), LIST_BATCH):
+            batch = infos[start : start + LIST_BATCH]
+            yield pb.ListContentResponse(info=[info_to_pb(i) for i in batch])
+
+    def delete(self, req: pb.DeleteContentRequest, metadata: Sequence[tuple[str, str]]) -> None:
+        dgst = parse_digest(req.digest)
+        check_namespace(metadata)
+        self.store.delete(dgst)
+
+    def read(
+        self, req: pb.ReadContentRequest, metadata: Sequence[tuple[str, str]]
+    ) -> Iterator[bytes]:
+        """Yield serialized ReadContentResponse messages (the hot path of ``ctr content
+        get``, one call per 32 KiB: no Info lookup beyond the open, no message objects)."""
+        try:
+            dgst = parse_digest(req.digest)
+        except InvalidArgument as exc:
+            raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{req.digest}: {exc}") from None
+        check_namespace(metadata)
+        reader = self.store.reader_at(dgst)
+        try:
+            size = reader.size
+            offset = max(0, req.offset)
+            if offset > size:
+                raise GrpcError(
+                    grpc.StatusCode.OUT_OF_RANGE, f"read past object length {size} bytes"
+                )
+            end = size if req.size <= 0 or offset + req.size > size else offset + req.size
+            pos = offset
+            while pos < end:
+                data = reader.read_at(min(READ_CHUNK, end - pos), pos)
+                if not data:
+                    break  # the file shrank under us: end as a short read
+                yield encode_read_response(pos - offset, data)
+                pos += len(data)
+        finally:
+            reader.close()
+
+    def status(
+        self, req: pb.StatusRequest, metadata: Sequence[tuple[str, str]]
+    ) -> pb.StatusResponse:
+        check_namespace(metadata)
+        try:
+            if not req.ref:
+                raise NotFound(f"reference {req.ref}")
+            st = self.store.status(req.ref)
+        except StoreError as exc:
+            raise type(exc)(f'could not get status for ref "{req.ref}": {exc}') from None
+        return pb.StatusResponse(status=status_to_pb(st))
+
+    def list_statuses(
+        self, req: pb.ListStatusesRequest, metadata: Sequence[tuple[str, str]]
+    ) -> pb.ListStatusesResponse:
+        check_namespace(metadata)
+        statuses = self.store.list_statuses(*req.filters)
+        return pb.ListStatusesResponse(statuses=[status_to_pb(s) for s in statuses])
+
+    def abort(self, req: pb.AbortRequest, metadata: Sequence[tuple[str, str]]) -> None:
+        check_namespace(metadata)
+        if not req.ref:
+            raise NotFound(f"ingest {req.ref}")
+        self.store.abort(req.ref)
+
+    def write(
+        self, requests: Iterator[pb.WriteContentRequest], metadata: Sequence[tuple[str, str]]
+    ) -> Iterator[pb.WriteContentResponse]:
+        """The Write stream state machine (reference §8.6). The writer is closed (ingest
+        kept, resumable) whenever the stream ends without a commit: client EOF, an error,
+        cancellation or server shutdown."""
+        req = next(requests, None)
+        if req is None:
+            return
+        if not req.ref:
+            raise GrpcError(
+                grpc.StatusCode.INVALID_ARGUMENT, "first message must have a reference"
+            )
+        check_namespace(metadata)
+        ref = req.ref
+        total = req.total
+        expected = req.expected
+        writer = self.store.writer(ref, total=max(0, total), expected=expected or None)
+        msg = pb.WriteContentResponse()
+        try:
+            while True:
+                msg.action = req.action
+                msg.offset = writer.offset
+                if req.expected:
+                    expected = req.expected
+                    if self._exists(req.expected):
+                        writer.close()
+                        try:
+                            self.store.abort(ref)
+                        except NotFound:
+                            pass
+                        raise GrpcError(
+                            grpc.StatusCode.ALREADY_EXISTS,
+                            f"blob with expected digest {req.expected} exists",
+                        )
+                if req.total > 0:
+                    total = req.total
+                if req.action == STAT:
+                    st = writer.status()
+                    msg.digest = writer.digest()
+                    msg.started_at.CopyFrom(timestamp(st.started_at))
+                    msg.updated_at.CopyFrom(timestamp(st.updated_at))
+                    msg.total = total
+                elif req.action in (WRITE, COMMIT):
+                    self._write(writer, req, msg)
+                    if req.action == COMMIT:
+                        writer.commit(max(0, total), expected or None, dict(req.labels) or None)
+                    msg.digest = writer.digest()
+                else:
+                    raise GrpcError(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"unknown write action {req.action}"
+                    )
+                yield msg
+                if req.action == COMMIT:
+                    break
+                nxt = next(requests, None)
+                if nxt is None:
+                    writer.close()
+                    break
+                req = nxt
+        finally:
+            writer.close()
+        yield msg  # containerd 1.6 repeats the last response when the stream ends cleanly
+
+    @staticmethod
+    def _write(
+        writer: LocalWriter, req: pb.WriteContentRequest, msg: pb.WriteContentResponse
+    ) -> None:
+        current = writer.offset
+        if req.offset > 0 and req.offset != current:
+            raise GrpcError(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"write @{req.offset} must occur at current offset {current}",
+            )
+        if req.offset == 0 and current > 0:
+            writer.truncate(0)
+            msg.offset = 0
+        data = req.data  # one access: each one copies the bytes out of the message
+        if data:
+            n = writer.write(data)
+            if n != len(data):
+                raise GrpcError(grpc.StatusCode.DATA_LOSS, f"wrote {n} of {len(data)} bytes")
+            msg.offset += n
+
+    def _exists(self, digest: str) -> bool:
+        try:
+            self.store.info(digest)
+        except (NotFound, InvalidArgument):
+            return False
+        return True
+
+
+def _varint(n: int) -> bytes:
+    if n < 0:
+        n += 1 << 64
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_read_response(offset: int, data: bytes) -> bytes:
+    """ReadContentResponse{offset, data} in protobuf wire format, built with one copy of
+    ``data`` (field 1 varint, field 2 length-delimited; proto3 omits a zero offset)."""
+    head = b"\x08" + _varint(offset) if offset else b""
+    return b"".join((head, b"\x12", _varint(len(data)), data))
