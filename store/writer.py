@@ -213,24 +213,24 @@ class LocalWriter:
         blob_dir = layout.blob_dir(alg)
         os.makedirs(blob_dir, mode=0o755, exist_ok=True)
         target = layout.blob_path(dgst)
-        if os.path.lexists(target):
+        if store._exists(dgst):
             self._remove_ingest()
             raise AlreadyExists(f"content {dgst}")
         data = os.path.join(self._path, "data")
         now = time.time_ns()
+        # The row goes in before the rename, so a crash never leaves a blob without its
+        # labels (a row without a blob file is ignored); a busy database fails the
+        # commit (Unavailable) with the ingest kept.
+        store.db.put_blob(dgst, size, now, labels)
         mode = os.fstat(self._fd).st_mode & 0o777 & ~0o333
         os.fchmod(self._fd, mode or 0o400)
         os.utime(self._fd, ns=(now, now))
         try:
+            # replaces a symlink planted at target, never follows it
             os.rename(data, target)
         except FileNotFoundError:
             raise NotFound(f"ingest {self.ref} (aborted while open)") from None
         fsync_dir(blob_dir)
-        # The blob is visible: from here on failures are logged, never raised.
-        try:
-            store.db.put_blob(dgst, size, now, labels)
-        except Exception as exc:  # noqa: BLE001 - the blob is committed; labels are lost
-            log.error("content %s: committed but labels not recorded: %s", dgst, exc)
         self._remove_ingest()
         return dgst
 
