@@ -510,8 +510,11 @@ def verify_cmd(ctx: click.Context, digests: tuple[str, ...], cmd_root: str | Non
                    "(generic ones such as rw, defaults, nofail, _netdev are ignored).")
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground.")
 @click.option("--debug", is_flag=True, help="Log every request (implies -f).")
+@click.option("--log-file", metavar="FILE", default=None,
+              help="Where the background daemon logs (default: nowhere).")
 def mount_cmd(
-    root: str, mountpoint: str, options: tuple[str, ...], foreground: bool, debug: bool
+    root: str, mountpoint: str, options: tuple[str, ...], foreground: bool, debug: bool,
+    log_file: str | None,
 ) -> None:
     """Mount the store ROOT at MOUNTPOINT.
 
@@ -520,7 +523,8 @@ def mount_cmd(
     """
     from .mount import mount_main
 
-    sys.exit(mount_main(root, mountpoint, options, foreground=foreground or debug, debug=debug))
+    sys.exit(mount_main(root, mountpoint, options, foreground=foreground or debug, debug=debug,
+                        log_file=log_file))
 
 
 @cli.command("umount")

@@ -1,0 +1,899 @@
+"""pyfuse3 request handlers: a thin adapter from FUSE requests to the store and the view.
+
+All handlers run as trio tasks on one thread; they interleave only at ``await``. Fast
+work (stat, pread, pwrite plus inline hashing, SQLite lookups) runs inline; work that
+can take long (opening a writer that must rehash a resumed ingest, commit's fsyncs,
+fsync at FLUSH, directory snapshots) goes to a thread. Only FUSEError leaves a handler;
+anything else is a bug and ends the mount.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import errno
+import functools
+import hashlib
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Sequence
+from typing import TypeVar, cast
+
+import pyfuse3
+import trio
+
+from store import (
+    MAX_LABEL_SIZE,
+    AlreadyExists,
+    FileReaderAt,
+    Info,
+    LocalStore,
+    LocalWriter,
+    NotFound,
+    StoreError,
+    Unavailable,
+)
+from store.digest import split_digest
+from store.types import format_time, to_ns
+
+from . import view
+from .errors import fuse_errors, refuse
+from .view import (
+    BLOBS_INO,
+    INGEST_INO,
+    LAYOUT_FILES,
+    ROOT_INO,
+    Attr,
+    Kind,
+    Node,
+    decode_name,
+    encode_ref,
+    is_blob_name,
+)
+
+__all__ = ["ContentOps"]
+
+log = logging.getLogger("fusefs")
+
+T = TypeVar("T")
+
+#: How long an open-for-write or a commit waits for a writer whose RELEASE is still in
+#: flight (close(2) returns before the kernel sends RELEASE) before answering EBUSY.
+BUSY_WAIT = 1.0
+_ZEROS = bytes(1 << 20)
+_STATFS_TTL = 5.0
+_RESERVED = "contentfs."
+
+
+@dataclasses.dataclass
+class ReadHandle:
+    """A read-only open: a blob (through its ReaderAt), an ingest or a layout file."""
+
+    fd: int
+    reader: FileReaderAt | None = None
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+        else:
+            os.close(self.fd)
+
+
+@dataclasses.dataclass
+class WriteHandle:
+    """An open for writing on an ingest: owns the ref's writer until RELEASE."""
+
+    ref: str
+    writer: LocalWriter
+    append: bool
+    read_fd: int
+    dirty: bool = False
+
+
+@dataclasses.dataclass
+class DirHandle:
+    """A directory listing snapshot taken at opendir, sorted by readdir cursor."""
+
+    keys: list[int]
+    entries: list[tuple[str, Kind, str, object]]  # name, kind, key, extra
+
+
+Handle = ReadHandle | WriteHandle | DirHandle
+
+
+class ContentOps(pyfuse3.Operations):
+    """The contentfs view of one store."""
+
+    enable_writeback_cache = False
+
+    def __init__(self, store: LocalStore, *, readonly: bool = False) -> None:
+        super().__init__()
+        self.store = store
+        self.readonly = readonly
+        self.root = store.root
+        self.nodes = view.NodeTable()
+        self.handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self.writers: dict[str, WriteHandle] = {}
+        self.ingest_modes: dict[str, int] = {}
+        self.errors: dict[str, str] = {}
+        self._statfs: tuple[float, pyfuse3.StatvfsData] | None = None
+
+    # helpers ---------------------------------------------------------------------------
+
+    def _node(self, ino: int) -> Node:
+        node = self.nodes.get(ino)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _add_handle(self, handle: Handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = handle
+        return fh
+
+    def _deny(self, reason: str) -> pyfuse3.FUSEError:
+        """EPERM for what the design forbids; EROFS for any change on a read-only mount."""
+        return refuse(errno.EROFS if self.readonly else errno.EPERM, reason)
+
+    def _check_writable(self, reason: str) -> None:
+        if self.readonly:
+            raise refuse(errno.EROFS, f"{reason}: read-only mount")
+
+    @staticmethod
+    def _entry(attr: Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = attr.ino
+        e.generation = 0
+        e.entry_timeout = attr.timeout
+        e.attr_timeout = attr.timeout
+        e.st_mode = attr.mode
+        e.st_nlink = attr.nlink
+        e.st_uid = attr.uid
+        e.st_gid = attr.gid
+        e.st_rdev = 0
+        e.st_size = attr.size
+        e.st_blksize = view.BLKSIZE
+        e.st_blocks = attr.blocks
+        e.st_atime_ns = attr.atime_ns
+        e.st_mtime_ns = attr.mtime_ns
+        e.st_ctime_ns = attr.ctime_ns
+        return e
+
+    @staticmethod
+    def _negative() -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = 0
+        e.entry_timeout = view.NEGATIVE_TIMEOUT
+        return e
+
+    def is_oci_layout(self) -> bool:
+        return os.path.isfile(os.path.join(self.root, "oci-layout"))
+
+    def _data_path(self, ref: str) -> str:
+        return self.store.ingest_data_path(ref)
+
+    def _ingest_exists(self, ref: str) -> bool:
+        return ref in self.writers or os.path.isfile(self._data_path(ref))
+
+    # attributes ------------------------------------------------------------------------
+
+    def _attr(self, node: Node) -> Attr:
+        """Attributes of ``node``; FUSEError(ENOENT) if what it shows is gone."""
+        kind = node.kind
+        try:
+            if kind is Kind.BLOB:
+                return self._blob_attr(node.ino, node.key)
+            if kind is Kind.INGEST:
+                return self._ingest_attr(node.ino, node.key)
+            if kind is Kind.LAYOUT_FILE:
+                return view.layout_attr(node.ino, os.stat(os.path.join(self.root, node.key)))
+        except (FileNotFoundError, NotADirectoryError, NotFound):
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        root_st = os.stat(self.root)
+        if kind is Kind.ROOT:
+            return view.dir_attr(node.ino, root_st, writable=False, nlink=4)
+        if kind is Kind.BLOBS:
+            return view.dir_attr(node.ino, root_st, writable=False, nlink=2 + 3)
+        writable = not self.readonly
+        return view.dir_attr(node.ino, root_st, writable=writable)
+
+    def _blob_attr(self, ino: int, digest: str) -> Attr:
+        path = self.store.layout.blob_path(digest)  # type: ignore[arg-type]
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotFound(f"content {digest}")
+        row = self.store.db.get_blob(digest)
+        if row is not None and row[0] == st.st_size:
+            return view.blob_attr(ino, st, row[1], row[2])
+        return view.blob_attr(ino, st, st.st_mtime_ns, st.st_mtime_ns)
+
+    def _ingest_attr(self, ino: int, ref: str) -> Attr:
+        st = os.stat(self._data_path(ref))
+        handle = self.writers.get(ref)
+        size = handle.writer.offset if handle is not None else st.st_size
+        return view.ingest_attr(ino, st, size, self.ingest_modes.get(ref))
+
+    # lookup, getattr, forget -----------------------------------------------------------
+
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        text = name.decode("utf-8", "surrogateescape")
+        node = self._child(parent, text)
+        if node is None:
+            return self._negative()
+        attr = self._attr(node)
+        self.nodes.remember(node)
+        return self._entry(attr)
+
+    def _child(self, parent: Node, name: str) -> Node | None:
+        """The node ``name`` in ``parent``; None for a cacheable miss; ENOENT otherwise."""
+        kind = parent.kind
+        found: Node | None = None
+        if kind is Kind.ROOT:
+            if name == "blobs":
+                found = self.nodes.get(BLOBS_INO)
+            elif name == "ingest":
+                found = self.nodes.get(INGEST_INO)
+            elif name in LAYOUT_FILES and self.is_oci_layout():
+                found = self.nodes.get(LAYOUT_FILES[name])
+        elif kind is Kind.BLOBS:
+            ino = self.nodes.alg_ino(name)
+            found = self.nodes.get(ino) if ino is not None else None
+        elif kind is Kind.ALG:
+            if not is_blob_name(parent.key, name):
+                return None
+            digest = f"{parent.key}:{name}"
+            try:
+                st = os.lstat(self.store.layout.blob_path(digest))  # type: ignore[arg-type]
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            return self.nodes.blob(digest)
+        elif kind is Kind.INGEST_DIR:
+            ref = decode_name(name)
+            if ref is not None and self._ingest_exists(ref):
+                return self.nodes.ingest(ref)
+        if found is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return found
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(self._attr(self._node(inode)))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, n in inode_list:
+            self.nodes.forget(ino, n)
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        now = time.monotonic()
+        if self._statfs is not None and now - self._statfs[0] < _STATFS_TTL:
+            return self._statfs[1]
+        sv = os.statvfs(self.root)
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = sv.f_frsize  # df multiplies by f_frsize: keep them equal
+        out.f_frsize = sv.f_frsize
+        out.f_blocks = sv.f_blocks
+        out.f_bfree = sv.f_bfree
+        out.f_bavail = sv.f_bavail
+        out.f_files = sv.f_files
+        out.f_ffree = sv.f_ffree
+        out.f_favail = sv.f_favail
+        out.f_namemax = 255
+        self._statfs = (now, out)
+        return out
+
+    # directories -----------------------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._node(inode)
+        entries: list[tuple[int, str, Kind, str, object]]
+        if node.kind is Kind.ROOT:
+            names = ["blobs", "ingest"]
+            if self.is_oci_layout():
+                names += [n for n in LAYOUT_FILES if os.path.isfile(os.path.join(self.root, n))]
+            entries = [(i + 1, n, Kind.ROOT, n, None) for i, n in enumerate(names)]
+        elif node.kind is Kind.BLOBS:
+            entries = [(i + 1, alg, Kind.ALG, alg, ino)
+                       for i, (alg, ino) in enumerate(self.nodes.algorithms())]
+        elif node.kind is Kind.ALG:
+            entries = await trio.to_thread.run_sync(self._snapshot_blobs, node.key)
+        elif node.kind is Kind.INGEST_DIR:
+            entries = await trio.to_thread.run_sync(self._snapshot_ingests)
+        else:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        entries.sort(key=lambda e: e[0])
+        handle = DirHandle([e[0] for e in entries], [e[1:] for e in entries])
+        return self._add_handle(handle)
+
+    def _snapshot_blobs(self, alg: str) -> list[tuple[int, str, Kind, str, object]]:
+        rows = self.store.db.all_blobs()
+        out: list[tuple[int, str, Kind, str, object]] = []
+        for hexname, st in self.store.blob_names(alg):
+            digest = f"{alg}:{hexname}"
+            row = rows.get(digest)
+            if row is not None and row[0] == st.st_size:
+                times = (row[1], row[2])
+            else:
+                times = (st.st_mtime_ns, st.st_mtime_ns)
+            out.append((view.hex_key(hexname), hexname, Kind.BLOB, digest, (st, times)))
+        return out
+
+    def _snapshot_ingests(self) -> list[tuple[int, str, Kind, str, object]]:
+        refs = {s.ref for s in self.store.list_statuses()} | set(self.writers)
+        return [(view.dir_key(ref), encode_ref(ref), Kind.INGEST, ref, None) for ref in refs]
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        handle = self.handles[fh]
+        assert isinstance(handle, DirHandle)
+        start = bisect.bisect_left(handle.keys, start_id)
+        for i in range(start, len(handle.keys)):
+            name, kind, key, extra = handle.entries[i]
+            node, attr = self._listed(kind, key, extra)
+            if node is None or attr is None:
+                continue
+            if not pyfuse3.readdir_reply(
+                token, name.encode("utf-8", "surrogateescape"), self._entry(attr),
+                handle.keys[i] + 1,
+            ):
+                self.nodes.drop_unused(node)
+                return
+            self.nodes.remember(node)
+
+    def _listed(self, kind: Kind, key: str, extra: object) -> tuple[Node | None, Attr | None]:
+        """Node and attributes of one snapshot entry (None, None if it vanished)."""
+        if kind is Kind.BLOB:
+            st, (created, updated) = cast(tuple[os.stat_result, tuple[int, int]], extra)
+            node = self.nodes.blob(key)
+            return node, view.blob_attr(node.ino, st, created, updated)
+        if kind is Kind.INGEST:
+            if not self._ingest_exists(key):
+                return None, None
+            node = self.nodes.ingest(key)
+        elif kind is Kind.ALG:
+            node = self._node(extra)  # type: ignore[arg-type]
+        else:  # a root entry
+            child = self._child(self._node(ROOT_INO), key)
+            assert child is not None
+            node = child
+        try:
+            return node, self._attr(node)
+        except pyfuse3.FUSEError:
+            self.nodes.drop_unused(node)
+            return None, None
+
+    async def releasedir(self, fh: int) -> None:
+        self.handles.pop(fh, None)
+
+    # open, read, write, release --------------------------------------------------------
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        wants_write = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        if node.kind is Kind.INGEST:
+            if wants_write:
+                fh = await self._open_ingest_writer(node.key, flags)
+                return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+            with fuse_errors(f"open ingest {node.key}"):
+                fd = os.open(self._data_path(node.key), os.O_RDONLY | os.O_CLOEXEC)
+            return pyfuse3.FileInfo(fh=self._add_handle(ReadHandle(fd)), direct_io=True,
+                                    keep_cache=False)
+        if wants_write:
+            raise self._deny(f"open {node.key} for writing: blobs are read-only")
+        if node.kind is Kind.LAYOUT_FILE:
+            with fuse_errors(f"open {node.key}"):
+                fd = os.open(os.path.join(self.root, node.key), os.O_RDONLY | os.O_CLOEXEC)
+            return pyfuse3.FileInfo(fh=self._add_handle(ReadHandle(fd)), keep_cache=False)
+        with fuse_errors(f"open blob {node.key}"):
+            reader = self.store.reader_at(node.key)
+        handle = ReadHandle(reader.fileno(), reader)
+        return pyfuse3.FileInfo(fh=self._add_handle(handle), keep_cache=True)
+
+    async def _open_ingest_writer(self, ref: str, flags: int) -> int:
+        self._check_writable(f"open ingest {ref} for writing")
+        writer = await self._acquire(ref, f"open ingest {ref} for writing")
+        try:
+            if flags & os.O_TRUNC and writer.offset:
+                writer.truncate(0)
+            read_fd = os.open(self._data_path(ref), os.O_RDONLY | os.O_CLOEXEC)
+        except BaseException:
+            writer.close()
+            raise
+        handle = WriteHandle(ref, writer, bool(flags & os.O_APPEND), read_fd)
+        self.writers[ref] = handle
+        self.errors.pop(ref, None)
+        return self._add_handle(handle)
+
+    async def _acquire(self, ref: str, what: str) -> LocalWriter:
+        """Open the store writer for ``ref``, waiting up to BUSY_WAIT while it is held."""
+        deadline = trio.current_time() + BUSY_WAIT
+        with fuse_errors(what):
+            while True:
+                try:
+                    return await trio.to_thread.run_sync(self.store.writer, ref)
+                except Unavailable:
+                    if trio.current_time() >= deadline:
+                        raise
+                await trio.sleep(0.01)
+        raise AssertionError("unreachable")
+
+    async def _retry_busy(self, fn: Callable[[], T], what: str) -> T:
+        """Run ``fn`` in a thread, retrying for up to BUSY_WAIT while it is Unavailable."""
+        deadline = trio.current_time() + BUSY_WAIT
+        with fuse_errors(what):
+            while True:
+                try:
+                    return await trio.to_thread.run_sync(fn)
+                except Unavailable:
+                    if trio.current_time() >= deadline:
+                        raise
+                await trio.sleep(0.01)
+        raise AssertionError("unreachable")
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self.handles[fh]
+        if isinstance(handle, WriteHandle):
+            return os.pread(handle.read_fd, size, off)
+        assert isinstance(handle, ReadHandle)
+        return os.pread(handle.fd, size, off)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self.handles[fh]
+        if not isinstance(handle, WriteHandle):
+            raise pyfuse3.FUSEError(errno.EBADF)
+        writer = handle.writer
+        with fuse_errors(f"write ingest {handle.ref}"):
+            if not handle.append:
+                if off < writer.offset:
+                    raise refuse(errno.ESPIPE, f"write ingest {handle.ref}: offset {off} is"
+                                 f" before the end ({writer.offset}); ingests are append-only")
+                self._zero_fill(writer, off - writer.offset)
+            n = writer.write(buf)
+        handle.dirty = True
+        return n
+
+    @staticmethod
+    def _zero_fill(writer: LocalWriter, gap: int) -> None:
+        while gap > 0:
+            gap -= writer.write(memoryview(_ZEROS)[: min(gap, len(_ZEROS))])
+
+    async def flush(self, fh: int) -> None:
+        handle = self.handles.get(fh)
+        if isinstance(handle, WriteHandle) and handle.dirty:
+            handle.dirty = False
+            with fuse_errors(f"flush ingest {handle.ref}"):
+                await trio.to_thread.run_sync(handle.writer.sync)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self.handles.get(fh)
+        if isinstance(handle, WriteHandle):
+            handle.dirty = False
+            with fuse_errors(f"fsync ingest {handle.ref}"):
+                await trio.to_thread.run_sync(handle.writer.sync)
+
+    async def release(self, fh: int) -> None:
+        # Frees the writer slot before anything could await (DESIGN §2: RELEASE is late).
+        handle = self.handles.pop(fh, None)
+        if isinstance(handle, WriteHandle):
+            self._close_writer(handle)
+        elif isinstance(handle, ReadHandle):
+            handle.close()
+
+    def _close_writer(self, handle: WriteHandle) -> None:
+        if self.writers.get(handle.ref) is handle:
+            del self.writers[handle.ref]
+        os.close(handle.read_fd)
+        try:
+            handle.writer.close()
+        except (OSError, StoreError) as exc:
+            log.warning("close ingest %s: %s", handle.ref, exc)
+
+    def close_all(self) -> None:
+        """Close every open handle (writers stay resumable). For unmount."""
+        for fh in list(self.handles):
+            handle = self.handles.pop(fh)
+            if isinstance(handle, WriteHandle):
+                log.info("closing open ingest %s at offset %d", handle.ref,
+                         handle.writer.offset)
+                self._close_writer(handle)
+            elif isinstance(handle, ReadHandle):
+                handle.close()
+
+    # create, unlink, rename, and what is refused -------------------------------------
+
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent = self._node(parent_inode)
+        text = name.decode("utf-8", "surrogateescape")
+        if parent.kind is not Kind.INGEST_DIR:
+            raise self._deny(f"create {text}: files can only be created in ingest/")
+        self._check_writable(f"create ingest/{text}")
+        ref = decode_name(text)
+        if ref is None:
+            raise refuse(errno.EINVAL, f"create ingest/{text}: not a ref name ('%' must be"
+                         " written %25 and '/' %2F)")
+        if flags & os.O_EXCL and self._ingest_exists(ref):
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        fh = await self._open_ingest_writer(ref, flags | os.O_TRUNC)
+        self.ingest_modes[ref] = mode & 0o7777
+        node = self.nodes.ingest(ref)
+        attr = self._attr(node)
+        self.nodes.remember(node)
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False), self._entry(attr)
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._node(parent_inode)
+        text = name.decode("utf-8", "surrogateescape")
+        if parent.kind is Kind.INGEST_DIR:
+            self._check_writable(f"abort ingest/{text}")
+            ref = decode_name(text)
+            if ref is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            with fuse_errors(f"abort ingest {ref}"):
+                await trio.to_thread.run_sync(self.store.abort, ref)
+            log.info("aborted ingest %s", ref)
+            self._forget_ingest(ref)
+        elif parent.kind is Kind.ALG:
+            self._check_writable(f"delete blobs/{parent.key}/{text}")
+            if not is_blob_name(parent.key, text):
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            digest = f"{parent.key}:{text}"
+            with fuse_errors(f"delete content {digest}"):
+                self.store.delete(digest)
+            log.info("deleted content %s", digest)
+        else:
+            raise self._deny(f"unlink {text}: only blobs and ingests can be removed")
+
+    def _forget_ingest(self, ref: str) -> None:
+        self.nodes.gone(ref)
+        self.ingest_modes.pop(ref, None)
+        self.errors.pop(ref, None)
+
+    async def rename(
+        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+        name_new: bytes, flags: int, ctx: pyfuse3.RequestContext,
+    ) -> None:
+        src_dir = self._node(parent_inode_old)
+        dst_dir = self._node(parent_inode_new)
+        old = name_old.decode("utf-8", "surrogateescape")
+        new = name_new.decode("utf-8", "surrogateescape")
+        what = f"rename {old} to {new}"
+        self._check_writable(what)
+        if src_dir.kind is not Kind.INGEST_DIR or flags & pyfuse3.RENAME_EXCHANGE:
+            raise self._deny(f"{what}: only ingests can be renamed (into ingest/ or blobs/)")
+        ref = decode_name(old)
+        if ref is None or not self._ingest_exists(ref):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if dst_dir.kind is Kind.INGEST_DIR:
+            await self._rename_ingest(ref, new, flags, what)
+        elif dst_dir.kind is Kind.ALG:
+            await self._commit_by_rename(ref, dst_dir, new, flags)
+        else:
+            raise self._deny(f"{what}: an ingest can only move within ingest/ or into"
+                             " blobs/<alg>/ (commit)")
+
+    async def _rename_ingest(self, ref: str, name: str, flags: int, what: str) -> None:
+        new_ref = decode_name(name)
+        if new_ref is None:
+            raise self._deny(f"{what}: not a ref name ('%' must be %25, '/' %2F)")
+        if new_ref == ref:
+            return
+        if flags & pyfuse3.RENAME_NOREPLACE and self._ingest_exists(new_ref):
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        await self._retry_busy(functools.partial(self.store.rename_ingest, ref, new_ref),
+                               f"rename ingest {ref} to {new_ref}")
+        self.nodes.rename_ingest(ref, new_ref)
+        if ref in self.ingest_modes:
+            self.ingest_modes[new_ref] = self.ingest_modes.pop(ref)
+        self.errors.pop(new_ref, None)
+        if ref in self.errors:
+            self.errors[new_ref] = self.errors.pop(ref)
+
+    async def _commit_by_rename(self, ref: str, alg_dir: Node, name: str, flags: int) -> None:
+        alg = alg_dir.key
+        if not is_blob_name(alg, name):
+            raise self._deny(f"commit ingest {ref} as blobs/{alg}/{name}: not a {alg} digest")
+        digest = f"{alg}:{name}"
+        exists = os.path.isfile(self.store.layout.blob_path(digest))  # type: ignore[arg-type]
+        if flags & pyfuse3.RENAME_NOREPLACE and exists:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        await self.commit(ref, digest)
+        self.nodes.committed(ref, digest)
+        self.ingest_modes.pop(ref, None)
+        # The kernel moves the ingest's inode into blobs/; let the next lookup find the
+        # blob's own (stable) inode instead.
+        pyfuse3.invalidate_entry_async(alg_dir.ino, name.encode(), ignore_enoent=True)
+
+    async def commit(self, ref: str, expected: str | None) -> str:
+        """Commit ingest ``ref`` (waiting briefly for an in-flight RELEASE); return the
+        digest. Content that already exists is success. Failures are kept in
+        ``errors[ref]`` for ``user.contentfs.error``."""
+        what = f"commit ingest {ref}"
+        writer = await self._acquire(ref, what)
+        actual = writer.digest()
+        try:
+            digest: str = await trio.to_thread.run_sync(
+                functools.partial(writer.commit, 0, expected))
+        except AlreadyExists:
+            digest = expected or actual
+            log.info("commit ingest %s: content %s already exists", ref, digest)
+            return digest
+        except (StoreError, OSError) as exc:
+            self.errors[ref] = f"{what}: {exc}"
+            with fuse_errors(what):
+                raise
+            raise
+        finally:
+            writer.close()
+        log.info("committed ingest %s as %s", ref, digest)
+        self.errors.pop(ref, None)
+        return digest
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise self._deny(f"mkdir {name!r}: the tree is fixed")
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise self._deny(f"rmdir {name!r}: the tree is fixed")
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise self._deny(f"symlink {name!r}: not supported")
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise self._deny(f"link {new_name!r}: not supported")
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        raise self._deny(f"mknod {name!r}: not supported")
+
+    # setattr ---------------------------------------------------------------------------
+
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+        fh: int | None, ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        changes = (fields.update_size or fields.update_mode or fields.update_uid
+                   or fields.update_gid or fields.update_atime or fields.update_mtime)
+        if node.kind is Kind.INGEST:
+            if changes:
+                self._check_writable(f"change ingest {node.key}")
+                await self._setattr_ingest(node.key, attr, fields, fh)
+        elif node.kind is Kind.INGEST_DIR and not (fields.update_size or fields.update_uid
+                                                   or fields.update_gid):
+            pass  # rsync -a sets the times and mode of ingest/: accepted and ignored
+        elif changes:
+            raise self._deny(f"change attributes of {node.key or node.kind.value}:"
+                             " blobs and directories are read-only")
+        return self._entry(self._attr(node))
+
+    async def _setattr_ingest(self, ref: str, attr: pyfuse3.EntryAttributes,
+                              fields: pyfuse3.SetattrFields, fh: int | None) -> None:
+        path = self._data_path(ref)
+        with fuse_errors(f"change ingest {ref}"):
+            st = os.stat(path)
+            if (fields.update_uid and attr.st_uid != st.st_uid) or (
+                    fields.update_gid and attr.st_gid != st.st_gid):
+                raise refuse(errno.EPERM, f"chown ingest {ref}: owner cannot change")
+            if fields.update_size:
+                await self._truncate(ref, attr.st_size, fh)
+            if fields.update_mode:
+                self.ingest_modes[ref] = attr.st_mode & 0o7777
+            if fields.update_atime or fields.update_mtime:
+                st = os.stat(path)
+                atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+                mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+                os.utime(path, ns=(atime, mtime))
+
+    async def _truncate(self, ref: str, size: int, fh: int | None) -> None:
+        handle = self.handles.get(fh) if fh is not None else None
+        if not isinstance(handle, WriteHandle):
+            handle = self.writers.get(ref)
+        if handle is not None:
+            self._truncate_writer(handle.writer, size)
+            handle.dirty = True
+            return
+        writer = await self._acquire(ref, f"truncate ingest {ref}")
+        try:
+            self._truncate_writer(writer, size)
+        finally:
+            writer.close()
+
+    def _truncate_writer(self, writer: LocalWriter, size: int) -> None:
+        """0 restarts, the current size is a no-op, larger zero-extends, smaller: EINVAL."""
+        if size == 0:
+            writer.truncate(0)
+        elif size > writer.offset:
+            self._zero_fill(writer, size - writer.offset)
+        elif size < writer.offset:
+            raise refuse(errno.EINVAL, f"truncate ingest {writer.ref} to {size}: ingests"
+                         f" only shrink to 0 (current size {writer.offset})")
+
+    # extended attributes ---------------------------------------------------------------
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if not name.startswith(b"user."):
+            raise pyfuse3.FUSEError(errno.ENOTSUP)  # first: asked before every write(2)
+        node = self._node(inode)
+        key = name[5:].decode("utf-8", "surrogateescape")
+        if key.startswith(_RESERVED):
+            value = await self._reserved(node, key[len(_RESERVED):])
+        else:
+            value = self._labels(node).get(key)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return value.encode("utf-8", "surrogateescape")
+
+    def _labels(self, node: Node) -> dict[str, str]:
+        with fuse_errors(f"labels of {node.key}"):
+            if node.kind is Kind.BLOB:
+                return dict(self.store.info(node.key).labels)
+            if node.kind is Kind.INGEST:
+                if not self._ingest_exists(node.key):
+                    raise NotFound(f"ingest {node.key}")
+                return self.store.ingest_hints(node.key)[1]
+        return {}
+
+    async def _reserved(self, node: Node, field: str) -> str | None:
+        """``user.contentfs.<field>``: status readable by name, never listed."""
+        with fuse_errors(f"status of {node.key}"):
+            if node.kind is Kind.BLOB:
+                info = self.store.info(node.key)
+                return {
+                    "digest": info.digest,
+                    "size": str(info.size),
+                    "createdat": format_time(to_ns(info.created_at)),
+                    "updatedat": format_time(to_ns(info.updated_at)),
+                }.get(field)
+            if node.kind is not Kind.INGEST:
+                return None
+            ref = node.key
+            if field == "error":
+                return self.errors.get(ref)
+            if field == "digest":
+                handle = self.writers.get(ref)
+                if handle is not None:
+                    return handle.writer.digest()
+                return await trio.to_thread.run_sync(_hash_file, self._data_path(ref))
+            st = self.store.status(ref)
+            handle = self.writers.get(ref)
+            return {
+                "offset": str(handle.writer.offset if handle else st.offset),
+                "total": str(st.total),
+                "expected": st.expected or "",
+                "startedat": format_time(to_ns(st.started_at)),
+                "updatedat": format_time(to_ns(st.updated_at)),
+            }.get(field)
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        labels = self._labels(self._node(inode))
+        return [b"user." + k.encode("utf-8", "surrogateescape") for k in sorted(labels)]
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        if not name.startswith(b"user."):
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        node = self._node(inode)
+        key = name[5:].decode("utf-8", "surrogateescape")
+        text = value.decode("utf-8", "surrogateescape")
+        self._check_writable(f"set {key} on {node.key}")
+        if node.kind not in (Kind.BLOB, Kind.INGEST):
+            raise self._deny(f"set {key} on {node.key or node.kind.value}: only blobs and"
+                             " ingests carry labels")
+        if key.startswith(_RESERVED):
+            await self._set_reserved(node, key[len(_RESERVED):], text)
+            return
+        self._check_label_size(key, text)
+        await self._change_label(node, key, text)
+
+    @staticmethod
+    def _check_label_size(key: str, value: str) -> None:
+        size = len(key.encode("utf-8", "surrogateescape")) + len(
+            value.encode("utf-8", "surrogateescape"))
+        if size > MAX_LABEL_SIZE:
+            raise refuse(errno.E2BIG, f"label {key[:64]}: key and value are {size} bytes,"
+                         f" more than {MAX_LABEL_SIZE}")
+
+    async def _change_label(self, node: Node, key: str, value: str) -> None:
+        """Set label ``key`` (an empty value removes it) on a blob or an ingest."""
+        with fuse_errors(f"label {key} of {node.key}"):
+            if node.kind is Kind.BLOB:
+                info = self.store.info(node.key)
+                self.store.update(
+                    Info(info.digest, info.size, info.created_at, info.updated_at,
+                         {key: value}), f"labels.{key}")
+                # ctime (UpdatedAt) changed: drop the kernel's cached attributes
+                pyfuse3.invalidate_inode(node.ino, attr_only=True)
+                return
+            ref = node.key
+            if not self._ingest_exists(ref):
+                raise NotFound(f"ingest {ref}")
+            labels = self.store.ingest_hints(ref)[1]
+            if value:
+                labels[key] = value
+            else:
+                labels.pop(key, None)
+            self.store.set_ingest_hints(ref, labels=labels)
+
+    async def _set_reserved(self, node: Node, field: str, value: str) -> None:
+        if node.kind is Kind.BLOB:
+            raise self._deny(f"set contentfs.{field} on {node.key}: blob status is read-only")
+        ref = node.key
+        with fuse_errors(f"set contentfs.{field} on ingest {ref}"):
+            if field == "commit":
+                await self._commit_by_xattr(ref, value.strip() or None)
+            elif field == "expected":
+                if value.strip():
+                    self.store.set_ingest_hints(ref, expected=value.strip())
+                else:
+                    self.store.set_ingest_hints(ref, clear_expected=True)
+            elif field == "total":
+                try:
+                    total = int(value.strip() or "0")
+                except ValueError:
+                    raise refuse(errno.EINVAL, f"ingest {ref}: total {value!r} is not a"
+                                 " number") from None
+                handle = self.writers.get(ref)
+                if handle is not None:
+                    handle.writer.set_total(total)
+                else:
+                    self.store.set_ingest_hints(ref, total=total)
+            # other reserved names are informational: writes are accepted and ignored, so
+            # copies of ingests round-trip
+
+    async def _commit_by_xattr(self, ref: str, expected: str | None) -> None:
+        digest = await self.commit(ref, expected)
+        ino = self.nodes.ingest_ino(ref)
+        self._forget_ingest(ref)
+        pyfuse3.invalidate_entry_async(INGEST_INO, encode_ref(ref).encode(
+            "utf-8", "surrogateescape"), deleted=ino or 0, ignore_enoent=True)
+        alg, hexpart = split_digest(digest)  # type: ignore[arg-type]
+        alg_ino = self.nodes.alg_ino(alg)
+        if alg_ino is not None:
+            pyfuse3.invalidate_entry_async(alg_ino, hexpart.encode(), ignore_enoent=True)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if not name.startswith(b"user."):
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
+        node = self._node(inode)
+        key = name[5:].decode("utf-8", "surrogateescape")
+        self._check_writable(f"remove {key} from {node.key}")
+        if node.kind not in (Kind.BLOB, Kind.INGEST):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        if key.startswith(_RESERVED):
+            field = key[len(_RESERVED):]
+            if node.kind is Kind.BLOB:
+                raise self._deny(f"remove contentfs.{field} from {node.key}: read-only")
+            if field == "expected":
+                with fuse_errors(f"clear expected of ingest {node.key}"):
+                    self.store.set_ingest_hints(node.key, clear_expected=True)
+            elif field == "total":
+                await self._set_reserved(node, "total", "0")
+            return
+        if key not in self._labels(node):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        await self._change_label(node, key, "")
+
+
+def _hash_file(path: str) -> str:
+    """sha256 digest of a file's bytes (for an ingest no writer of ours holds)."""
+    hasher = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                hasher.update(chunk)
+    except FileNotFoundError:
+        raise NotFound(f"ingest data {path}") from None
+    return f"sha256:{hasher.hexdigest()}"

@@ -1,0 +1,274 @@
+"""The filesystem view as a pure, synchronous model: inodes, names, attributes.
+
+No pyfuse3 and no trio here (``ops`` adapts this to FUSE). The tree (DESIGN §2)::
+
+    /                      ROOT_INO
+      blobs/               BLOBS_INO
+        sha256/ ...        one ALG directory per supported algorithm
+          <hex>            BLOB: inode derived from the digest, stable across mounts
+      ingest/              INGEST_INO
+        <name>             INGEST: percent-encoded ref, inode numbered per mount
+      oci-layout           only when the root is an OCI image layout
+      index.json
+
+Inode numbers: fixed ones are small; blob inodes have the top bits ``01`` and come
+from the digest (so ``st_ino`` survives remounts); ingest inodes have the top bits
+``10`` and a per-mount counter (a committed ingest's inode becomes a blob node, so an
+ingest's number is never reused for another ref).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import os
+import stat
+
+from store import ALGORITHMS
+
+__all__ = [
+    "BLKSIZE",
+    "Attr",
+    "Kind",
+    "Node",
+    "NodeTable",
+    "decode_name",
+    "encode_ref",
+    "is_blob_name",
+]
+
+ROOT_INO = 1
+BLOBS_INO = 2
+INGEST_INO = 3
+OCI_LAYOUT_INO = 4
+INDEX_JSON_INO = 5
+_ALG_BASE = 16
+LAYOUT_FILES = {"oci-layout": OCI_LAYOUT_INO, "index.json": INDEX_JSON_INO}
+
+BLKSIZE = 1 << 20
+#: Blobs never change: let the kernel keep their entries and attributes for long.
+#: Deletions by other processes are pushed to the kernel by the root watcher.
+BLOB_TIMEOUT = 3600.0
+#: Ingests change under writes and from other processes.
+INGEST_TIMEOUT = 1.0
+#: Misses in blobs/<alg>/ are cached briefly (invalidated on commit, also by the watcher).
+NEGATIVE_TIMEOUT = 1.0
+DIR_TIMEOUT = 3600.0
+LAYOUT_TIMEOUT = 1.0
+
+_BLOB_TAG = 1 << 62
+_INGEST_TAG = 2 << 62
+_LOW_62 = (1 << 62) - 1
+
+
+class Kind(enum.Enum):
+    ROOT = "root"
+    BLOBS = "blobs"
+    ALG = "alg"
+    INGEST_DIR = "ingest-dir"
+    LAYOUT_FILE = "layout-file"
+    BLOB = "blob"
+    INGEST = "ingest"
+
+
+DIR_KINDS = frozenset({Kind.ROOT, Kind.BLOBS, Kind.ALG, Kind.INGEST_DIR})
+
+
+@dataclasses.dataclass
+class Node:
+    """One inode the kernel knows. ``key``: the algorithm (ALG), digest (BLOB), ref
+    (INGEST) or file name (LAYOUT_FILE). ``lookups`` counts the kernel's references."""
+
+    ino: int
+    kind: Kind
+    key: str = ""
+    lookups: int = 0
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind in DIR_KINDS
+
+
+@dataclasses.dataclass
+class Attr:
+    """What ``stat`` shows for a node, plus how long the kernel may cache it."""
+
+    ino: int
+    mode: int
+    size: int = 0
+    nlink: int = 1
+    uid: int = 0
+    gid: int = 0
+    blocks: int = 0
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    timeout: float = INGEST_TIMEOUT
+
+
+def encode_ref(ref: str) -> str:
+    """The file name of an ingest: ``%`` and ``/`` percent-encoded, nothing else."""
+    return ref.replace("%", "%25").replace("/", "%2F")
+
+
+def decode_name(name: str) -> str | None:
+    """The ref named by ``name``, or None if ``name`` is not in canonical form (a ``%``
+    not followed by ``25`` or ``2F``), so that each ingest has exactly one name."""
+    if "/" in name or not name:
+        return None
+    ref = name.replace("%2F", "/").replace("%25", "%")
+    return ref if encode_ref(ref) == name else None
+
+
+def is_blob_name(algorithm: str, name: str) -> bool:
+    """True if ``name`` is a well-formed hex digest for ``algorithm``."""
+    want = ALGORITHMS.get(algorithm)
+    return want is not None and len(name) == want and not name.strip("0123456789abcdef")
+
+
+def blob_ino(digest: str) -> int:
+    """Stable inode number of a blob: 62 bits of its digest, tagged."""
+    hexpart = digest.partition(":")[2]
+    return _BLOB_TAG | (int(hexpart[:16], 16) & _LOW_62)
+
+
+def dir_key(name: str) -> int:
+    """A readdir cursor for ``name``: 60 bits of a hash, positive, never 0."""
+    return (int(hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:15], 16)
+            | 1)
+
+
+def hex_key(hexname: str) -> int:
+    """A readdir cursor for a blob name that sorts like the name (60 bits of it)."""
+    return int(hexname[:15], 16) + 1
+
+
+class NodeTable:
+    """The inodes the kernel currently holds, with their lookup counts.
+
+    Fixed inodes are always present; blob and ingest nodes are added on lookup (and
+    readdirplus) and dropped when the kernel forgets them.
+    """
+
+    def __init__(self) -> None:
+        self._nodes: dict[int, Node] = {}
+        self._ingest_by_ref: dict[str, int] = {}
+        self._next_ingest = 1
+        for ino, kind, key in (
+            (ROOT_INO, Kind.ROOT, ""),
+            (BLOBS_INO, Kind.BLOBS, ""),
+            (INGEST_INO, Kind.INGEST_DIR, ""),
+            (OCI_LAYOUT_INO, Kind.LAYOUT_FILE, "oci-layout"),
+            (INDEX_JSON_INO, Kind.LAYOUT_FILE, "index.json"),
+        ):
+            self._nodes[ino] = Node(ino, kind, key)
+        for i, alg in enumerate(sorted(ALGORITHMS)):
+            self._nodes[_ALG_BASE + i] = Node(_ALG_BASE + i, Kind.ALG, alg)
+
+    def get(self, ino: int) -> Node | None:
+        return self._nodes.get(ino)
+
+    def alg_ino(self, algorithm: str) -> int | None:
+        for i, alg in enumerate(sorted(ALGORITHMS)):
+            if alg == algorithm:
+                return _ALG_BASE + i
+        return None
+
+    def algorithms(self) -> list[tuple[str, int]]:
+        return [(alg, _ALG_BASE + i) for i, alg in enumerate(sorted(ALGORITHMS))]
+
+    def blob(self, digest: str) -> Node:
+        """The node for a blob (created if the kernel does not hold one yet)."""
+        ino = blob_ino(digest)
+        node = self._nodes.get(ino)
+        if node is None or node.kind is not Kind.BLOB:
+            node = Node(ino, Kind.BLOB, digest)
+            self._nodes[ino] = node
+        return node
+
+    def ingest(self, ref: str) -> Node:
+        """The node for an ingest ref (a fresh number unless the kernel holds one)."""
+        ino = self._ingest_by_ref.get(ref)
+        if ino is not None and ino in self._nodes:
+            return self._nodes[ino]
+        ino = _INGEST_TAG | self._next_ingest
+        self._next_ingest += 1
+        node = Node(ino, Kind.INGEST, ref)
+        self._nodes[ino] = node
+        self._ingest_by_ref[ref] = ino
+        return node
+
+    def ingest_ino(self, ref: str) -> int | None:
+        return self._ingest_by_ref.get(ref)
+
+    def rename_ingest(self, old: str, new: str) -> None:
+        """Ingest ``old`` is now called ``new``; a node that held ``new`` is orphaned."""
+        ino = self._ingest_by_ref.pop(old, None)
+        self._ingest_by_ref.pop(new, None)
+        if ino is not None and ino in self._nodes:
+            self._nodes[ino].key = new
+            self._ingest_by_ref[new] = ino
+
+    def committed(self, ref: str, digest: str) -> None:
+        """Ingest ``ref`` became blob ``digest``: its node (if any) now shows the blob."""
+        ino = self._ingest_by_ref.pop(ref, None)
+        if ino is not None and ino in self._nodes:
+            node = self._nodes[ino]
+            node.kind = Kind.BLOB
+            node.key = digest
+
+    def gone(self, ref: str) -> None:
+        """Ingest ``ref`` no longer exists: the next create gets a new inode number."""
+        self._ingest_by_ref.pop(ref, None)
+
+    def remember(self, node: Node) -> None:
+        """The kernel took one more reference to ``node`` (lookup, create, readdirplus)."""
+        node.lookups += 1
+        self._nodes.setdefault(node.ino, node)
+
+    def drop_unused(self, node: Node) -> None:
+        """Drop a node created for a reply the kernel did not take."""
+        if node.lookups <= 0 and node.kind in (Kind.BLOB, Kind.INGEST):
+            self.forget(node.ino, 0)
+
+    def forget(self, ino: int, n: int) -> None:
+        node = self._nodes.get(ino)
+        if node is None or node.kind not in (Kind.BLOB, Kind.INGEST):
+            return
+        node.lookups -= n
+        if node.lookups <= 0:
+            del self._nodes[ino]
+            if node.kind is Kind.INGEST and self._ingest_by_ref.get(node.key) == ino:
+                del self._ingest_by_ref[node.key]
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+
+def dir_attr(ino: int, st: os.stat_result, *, writable: bool, nlink: int = 2) -> Attr:
+    mode = stat.S_IFDIR | (0o755 if writable else 0o555)
+    return Attr(ino, mode, size=4096, nlink=nlink, uid=st.st_uid, gid=st.st_gid,
+                atime_ns=st.st_mtime_ns, mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns,
+                timeout=DIR_TIMEOUT)
+
+
+def blob_attr(ino: int, st: os.stat_result, created_ns: int, updated_ns: int) -> Attr:
+    """A blob: read-only, mtime = CreatedAt, ctime = UpdatedAt, blocks of the backing file."""
+    return Attr(ino, stat.S_IFREG | 0o444, size=st.st_size, uid=st.st_uid, gid=st.st_gid,
+                blocks=st.st_blocks, atime_ns=created_ns, mtime_ns=created_ns,
+                ctime_ns=max(updated_ns, created_ns), timeout=BLOB_TIMEOUT)
+
+
+def ingest_attr(ino: int, st: os.stat_result, size: int, mode: int | None) -> Attr:
+    """An ingest: its data file's times and blocks; ``size`` is the bytes written so far."""
+    perm = mode if mode is not None else 0o644
+    return Attr(ino, stat.S_IFREG | (perm & 0o7777), size=size, uid=st.st_uid,
+                gid=st.st_gid, blocks=st.st_blocks, atime_ns=st.st_atime_ns,
+                mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, timeout=INGEST_TIMEOUT)
+
+
+def layout_attr(ino: int, st: os.stat_result) -> Attr:
+    return Attr(ino, stat.S_IFREG | 0o444, size=st.st_size, uid=st.st_uid, gid=st.st_gid,
+                blocks=st.st_blocks, atime_ns=st.st_mtime_ns, mtime_ns=st.st_mtime_ns,
+                ctime_ns=st.st_ctime_ns, timeout=LAYOUT_TIMEOUT)
