@@ -1,0 +1,946 @@
+"""contentfs benchmark: every figure of issue 5, each paired with its baseline.
+
+Each figure runs its two commands alternately (A B A B ...) in the same process tree and
+on the same data; values are medians over the runs and the ratio is the median of the
+per-pair ratios, so a noisy machine moves both sides together. Throughput figures report
+MB/s (10^6 bytes/s) and ``ours / baseline``; metadata figures report seconds and
+``ours / baseline`` time (lower is better); memory reports peak RSS in MB.
+
+The harness starts everything it measures (a FUSE mount of a temporary root,
+``contentfs serve``, a containerd daemon with its own root, state and socket) and stops
+all of it on exit, failure or Ctrl-C. Run it through ``scripts/bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+MiB = 1 << 20
+NS = "bench"  # containerd namespace used for every ctr call
+
+
+class BenchError(Exception):
+    """A figure could not be measured (a command failed or a check did not hold)."""
+
+
+# --------------------------------------------------------------------------------------
+# figures
+
+
+@dataclasses.dataclass(frozen=True)
+class Figure:
+    """One row of the table. ``kind`` is ``rate`` (MB/s, higher is better, ratio =
+    ours/baseline), ``time`` (seconds, ratio = ours/baseline, lower is better) or
+    ``memory`` (peak MB; the target applies to ``ours``, the ratio is informative)."""
+
+    name: str
+    title: str
+    ours: str
+    baseline: str
+    kind: str
+    op: str  # comparison of ratio (or of ours, for memory) with target: >=, >, <=, <
+    target: float
+    note: str = ""
+
+
+FIGURES: tuple[Figure, ...] = (
+    Figure("read_first", "first read, big blob", "cat via mount, mount cache dropped",
+           "cat of the backing file, page cache warm", "rate", ">=", 0.17),
+    Figure("read_warm", "warm re-read", "cat via mount, second read",
+           "cat of the backing file, page cache warm", "rate", ">=", 0.5),
+    Figure("ingest_mount", "ingest big blob via mount", "cp into ingest/ + setfattr commit",
+           "Python hashlib.sha256 over the same bytes", "rate", ">=", 0.45),
+    Figure("small_writes", "small writes into ingest", "dd bs=16k into ingest/",
+           "dd bs=1M into ingest/", "rate", ">=", 0.5, "report only"),
+    Figure("ls_many", "ls -l of many blobs", "ls -l via mount", "ls -l of the backing dir",
+           "time", "<=", 1.5),
+    Figure("find_many", "find -newer of many blobs", "find -newer via mount",
+           "find -newer in the backing dir", "time", "<=", 1.5),
+    Figure("stat_hit", "stat of existing blobs, 2nd pass", "os.stat via mount",
+           "os.stat in the backing dir", "time", "<=", 2.0),
+    Figure("stat_miss", "stat of missing blobs, 2nd pass", "os.stat via mount",
+           "os.stat in the backing dir", "time", "<=", 2.0),
+    Figure("ctr_get", "ctr content get, big blob", "ctr against contentfs serve",
+           "ctr against containerd", "rate", ">", 1.0),
+    Figure("ctr_ingest", "ctr content ingest, big blob", "ctr against contentfs serve",
+           "ctr against containerd", "rate", ">=", 1.5),
+    Figure("cli_ingest", "CLI ingest, big blob", "contentfs ingest",
+           "ctr content ingest on containerd", "rate", ">", 1.0),
+    Figure("cli_get", "CLI get, big blob", "contentfs get", "ctr content get on containerd",
+           "rate", ">", 1.0),
+    Figure("rss_mount", "mount daemon peak RSS", "contentfs mount (VmHWM)",
+           "containerd (VmHWM)", "memory", "<", 150.0),
+    Figure("rss_serve", "serve daemon peak RSS", "contentfs serve (VmHWM)",
+           "containerd (VmHWM)", "memory", "<", 150.0),
+)
+BY_NAME = {f.name: f for f in FIGURES}
+
+
+@dataclasses.dataclass
+class Result:
+    figure: Figure
+    ours: list[float] = dataclasses.field(default_factory=list)
+    baseline: list[float] = dataclasses.field(default_factory=list)
+    ratio: float | None = None
+    error: str | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def finish(self) -> None:
+        f = self.figure
+        if not self.ours or not self.baseline:
+            return
+        if f.kind == "memory":
+            self.ratio = max(self.ours) / max(self.baseline)
+            return
+        pairs = list(zip(self.ours, self.baseline, strict=False))
+        self.ratio = statistics.median(a / b for a, b in pairs if b > 0)
+
+    def value(self, side: list[float]) -> float | None:
+        if not side:
+            return None
+        return max(side) if self.figure.kind == "memory" else statistics.median(side)
+
+    def met(self) -> bool | None:
+        f = self.figure
+        x = self.value(self.ours) if f.kind == "memory" else self.ratio
+        if x is None:
+            return None
+        return {">=": x >= f.target, ">": x > f.target, "<=": x <= f.target,
+                "<": x < f.target}[f.op]
+
+    def to_json(self) -> dict[str, Any]:
+        f = self.figure
+        unit = {"rate": "MB/s", "time": "s", "memory": "MB"}[f.kind]
+        return {
+            "name": f.name, "title": f.title, "ours_what": f.ours, "baseline_what": f.baseline,
+            "unit": unit, "ours": self.value(self.ours), "baseline": self.value(self.baseline),
+            "ratio": self.ratio, "target": f.target, "op": f.op, "met": self.met(),
+            "note": f.note, "runs": {"ours": self.ours, "baseline": self.baseline},
+            "error": self.error, **({"extra": self.extra} if self.extra else {}),
+        }
+
+
+# --------------------------------------------------------------------------------------
+# processes
+
+
+def run(
+    argv: Sequence[str], *, stdin: IO[bytes] | None = None, stdout: Any = subprocess.DEVNULL,
+    env: dict[str, str] | None = None, check: bool = True,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a command; BenchError with its stderr when it fails (and ``check``)."""
+    p = subprocess.run(list(argv), stdin=stdin if stdin is not None else subprocess.DEVNULL,
+                       stdout=stdout, stderr=subprocess.PIPE, env=env)
+    if check and p.returncode != 0:
+        err = p.stderr.decode(errors="replace").strip().splitlines()
+        raise BenchError(f"{' '.join(argv[:4])}: exit {p.returncode}: {' | '.join(err[-3:])}")
+    return p
+
+
+def timed(argv: Sequence[str], *, stdin_path: str | None = None,
+          env: dict[str, str] | None = None) -> float:
+    """Wall time of one command (stdout to /dev/null, stdin from a file if given)."""
+    with contextlib.ExitStack() as stack:
+        stdin = stack.enter_context(open(stdin_path, "rb")) if stdin_path else None
+        t0 = time.perf_counter()
+        run(argv, stdin=stdin, env=env)
+        return time.perf_counter() - t0
+
+
+def read_status_kb(pid: int, field: str) -> int:
+    """A ``kB`` field (VmHWM, VmRSS) of /proc/PID/status."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise BenchError(f"process {pid}: no {field} in /proc/{pid}/status")
+
+
+class Daemon:
+    """A background process in its own session (so the whole group can be stopped)."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path,
+                 env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(text[-lines:])
+
+    def check_alive(self) -> None:
+        if not self.alive():
+            raise BenchError(f"{self.name} exited {self.proc.returncode}: {self.log_tail()}")
+
+    def peak_rss_mb(self) -> float:
+        return read_status_kb(self.pid, "VmHWM") / 1024
+
+    def rss_mb(self) -> float:
+        return read_status_kb(self.pid, "VmRSS") / 1024
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the process group, then SIGKILL it if it does not exit in time."""
+        try:
+            if self.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.pid, signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(self.pid, signal.SIGKILL)
+                    self.proc.wait(5)
+            # children the daemon left in its group
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+        finally:
+            self._log.close()
+
+
+def wait_until(what: str, cond: Callable[[], bool], daemon: Daemon | None,
+               timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if daemon is not None:
+            daemon.check_alive()
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what}: not ready after {timeout:.0f}s"
+                             + (f": {daemon.log_tail()}" if daemon else ""))
+        time.sleep(0.05)
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.fsencode(str(path))
+    with open("/proc/self/mounts", "rb") as fh:
+        return any(line.split()[1] == target for line in fh)
+
+
+class Mount:
+    """``contentfs mount -f ROOT MNT`` as our own child, so its PID (and RSS) is known."""
+
+    def __init__(self, root: Path, mnt: Path, logdir: Path) -> None:
+        self.root, self.mnt = root, mnt
+        mnt.mkdir(parents=True, exist_ok=True)
+        self.daemon = Daemon("contentfs mount", [str(BIN / "contentfs"), "mount", "-f",
+                                                 str(root), str(mnt)],
+                             logdir / "mount.log")
+        try:
+            wait_until("mount", lambda: is_mounted(mnt) and (mnt / "blobs").exists(),
+                       self.daemon)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        try:
+            if is_mounted(self.mnt):
+                run([str(BIN / "contentfs"), "umount", str(self.mnt)], check=False)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.daemon.proc.wait(15)
+        finally:
+            self.daemon.stop()
+            if is_mounted(self.mnt):
+                run(["fusermount3", "-u", "-z", str(self.mnt)], check=False)
+
+
+class Serve:
+    """``contentfs serve`` on a unix socket; ready when it prints its "serving" line."""
+
+    def __init__(self, root: Path, sock: Path, logdir: Path) -> None:
+        self.sock = sock
+        log = logdir / "serve.log"
+        self.daemon = Daemon("contentfs serve", [str(BIN / "contentfs"), "serve", "--root",
+                                                 str(root), "--address", f"unix://{sock}"], log)
+        try:
+            wait_until("contentfs serve", lambda: b"serving" in log.read_bytes()
+                       and sock.exists(), self.daemon)
+        except BaseException:
+            self.daemon.stop()
+            raise
+
+    def stop(self) -> None:
+        self.daemon.stop()
+
+
+class Containerd:
+    """Debian's containerd on its own root, state and socket; no CRI, no GC by mutation
+    count (so blobs ingested without a lease survive the benchmark)."""
+
+    DISABLED = ("io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt",
+                "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.aufs",
+                "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
+                "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing")
+
+    def __init__(self, base: Path) -> None:
+        exe = shutil.which("containerd")
+        if exe is None:
+            raise BenchError("containerd not found (apt-get install containerd)")
+        base.mkdir(parents=True, exist_ok=True)
+        self.sock = base / "c.sock"
+        config = base / "config.toml"
+        config.write_text(
+            "version = 2\n"
+            f'root = "{base / "root"}"\n'
+            f'state = "{base / "state"}"\n'
+            f"disabled_plugins = {json.dumps(list(self.DISABLED))}\n"
+            f'[grpc]\n  address = "{self.sock}"\n'
+            f'[ttrpc]\n  address = "{self.sock}.ttrpc"\n'
+            '[debug]\n  level = "warn"\n'
+            '[plugins."io.containerd.gc.v1.scheduler"]\n  mutation_threshold = 0\n'
+        )
+        self.daemon = Daemon("containerd", [exe, "--config", str(config)], base / "log")
+        try:
+            wait_until("containerd", lambda: self.sock.exists() and run(
+                ctr(self.sock, "version"), check=False).returncode == 0, self.daemon)
+        except BaseException:
+            self.daemon.stop()
+            raise
+
+    def stop(self) -> None:
+        self.daemon.stop()
+
+
+def ctr(sock: Path, *args: str) -> list[str]:
+    return ["ctr", "-a", str(sock), "-n", NS, *args]
+
+
+# --------------------------------------------------------------------------------------
+# data
+
+
+def parse_size(text: str) -> int:
+    """``1G``, ``256M``, ``64k`` or a byte count (binary units)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    num = t[:-1] if mult != 1 else t
+    try:
+        n = int(float(num) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a size (e.g. 1G, 256M)") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: size must be positive")
+    return n
+
+
+def human(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n} B"
+
+
+def make_random_file(path: Path, size: int, seed: int) -> str:
+    """Write ``size`` incompressible bytes; return their sha256 hex. Every 1 MiB chunk is
+    one random 4 MiB pool at a seed-chosen offset, with the chunk number stamped in front,
+    so chunks differ (no store here deduplicates or compresses, so this is enough)."""
+    rng = random.Random(seed)
+    pool = rng.randbytes(4 * MiB)
+    h = hashlib.sha256()
+    with open(path, "wb") as fh:
+        for i in range((size + MiB - 1) // MiB):
+            start = rng.randrange(3 * MiB)
+            chunk = (b"%016x" % i + pool[start : start + MiB - 16])[: size - i * MiB]
+            h.update(chunk)
+            fh.write(chunk)
+    return h.hexdigest()
+
+
+def warm(path: Path) -> None:
+    """Read a file once so it sits in the page cache."""
+    with open(path, "rb", buffering=0) as fh:
+        buf = bytearray(MiB)
+        while fh.readinto(buf):
+            pass
+
+
+def drop_cache(path: Path) -> None:
+    """Drop one file's pages from the page cache (works for a file on the mount: the
+    kernel keeps FUSE file data in the same page cache, keyed by the FUSE inode)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def cached_fraction(path: Path) -> float | None:
+    """Fraction of a file's pages resident in the page cache (``fincore``), or None."""
+    if shutil.which("fincore") is None:
+        return None
+    p = run(["fincore", "-b", "-n", "-o", "RES,SIZE", str(path)], stdout=subprocess.PIPE,
+            check=False)
+    try:
+        res, size = (int(x) for x in p.stdout.split()[:2])
+    except ValueError:
+        return None
+    return res / size if size else 1.0
+
+
+def make_small_blobs(blob_dir: Path, n: int) -> list[str]:
+    """``n`` tiny blobs written straight into the backing dir, named by their sha256;
+    returned in creation order (so their mtimes increase along the list)."""
+    blob_dir.mkdir(parents=True, exist_ok=True)
+    names = []
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    for i in range(n):
+        data = b"contentfs bench blob %d\n" % i
+        hexd = hashlib.sha256(data).hexdigest()
+        fd = os.open(blob_dir / hexd, flags, 0o444)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        names.append(hexd)
+    return names
+
+
+def hashlib_seconds(path: Path) -> float:
+    """Python's hashlib.sha256 over a (page-cached) file in 1 MiB chunks."""
+    buf = bytearray(MiB)
+    view = memoryview(buf)
+    t0 = time.perf_counter()
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    h.hexdigest()
+    return time.perf_counter() - t0
+
+
+def stat_pass_seconds(paths: Sequence[str]) -> float:
+    """One pass of os.stat over ``paths`` (missing ones are fine)."""
+    st = os.stat
+    t0 = time.perf_counter()
+    for p in paths:
+        try:
+            st(p)
+        except FileNotFoundError:
+            pass
+    return time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------------------
+# the benchmark
+
+
+@dataclasses.dataclass
+class Params:
+    size: int
+    small_size: int
+    blobs: int
+    stats: int
+    runs: int
+    slow_runs: int
+    only: frozenset[str]
+    tmpdir: str
+    keep: bool
+    json_path: Path
+    quick: bool
+
+
+class Bench:
+    """Prepares the data, starts what the selected figures need, runs them."""
+
+    def __init__(self, p: Params, stack: contextlib.ExitStack) -> None:
+        self.p = p
+        self.stack = stack
+        self.results: dict[str, Result] = {}
+        self.env = {**os.environ, "LC_ALL": "C"}
+        self.work = Path(tempfile.mkdtemp(prefix="contentfs-bench-", dir=p.tmpdir))
+        if not p.keep:
+            stack.callback(shutil.rmtree, self.work, True)
+        self.root = self.work / "root"
+        self.mnt = self.work / "mnt"
+        self.logs = self.work / "logs"
+        self.logs.mkdir()
+        self.root.mkdir()
+        self.mount: Mount | None = None
+        self.serve: Serve | None = None
+        self.containerd: Containerd | None = None
+        self.rss: dict[str, dict[str, float]] = {}
+        self.start_errors: dict[str, str] = {}
+
+    # setup ------------------------------------------------------------------------------
+
+    def wanted(self, *names: str) -> bool:
+        return any(n in self.p.only for n in names)
+
+    def prepare(self) -> None:
+        p = self.p
+        say(f"preparing data in {self.work}: 2 x {human(p.size)}, {p.blobs} small blobs")
+        self.big = self.work / "big.bin"
+        self.big_hex = make_random_file(self.big, p.size, 1)
+        self.src = self.work / "ingest.bin"
+        self.src_hex = make_random_file(self.src, p.size, 2)
+        blob_dir = self.root / "blobs" / "sha256"
+        self.names = make_small_blobs(blob_dir, p.blobs)
+        self.big_blob = blob_dir / self.big_hex
+        shutil.copyfile(self.big, self.big_blob)
+        os.chmod(self.big_blob, 0o444)
+        for f in (self.big, self.src, self.big_blob):
+            warm(f)
+
+    def start_mount(self) -> Mount:
+        if self.mount is None:
+            say("starting contentfs mount")
+            self.mount = Mount(self.root, self.mnt, self.logs)
+            self.stack.callback(self.mount.stop)
+            self.rss["mount"] = {"start": self.mount.daemon.rss_mb()}
+        return self.mount
+
+    def start_serve(self) -> Serve:
+        if self.serve is None:
+            say("starting contentfs serve")
+            self.serve = Serve(self.root, self.work / "cfs.sock", self.logs)
+            self.stack.callback(self.serve.stop)
+            self.rss["serve"] = {"start": self.serve.daemon.rss_mb()}
+        return self.serve
+
+    def start_containerd(self) -> Containerd:
+        if self.containerd is None:
+            say("starting containerd")
+            c = Containerd(self.work / "containerd")
+            self.containerd = c
+            self.stack.callback(c.stop)
+            with open(self.big, "rb") as fh:
+                run(ctr(c.sock, "content", "ingest", "bench-big"), stdin=fh)
+            run(ctr(c.sock, "content", "label", f"sha256:{self.big_hex}",
+                    "containerd.io/gc.root=bench"))
+            self.rss["containerd"] = {"start": c.daemon.rss_mb()}
+        return self.containerd
+
+    # figures ------------------------------------------------------------------------------
+
+    def measure(self, name: str, fn: Callable[[Result], None]) -> None:
+        if name not in self.p.only:
+            return
+        res = Result(BY_NAME[name])
+        self.results[name] = res
+        say(f"  {name}: {res.figure.title}")
+        t0 = time.monotonic()
+        try:
+            fn(res)
+        except BenchError as exc:
+            res.error = str(exc)
+            say(f"  {name}: FAILED: {exc}")
+        res.finish()
+        res.extra["seconds"] = round(time.monotonic() - t0, 1)
+
+    def pairs(self, res: Result, runs: int, ours: Callable[[], float],
+              base: Callable[[], float], to_value: Callable[[float], float]) -> None:
+        """Alternate ours/baseline ``runs`` times; store to_value(seconds) of each."""
+        for _ in range(runs):
+            res.ours.append(to_value(ours()))
+            res.baseline.append(to_value(base()))
+
+    def rate(self, nbytes: int) -> Callable[[float], float]:
+        return lambda seconds: nbytes / seconds / 1e6
+
+    def run_all(self) -> None:
+        p = self.p
+        fuse_figs = ("read_first", "read_warm", "ingest_mount", "small_writes", "ls_many",
+                     "find_many", "stat_hit", "stat_miss", "rss_mount")
+        grpc_figs = ("ctr_get", "ctr_ingest", "rss_serve")
+        cd_figs = ("ctr_get", "ctr_ingest", "cli_ingest", "cli_get", "rss_mount", "rss_serve")
+        if self.wanted(*cd_figs):
+            self.guard("containerd", self.start_containerd)
+        if self.wanted(*fuse_figs):
+            self.guard("mount", self.start_mount)
+        if self.mount is not None:
+            self.measure("read_first", self.fig_read_first)
+            self.measure("read_warm", self.fig_read_warm)
+            self.measure("ls_many", self.fig_ls_many)
+            self.measure("find_many", self.fig_find_many)
+            self.measure("stat_hit", lambda r: self.fig_stat(r, self.names))
+            self.measure("stat_miss", lambda r: self.fig_stat(r, None))
+            self.measure("ingest_mount", self.fig_ingest_mount)
+            self.measure("small_writes", self.fig_small_writes)
+            self.rss["mount"]["after"] = self.mount.daemon.rss_mb()
+            self.measure("rss_mount", lambda r: self.fig_rss(r, self.mount))
+        if self.wanted(*grpc_figs):
+            self.guard("serve", self.start_serve)
+        if self.serve is not None and self.containerd is not None:
+            self.measure("ctr_get", self.fig_ctr_get)
+            self.measure("ctr_ingest", self.fig_ctr_ingest)
+        if self.containerd is not None:
+            self.measure("cli_ingest", self.fig_cli_ingest)
+            self.measure("cli_get", self.fig_cli_get)
+        if self.serve is not None:
+            self.measure("rss_serve", lambda r: self.fig_rss(r, self.serve))
+        for name in p.only:
+            if name not in self.results:
+                res = Result(BY_NAME[name], error=self.start_errors.get(name, "not run"))
+                self.results[name] = res
+
+    def guard(self, what: str, start: Callable[[], object]) -> None:
+        try:
+            start()
+        except BenchError as exc:
+            say(f"  cannot start {what}: {exc}")
+            deps = {"mount": ("read_first", "read_warm", "ingest_mount", "small_writes",
+                              "ls_many", "find_many", "stat_hit", "stat_miss", "rss_mount"),
+                    "serve": ("ctr_get", "ctr_ingest", "rss_serve"),
+                    "containerd": ("ctr_get", "ctr_ingest", "cli_ingest", "cli_get")}
+            for name in deps[what]:
+                self.start_errors.setdefault(name, f"{what} did not start: {exc}")
+
+    # FUSE -----------------------------------------------------------------------------
+
+    @property
+    def mnt_blob(self) -> Path:
+        return self.mnt / "blobs" / "sha256" / self.big_hex
+
+    def cat(self, path: Path) -> Callable[[], float]:
+        return lambda: timed(["cat", str(path)], env=self.env)
+
+    def fig_read_first(self, res: Result) -> None:
+        # one untimed check: the mount returns the right bytes
+        h = hashlib.sha256()
+        with open(self.mnt_blob, "rb", buffering=0) as fh:
+            buf = bytearray(MiB)
+            view = memoryview(buf)
+            while n := fh.readinto(buf):
+                h.update(view[:n])
+        if h.hexdigest() != self.big_hex:
+            raise BenchError(f"{self.mnt_blob}: read back sha256:{h.hexdigest()}")
+        cat_mnt = self.cat(self.mnt_blob)
+        fractions = []
+
+        def first() -> float:
+            drop_cache(self.mnt_blob)
+            frac = cached_fraction(self.mnt_blob)
+            if frac is not None:
+                fractions.append(frac)
+            return cat_mnt()
+
+        self.pairs(res, self.p.runs, first, self.cat(self.big_blob), self.rate(self.p.size))
+        if fractions:
+            res.extra["cached_before_first_read"] = max(fractions)
+            if max(fractions) > 0.01:
+                raise BenchError(f"mount cache not dropped ({max(fractions):.0%} resident)")
+
+    def fig_read_warm(self, res: Result) -> None:
+        cat_mnt = self.cat(self.mnt_blob)
+        cat_mnt()  # make sure the mount's cache holds it
+        frac = cached_fraction(self.mnt_blob)
+        if frac is not None:
+            res.extra["cached_before_reread"] = frac
+        self.pairs(res, self.p.runs, cat_mnt, self.cat(self.big_blob), self.rate(self.p.size))
+
+    def fig_ingest_mount(self, res: Result) -> None:
+        ref = self.mnt / "ingest" / "bench-cp"
+        blob = self.mnt / "blobs" / "sha256" / self.src_hex
+
+        def ours() -> float:
+            t0 = time.perf_counter()
+            run(["cp", str(self.src), str(ref)])
+            run(["setfattr", "-n", "user.contentfs.commit", "-v", f"sha256:{self.src_hex}",
+                 str(ref)])
+            t = time.perf_counter() - t0
+            if not blob.exists() or blob.stat().st_size != self.p.size:
+                raise BenchError(f"{blob}: missing or wrong size after commit")
+            run(["rm", "-f", str(blob)])
+            return t
+
+        self.pairs(res, self.p.runs, ours, lambda: hashlib_seconds(self.src),
+                   self.rate(self.p.size))
+
+    def fig_small_writes(self, res: Result) -> None:
+        size = self.p.small_size
+        ref = self.mnt / "ingest" / "bench-dd"
+
+        def dd(bs: int) -> Callable[[], float]:
+            def go() -> float:
+                t = timed(["dd", f"if={self.src}", f"of={ref}", f"bs={bs}",
+                           f"count={size // bs}", "status=none"])
+                got = ref.stat().st_size
+                run(["rm", "-f", str(ref)])
+                if got != size // bs * bs:
+                    raise BenchError(f"dd bs={bs}: ingest holds {got} bytes")
+                return t
+            return go
+
+        res.extra["bytes"] = size
+        self.pairs(res, self.p.runs, dd(16 << 10), dd(MiB), self.rate(size // MiB * MiB))
+
+    def fig_ls_many(self, res: Result) -> None:
+        d_mnt, d_root = self.mnt / "blobs" / "sha256", self.root / "blobs" / "sha256"
+        res.extra["entries"] = self.p.blobs + 1
+        self.pairs(res, self.p.runs, lambda: timed(["ls", "-l", str(d_mnt)], env=self.env),
+                   lambda: timed(["ls", "-l", str(d_root)], env=self.env), float)
+
+    def fig_find_many(self, res: Result) -> None:
+        d_mnt, d_root = self.mnt / "blobs" / "sha256", self.root / "blobs" / "sha256"
+        mid = self.names[len(self.names) // 2]
+
+        def find(d: Path) -> Callable[[], float]:
+            return lambda: timed(["find", str(d), "-newer", str(d / mid)], env=self.env)
+
+        self.pairs(res, self.p.runs, find(d_mnt), find(d_root), float)
+
+    def fig_stat(self, res: Result, names: list[str] | None) -> None:
+        n = self.p.stats
+        if names is None:
+            rng = random.Random(3)
+            picked = [f"{rng.getrandbits(256):064x}" for _ in range(n)]
+        else:
+            picked = (names * (n // max(1, len(names)) + 1))[:n]
+        d_mnt, d_root = self.mnt / "blobs" / "sha256", self.root / "blobs" / "sha256"
+        on_mnt = [str(d_mnt / h) for h in picked]
+        on_root = [str(d_root / h) for h in picked]
+
+        def second_pass(paths: list[str]) -> Callable[[], float]:
+            def go() -> float:
+                stat_pass_seconds(paths)
+                return stat_pass_seconds(paths)
+            return go
+
+        res.extra["stats"] = n
+        self.pairs(res, self.p.runs, second_pass(on_mnt), second_pass(on_root), float)
+
+    def fig_rss(self, res: Result, which: Mount | Serve | None) -> None:
+        assert which is not None and self.containerd is not None
+        key = "mount" if isinstance(which, Mount) else "serve"
+        if isinstance(which, Serve):
+            # the serve daemon's share of "listing many blobs": ctr content ls over gRPC
+            t0 = time.perf_counter()
+            out = run(ctr(which.sock, "content", "ls", "-q"), stdout=subprocess.PIPE).stdout
+            res.extra["ctr_ls_seconds"] = round(time.perf_counter() - t0, 3)
+            if len(out.split()) < self.p.blobs:
+                raise BenchError(f"ctr content ls via serve: {len(out.split())} blobs listed")
+        self.rss.setdefault(key, {})["end"] = which.daemon.rss_mb()
+        res.ours.append(which.daemon.peak_rss_mb())
+        res.baseline.append(self.containerd.daemon.peak_rss_mb())
+        res.extra["rss_mb"] = self.rss.get(key, {})
+
+    # gRPC and CLI -----------------------------------------------------------------------
+
+    def ctr_get(self, sock: Path) -> Callable[[], float]:
+        return lambda: timed(ctr(sock, "content", "get", f"sha256:{self.big_hex}"))
+
+    def ctr_ingest(self, sock: Path) -> Callable[[], float]:
+        def go() -> float:
+            t = timed(ctr(sock, "content", "ingest", "bench-ctr"), stdin_path=str(self.src))
+            p = run(ctr(sock, "content", "rm", f"sha256:{self.src_hex}"), stdout=subprocess.PIPE)
+            if self.src_hex not in p.stdout.decode():
+                raise BenchError(f"ctr ingest via {sock.name}: sha256:{self.src_hex} not stored")
+            return t
+        return go
+
+    def fig_ctr_get(self, res: Result) -> None:
+        assert self.serve is not None and self.containerd is not None
+        self.pairs(res, self.p.slow_runs, self.ctr_get(self.serve.sock),
+                   self.ctr_get(self.containerd.sock), self.rate(self.p.size))
+
+    def fig_ctr_ingest(self, res: Result) -> None:
+        assert self.serve is not None and self.containerd is not None
+        self.pairs(res, self.p.slow_runs, self.ctr_ingest(self.serve.sock),
+                   self.ctr_ingest(self.containerd.sock), self.rate(self.p.size))
+
+    def contentfs(self, *args: str) -> list[str]:
+        return [str(BIN / "contentfs"), "--root", str(self.root), *args]
+
+    def fig_cli_ingest(self, res: Result) -> None:
+        assert self.containerd is not None
+
+        def ours() -> float:
+            t = timed(self.contentfs("ingest", "bench-cli"), stdin_path=str(self.src))
+            run(self.contentfs("rm", f"sha256:{self.src_hex}"))
+            return t
+
+        self.pairs(res, self.p.slow_runs, ours, self.ctr_ingest(self.containerd.sock),
+                   self.rate(self.p.size))
+
+    def fig_cli_get(self, res: Result) -> None:
+        assert self.containerd is not None
+        self.pairs(res, self.p.slow_runs,
+                   lambda: timed(self.contentfs("get", f"sha256:{self.big_hex}")),
+                   self.ctr_get(self.containerd.sock), self.rate(self.p.size))
+
+
+# --------------------------------------------------------------------------------------
+# output
+
+
+def say(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def fmt(x: float | None, kind: str) -> str:
+    if x is None:
+        return "-"
+    if kind == "time":
+        return f"{x:.3f} s"
+    if kind == "memory":
+        return f"{x:.0f} MB"
+    return f"{x:.0f} MB/s"
+
+
+def table(results: Sequence[Result]) -> str:
+    rows = [("figure", "ours", "baseline", "ratio", "target", "met?")]
+    for r in results:
+        f = r.figure
+        target = f"{f.op} {f.target:g}" + (" MB" if f.kind == "memory" else "")
+        if f.kind == "memory":
+            target = f"ours {target}"
+        met = r.met()
+        rows.append((
+            f.name,
+            fmt(r.value(r.ours), f.kind),
+            fmt(r.value(r.baseline), f.kind),
+            "-" if r.ratio is None else f"{r.ratio:.2f}",
+            target + (f" ({f.note})" if f.note else ""),
+            "ERROR" if r.error else {True: "yes", False: "no", None: "-"}[met],
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    def first_line(cmd: list[str]) -> str:
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False).stdout
+        except OSError:
+            return ""
+        return out.strip().splitlines()[0] if out.strip() else ""
+
+    cpu = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "")
+    return {"cpus": os.cpu_count(), "cpu": cpu, "kernel": platform.release(),
+            "python": platform.python_version(), "containerd": first_line(["containerd", "-v"]),
+            "fuse": first_line(["fusermount3", "-V"])}
+
+
+def parse_args(argv: Sequence[str]) -> Params:
+    ap = argparse.ArgumentParser(
+        prog="scripts/bench",
+        description="Measure contentfs against its baselines (issue 5). Prints a table and "
+                    "writes JSON.")
+    ap.add_argument("--quick", action="store_true",
+                    help="small sizes, 1 run: a smoke test of the harness (CI)")
+    ap.add_argument("--size", type=parse_size, help="big blob size (default 1G; quick 32M)")
+    ap.add_argument("--small-size", type=parse_size,
+                    help="bytes written by the small-writes figure (default 256M; quick 8M)")
+    ap.add_argument("--blobs", type=int, help="number of small blobs (default 100000)")
+    ap.add_argument("--stats", type=int, help="stat calls per pass (default 10000)")
+    ap.add_argument("--runs", type=int, help="pairs per figure (default 5; quick 1)")
+    ap.add_argument("--slow-runs", type=int,
+                    help="pairs for the figures against containerd (default 3; quick 1)")
+    ap.add_argument("--only", help="comma-separated figure names (default: all): "
+                    + ", ".join(BY_NAME))
+    ap.add_argument("--json", dest="json_path", type=Path,
+                    help="JSON output (default bench-results/bench-<date>.json)")
+    ap.add_argument("--tmpdir", default=os.environ.get("TMPDIR", "/tmp"),
+                    help="where the temporary store, data and daemons live (default $TMPDIR "
+                         "or /tmp)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    a = ap.parse_args(argv)
+    q = a.quick
+    only = frozenset(BY_NAME) if not a.only else frozenset(a.only.split(","))
+    unknown = only - set(BY_NAME)
+    if unknown:
+        ap.error(f"unknown figure(s): {', '.join(sorted(unknown))}")
+    size = a.size or (32 * MiB if q else 1 << 30)
+    small = a.small_size or (8 * MiB if q else 256 * MiB)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    return Params(
+        size=size,
+        small_size=max(MiB, min(small, size) // MiB * MiB),
+        blobs=max(2, a.blobs if a.blobs is not None else (2000 if q else 100_000)),
+        stats=a.stats or (1000 if q else 10_000),
+        runs=a.runs or (1 if q else 5),
+        slow_runs=a.slow_runs or a.runs or (1 if q else 3),
+        only=only,
+        tmpdir=a.tmpdir,
+        keep=a.keep,
+        json_path=a.json_path or REPO / "bench-results" / f"bench-{stamp}.json",
+        quick=q,
+    )
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM/SIGHUP into KeyboardInterrupt so cleanup runs as for Ctrl-C."""
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parse_args(sys.argv[1:] if argv is None else argv)
+    started = time.monotonic()
+    with sigterm_as_interrupt(), contextlib.ExitStack() as stack:
+        bench = Bench(p, stack)
+        try:
+            bench.prepare()
+            bench.run_all()
+        finally:
+            say("stopping daemons")
+    results = [bench.results[f.name] for f in FIGURES if f.name in bench.results]
+    doc = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "params": {"size": p.size, "small_size": p.small_size, "blobs": p.blobs,
+                   "stats": p.stats, "runs": p.runs, "slow_runs": p.slow_runs,
+                   "quick": p.quick, "tmpdir": p.tmpdir},
+        "machine": machine(),
+        "seconds": round(time.monotonic() - started, 1),
+        "rss_mb": bench.rss,
+        "figures": [r.to_json() for r in results],
+    }
+    p.json_path.parent.mkdir(parents=True, exist_ok=True)
+    p.json_path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"contentfs bench: big blob {human(p.size)}, {p.blobs} small blobs, "
+          f"{p.runs} runs ({p.slow_runs} against containerd), {doc['seconds']} s")
+    print(table(results))
+    print(f"JSON: {p.json_path}")
+    errors = [r for r in results if r.error]
+    for r in errors:
+        print(f"error: {r.figure.name}: {r.error}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
