@@ -36,7 +36,7 @@ from store import (
 REFS = ["a", "b", "layer/with/slash", "ü-ref"]
 KEYS = ["k1", "k2", "containerd.io/gc.root"]
 VALUES = ["v1", "v2", ""]
-_EPOCH = dt.datetime.fromtimestamp(0, dt.timezone.utc)
+_EPOCH = dt.datetime.fromtimestamp(0, dt.UTC)
 
 #: filter string -> model predicate on (digest, labels)
 FILTERS: dict[str, Callable[[str, dict[str, str]], bool]] = {
