@@ -239,7 +239,7 @@ class StoreMachine(RuleBasedStateMachine):
 
     @invariant()
     def blobs_agree(self) -> None:
-        infos = {i.digest: i for i in self.store.list()}
+        infos: dict[str, Info] = {i.digest: i for i in self.store.list()}
         assert set(infos) == set(self.blobs)
         for dgst, content in self.blobs.items():
             assert infos[dgst].size == len(content)
