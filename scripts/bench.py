@@ -304,12 +304,12 @@ class Containerd:
                 "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
                 "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing")
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, sock: Path) -> None:
         exe = shutil.which("containerd")
         if exe is None:
             raise BenchError("containerd not found (apt-get install containerd)")
         base.mkdir(parents=True, exist_ok=True)
-        self.sock = base / "c.sock"
+        self.sock = sock
         config = base / "config.toml"
         config.write_text(
             "version = 2\n"
@@ -486,6 +486,9 @@ class Bench:
         self.mnt = self.work / "mnt"
         self.logs = self.work / "logs"
         self.logs.mkdir()
+        # unix socket paths are limited to ~104 bytes: keep them in a short directory
+        self.socks = Path(tempfile.mkdtemp(prefix="cfsb-", dir="/tmp"))
+        stack.callback(shutil.rmtree, self.socks, True)
         self.root.mkdir()
         self.mount: Mount | None = None
         self.serve: Serve | None = None
@@ -524,7 +527,7 @@ class Bench:
     def start_serve(self) -> Serve:
         if self.serve is None:
             say("starting contentfs serve")
-            self.serve = Serve(self.root, self.work / "cfs.sock", self.logs)
+            self.serve = Serve(self.root, self.socks / "cfs.sock", self.logs)
             self.stack.callback(self.serve.stop)
             self.rss["serve"] = {"start": self.serve.daemon.rss_mb()}
         return self.serve
@@ -532,7 +535,7 @@ class Bench:
     def start_containerd(self) -> Containerd:
         if self.containerd is None:
             say("starting containerd")
-            c = Containerd(self.work / "containerd")
+            c = Containerd(self.work / "containerd", self.socks / "c.sock")
             self.containerd = c
             self.stack.callback(c.stop)
             with open(self.big, "rb") as fh:
@@ -732,7 +735,8 @@ class Bench:
         self.pairs(res, self.p.runs, second_pass(on_mnt), second_pass(on_root), float)
 
     def fig_rss(self, res: Result, which: Mount | Serve | None) -> None:
-        assert which is not None and self.containerd is not None
+        if which is None or self.containerd is None:
+            raise BenchError("daemon or containerd not running")
         key = "mount" if isinstance(which, Mount) else "serve"
         if isinstance(which, Serve):
             # the serve daemon's share of "listing many blobs": ctr content ls over gRPC
@@ -943,4 +947,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        say("interrupted; everything it started is stopped")
+        sys.exit(130)
