@@ -135,8 +135,12 @@ def _raise_readahead(mountpoint: str) -> None:
         log.info("readahead of %s not raised: %s", mountpoint, exc)
 
 
-def _setup_logging(debug: bool) -> None:
+def _setup_logging(debug: bool, *, quiet: bool) -> None:
+    """Log to stderr. ``quiet`` (a daemon still attached to the caller's terminal):
+    only warnings until the daemon has moved its output to its log file."""
     handler = logging.StreamHandler(sys.stderr)
+    if quiet:
+        handler.setLevel(logging.WARNING)
     handler.setFormatter(logging.Formatter(
         "%(asctime)s contentfs[%(process)d] %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
@@ -156,7 +160,7 @@ def mount_main(
     """Mount store ``root`` at ``mountpoint``; see the module docstring. Returns the exit
     status: 0 after a clean unmount (or, in the parent, once the daemon answers), 1 on a
     failure, 2 on bad options."""
-    _setup_logging(debug)
+    _setup_logging(debug, quiet=not foreground)
     try:
         opts = parse_options(options)
     except ValueError as exc:
@@ -276,6 +280,8 @@ async def _announce(mountpoint: str, ready_fd: int, daemon: bool, log_file: str 
         os.dup2(target, 1)
         os.dup2(target, 2)
         os.close(target)
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(logging.NOTSET)
     log.info("%s answers", mountpoint)
 
 
