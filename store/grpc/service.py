@@ -8,6 +8,8 @@ Deliberate departures from containerd 1.6, all invisible to ``ctr``:
   ignored); so there is no shared-ingest special case;
 * List fills ``updated_at`` (1.6 sends the zero time; main fills it);
 * Status and ListStatuses fill ``expected`` when an expected digest is recorded;
+* a STAT response's ``total`` falls back to the ingest's recorded total when no message of
+  the stream gave one (1.6 sends 0);
 * the ref lock never waits: a second writer gets UNAVAILABLE at once (main's behaviour;
   1.6 retries for up to about a second).
 
@@ -53,7 +55,7 @@ LIST_BATCH = 100
 READ_CHUNK = 1 << 20
 #: Go's zero time (0001-01-01T00:00:00Z) in Unix seconds: what 1.6 encodes for "unset".
 ZERO_SECONDS = -62135596800
-_IDENTIFIER = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*")
+_IDENTIFIER = re.compile(r"^[A-Za-z0-9]+(?:[._-](?:[A-Za-z0-9]+))*$")
 _IDENTIFIER_MAX = 76
 
 STAT, WRITE, COMMIT = pb.STAT, pb.WRITE, pb.COMMIT
@@ -260,7 +262,7 @@ class ContentService:
                     msg.digest = writer.digest()
                     msg.started_at.CopyFrom(timestamp(st.started_at))
                     msg.updated_at.CopyFrom(timestamp(st.updated_at))
-                    msg.total = total
+                    msg.total = total or st.total
                 elif req.action in (WRITE, COMMIT):
                     self._write(writer, req, msg)
                     if req.action == COMMIT:
