@@ -107,7 +107,7 @@ def _clear_dead_mount(mountpoint: str) -> None:
     if _mount_entry(mountpoint) is None:
         return
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)  # never answered from the kernel's attribute cache
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
             raise

@@ -107,8 +107,11 @@ class Mount:
             if self.proc.poll() is not None:
                 pytest.fail(f"contentfs mount exited {self.proc.returncode}:\n{self.log()}")
             if is_mounted(self.path):
-                os.stat(self.path)
-                return
+                try:
+                    os.statvfs(self.path)  # a dead mount left behind fails this
+                    return
+                except OSError:
+                    pass
             time.sleep(0.02)
         pytest.fail(f"mount did not appear at {self.path} within {timeout}s:\n{self.log()}")
 
