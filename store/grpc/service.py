@@ -8,8 +8,6 @@ Deliberate departures from containerd 1.6, all invisible to ``ctr``:
   ignored); so there is no shared-ingest special case;
 * List fills ``updated_at`` (1.6 sends the zero time; main fills it);
 * Status and ListStatuses fill ``expected`` when an expected digest is recorded;
-* a STAT response's ``total`` falls back to the ingest's recorded total when no message of
-  the stream gave one (1.6 sends 0);
 * the ref lock never waits: a second writer gets UNAVAILABLE at once (main's behaviour;
   1.6 retries for up to about a second).
 
@@ -262,7 +260,7 @@ class ContentService:
                     msg.digest = writer.digest()
                     msg.started_at.CopyFrom(timestamp(st.started_at))
                     msg.updated_at.CopyFrom(timestamp(st.updated_at))
-                    msg.total = total or st.total
+                    msg.total = total
                 elif req.action in (WRITE, COMMIT):
                     self._write(writer, req, msg)
                     if req.action == COMMIT:
