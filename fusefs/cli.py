@@ -84,6 +84,9 @@ class _Group(click.Group):
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             sys.exit(EXIT_OTHER)
+        except OSError as exc:  # the environment (ENOSPC, EIO, EACCES), not a bug of ours
+            where = f"{exc.filename}: " if exc.filename else ""
+            fail(f"{where}{exc.strerror or exc}")
 
 
 def root_option(f: F) -> F:
@@ -324,7 +327,11 @@ def ingest_cmd(
             _skip(source, writer.offset)
             with _progress(size, writer.offset) as advance:
                 for chunk in _chunks(source):
-                    writer.write(chunk)
+                    try:
+                        writer.write(chunk)
+                    except OSError as exc:  # e.g. ENOSPC: the bytes stored so far are kept
+                        fail(f"ingest {ref}: {exc.strerror or exc} after {writer.offset} bytes"
+                             " (run the same command again to resume)")
                     advance(len(chunk))
             try:
                 digest = writer.commit(expected_size, expected, labels=label_map)

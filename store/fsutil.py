@@ -26,8 +26,11 @@ def write_atomic(path: str, data: bytes, *, sync: bool = True) -> None:
             view = view[os.write(fd, view) :]
         if sync:
             os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        os.unlink(tmp)  # e.g. ENOSPC: leave no half-written .tmp behind
+        raise
+    os.close(fd)
     os.replace(tmp, path)
 
 

@@ -63,8 +63,11 @@ def try_lock(path: str, ref: str) -> RefLock:
             os.close(fd)
             continue
         stamp = format_time(time.time_ns()).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, stamp, 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, stamp, 0)
+        except OSError:  # e.g. ENOSPC: the stamp is only a diagnostic
+            pass
         return RefLock(path, fd)
 
 

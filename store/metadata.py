@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
-from .errors import Unavailable
+from .errors import DataLoss, StoreError, Unavailable
 
 __all__ = ["BlobRow", "IngestRow", "MetadataDB"]
 
@@ -52,6 +52,14 @@ def create_tables(conn: sqlite3.Connection) -> None:
     )
 
 
+def _db_error(path: str, exc: sqlite3.DatabaseError) -> StoreError:
+    """A locked, full or failing database is Unavailable; a corrupt one is DataLoss."""
+    text = str(exc)
+    if "malformed" in text or "not a database" in text or "corrupt" in text:
+        return DataLoss(f"metadata database {path}: {text} (it is rebuilt at the next open)")
+    return Unavailable(f"metadata database {path}: {text}")
+
+
 class MetadataDB:
     """A thread-safe handle on the metadata database (one connection behind a lock)."""
 
@@ -77,13 +85,16 @@ class MetadataDB:
                 conn.execute("PRAGMA synchronous=NORMAL")
                 with conn:
                     create_tables(conn)
-                conn.execute("SELECT count(*) FROM blobs LIMIT 1").fetchone()
+                # touch every table's pages, so corruption is found (and the database
+                # rebuilt) here rather than in the middle of a later request
+                for table in ("blobs", "labels", "ingests"):
+                    conn.execute(f"SELECT count(*) FROM {table}").fetchone()
                 return conn
             except sqlite3.DatabaseError as exc:
                 conn.close()
                 if "locked" in str(exc) or attempt == 2:
                     raise Unavailable(f"metadata database {self.path}: {exc}") from None
-                aside = f"{self.path}.corrupt-{int(time.time())}"
+                aside = f"{self.path}.corrupt-{time.time_ns()}"
                 log.error("metadata database %s is unreadable (%s); moved to %s, recreating",
                           self.path, exc, aside)
                 for suffix in ("", "-wal", "-shm"):
@@ -97,10 +108,8 @@ class MetadataDB:
             try:
                 with self._conn:
                     yield self._conn
-            except sqlite3.OperationalError as exc:
-                if "locked" in str(exc) or "busy" in str(exc):
-                    raise Unavailable(f"metadata database {self.path}: {exc}") from None
-                raise
+            except sqlite3.DatabaseError as exc:
+                raise _db_error(self.path, exc) from None
 
     def close(self) -> None:
         with self._lock:

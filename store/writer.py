@@ -268,6 +268,8 @@ class LocalWriter:
                         )
                     except FileNotFoundError:
                         pass  # aborted while open
+                    except OSError as exc:  # e.g. ENOSPC: the data is safe, the time is not
+                        log.info("ingest %s: updatedat not recorded: %s", self.ref, exc)
             finally:
                 self._end()
 
