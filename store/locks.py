@@ -5,19 +5,24 @@ belong to an open file description, so two opens in one process exclude each oth
 as two processes do. The holder writes the time it took the lock into the file so that a
 refused caller can say for how long the ref has been held. The file is unlinked on
 release while still locked; a taker that finds its file was unlinked retries.
+
+``hold_lock`` is the one lock that waits: it serialises short critical sections (the
+commits of one digest), never a writer's lifetime.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import time
+from collections.abc import Iterator
 
 from .errors import Unavailable
 from .types import format_time, parse_time
 
-__all__ = ["RefLock", "try_lock"]
+__all__ = ["RefLock", "hold_lock", "try_lock"]
 
 
 class RefLock:
@@ -69,6 +74,30 @@ def try_lock(path: str, ref: str) -> RefLock:
         except OSError:  # e.g. ENOSPC: the stamp is only a diagnostic
             pass
         return RefLock(path, fd)
+
+
+@contextlib.contextmanager
+def hold_lock(path: str) -> Iterator[None]:
+    """Hold the lock at ``path`` for a short critical section, waiting while another
+    thread or process holds it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            same = os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino
+        except FileNotFoundError:
+            same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)  # released and unlinked between our open and flock: retry
+    lock = RefLock(path, fd)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _describe_holder(fd: int) -> str:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from .digest import Digest, parse_digest, split_digest
 from .errors import AlreadyExists, FailedPrecondition, NotFound, NotImplemented  # noqa: A004
 from .fsutil import fsync_dir, write_atomic
-from .locks import RefLock
+from .locks import RefLock, hold_lock
 from .types import Status, format_time, from_ns
 
 if TYPE_CHECKING:
@@ -213,24 +213,29 @@ class LocalWriter:
         blob_dir = layout.blob_dir(alg)
         os.makedirs(blob_dir, mode=0o755, exist_ok=True)
         target = layout.blob_path(dgst)
-        if store._exists(dgst):
-            self._remove_ingest()
-            raise AlreadyExists(f"content {dgst}")
-        data = os.path.join(self._path, "data")
-        now = time.time_ns()
-        # The row goes in before the rename, so a crash never leaves a blob without its
-        # labels (a row without a blob file is ignored); a busy database fails the
-        # commit (Unavailable) with the ingest kept.
-        store.db.put_blob(dgst, size, now, labels)
-        mode = os.fstat(self._fd).st_mode & 0o777 & ~0o333
-        os.fchmod(self._fd, mode or 0o400)
-        os.utime(self._fd, ns=(now, now))
-        try:
-            # replaces a symlink planted at target, never follows it
-            os.rename(data, target)
-        except FileNotFoundError:
-            raise NotFound(f"ingest {self.ref} (aborted while open)") from None
-        fsync_dir(blob_dir)
+        # Commits of one digest take turns (any thread or process), so exactly one of
+        # two racing commits of the same bytes succeeds and the other's row never
+        # overwrites the winner's labels and times. NUL cannot occur in a ref.
+        os.makedirs(layout.locks, mode=0o700, exist_ok=True)
+        with hold_lock(layout.lock_path(f"\0commit {dgst}")):
+            if store._exists(dgst):
+                self._remove_ingest()
+                raise AlreadyExists(f"content {dgst}")
+            data = os.path.join(self._path, "data")
+            now = time.time_ns()
+            # The row goes in before the rename, so a crash never leaves a blob without
+            # its labels (a row without a blob file is ignored); a busy database fails
+            # the commit (Unavailable) with the ingest kept.
+            store.db.put_blob(dgst, size, now, labels)
+            mode = os.fstat(self._fd).st_mode & 0o777 & ~0o333
+            os.fchmod(self._fd, mode or 0o400)
+            os.utime(self._fd, ns=(now, now))
+            try:
+                # replaces a symlink planted at target, never follows it
+                os.rename(data, target)
+            except FileNotFoundError:
+                raise NotFound(f"ingest {self.ref} (aborted while open)") from None
+            fsync_dir(blob_dir)
         self._remove_ingest()
         return dgst
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from store import LocalStore, NotFound, Unavailable, digest_of
+from store import AlreadyExists, LocalStore, LocalWriter, NotFound, Unavailable, digest_of
 
 HOLDER = r"""
 import sys
@@ -219,3 +219,80 @@ def test_lock_files_do_not_pile_up(store: LocalStore) -> None:
             w.commit()
     assert os.listdir(locks) == []
     assert len(store.list_statuses()) == 10
+
+
+def test_racing_commits_of_the_same_bytes(store_root: str) -> None:
+    """Of two commits of the same content at the same moment (two store instances, as two
+    processes sharing a root), exactly one succeeds; the other gets AlreadyExists and does
+    not overwrite the winner's labels."""
+    s1, s2 = LocalStore(store_root), LocalStore(store_root)
+    try:
+        for i in range(60):
+            data = os.urandom(64)
+            writers = []
+            for s, name in ((s1, "one"), (s2, "two")):
+                w = s.writer(f"{name}-{i}")
+                w.write(data)
+                writers.append((w, name))
+            barrier = threading.Barrier(2)
+            won: list[str] = []
+
+            def commit(w: LocalWriter, name: str, barrier: threading.Barrier,
+                       won: list[str]) -> None:
+                barrier.wait()
+                try:
+                    w.commit(labels={"who": name})
+                except AlreadyExists:
+                    return
+                won.append(name)
+
+            threads = [threading.Thread(target=commit, args=(*wn, barrier, won))
+                       for wn in writers]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert len(won) == 1, (i, won)
+            assert dict(s1.info(digest_of(data)).labels) == {"who": won[0]}
+        assert s1.list_statuses() == []
+    finally:
+        s1.close()
+        s2.close()
+
+
+def test_racing_commits_across_processes(store: LocalStore) -> None:
+    script = (
+        "import sys\nfrom store import LocalStore, AlreadyExists\n"
+        "s = LocalStore(sys.argv[1])\n"
+        "w = s.writer('p-' + sys.argv[2])\n"
+        "w.write(b'identical bytes')\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "try:\n    w.commit(labels={'who': sys.argv[2]})\n"
+        "except AlreadyExists:\n    print('exists', flush=True)\n"
+        "else:\n    print('won', flush=True)\n"
+    )
+    cwd = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = [subprocess.Popen([sys.executable, "-c", script, store.root, str(n)], cwd=cwd,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for n in range(4)]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        results = [p.stdout.readline().strip() for p in procs if p.stdout is not None]
+    finally:
+        for p in procs:
+            if p.stdin is not None:
+                p.stdin.close()
+            p.wait(60)
+            if p.stdout is not None:
+                p.stdout.close()
+    assert sorted(results) == ["exists"] * 3 + ["won"], results
+    winner = str(results.index("won"))
+    assert dict(store.info(digest_of(b"identical bytes")).labels) == {"who": winner}
+    assert store.list_statuses() == []
+    assert os.listdir(os.path.join(store.root, ".contentfs", "locks")) == []
