@@ -24,6 +24,7 @@ from store import (
     Info,
     InvalidArgument,
     LocalStore,
+    LocalWriter,
     NotFound,
     NotImplemented,  # noqa: A004
     Status,
@@ -299,8 +300,10 @@ def ingest_cmd(
 ) -> None:
     """Store FILE (or standard input) under ingest REF, commit it, print its digest.
 
-    An interrupted ingest of the same REF resumes where it stopped (the bytes already
-    stored are skipped in the input). Content that already exists is success.
+    An interrupted ingest of the same REF resumes where it stopped: the bytes already
+    stored are skipped in the input once checked to be the same (a FILE that differs
+    starts over; a stream that differs is refused). Content that already exists is
+    success.
     """
     store = open_store(ctx, cmd_root)
     label_map = parse_pairs(labels)
@@ -324,7 +327,7 @@ def ingest_cmd(
             return
         try:
             size = _source_size(source)
-            _skip(source, writer.offset)
+            _resume_input(store, ref, source, writer)
             with _progress(size, writer.offset) as advance:
                 for chunk in _chunks(source):
                     try:
@@ -335,8 +338,8 @@ def ingest_cmd(
                     advance(len(chunk))
             try:
                 digest = writer.commit(expected_size, expected, labels=label_map)
-            except AlreadyExists as exc:
-                digest = parse_digest(str(exc).split()[1].rstrip(":"))
+            except AlreadyExists:
+                digest = writer.digest()
                 if label_map:
                     _merge_labels(store, digest, label_map)
         except BaseException:
@@ -362,21 +365,40 @@ def _source_size(source: IO[bytes]) -> int | None:
     return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
-def _skip(source: IO[bytes], n: int) -> None:
-    """Skip the ``n`` bytes a resumed ingest already holds."""
-    if n == 0:
+def _resume_input(store: LocalStore, ref: str, source: IO[bytes], writer: LocalWriter) -> None:
+    """Position ``source`` after the bytes a resumed ingest already holds, checking that
+    they are the same bytes, so a resume never commits a mix of two inputs. A seekable
+    source that differs restarts the ingest at zero; a stream that differs (or ends
+    early) is FailedPrecondition, with the ingest left as it was."""
+    held = writer.offset
+    if held == 0:
         return
     try:
-        if source.seekable():
-            source.seek(n, os.SEEK_CUR)
-            return
+        start = source.tell() if source.seekable() else None
     except OSError:
-        pass
-    while n > 0:
-        chunk = source.read(min(n, _CHUNK))
-        if not chunk:
-            raise FailedPrecondition(f"input is shorter than the {n} bytes already ingested")
-        n -= len(chunk)
+        start = None
+    done = 0
+    with open(store.ingest_data_path(ref), "rb") as stored:
+        while done < held:
+            want = stored.read(min(held - done, _CHUNK))
+            got = source.read(len(want)) if want else b""
+            if not want or got != want:
+                break
+            done += len(want)
+        else:
+            return
+    if start is not None:
+        source.seek(start)
+        writer.truncate(0)
+        click.echo(f"contentfs: ingest {ref}: input differs from the {held} bytes already"
+                   " stored; starting over", err=True)
+        return
+    if len(got) < len(want):
+        raise FailedPrecondition(
+            f"ingest {ref}: input is shorter than the {held} bytes already ingested")
+    raise FailedPrecondition(
+        f"ingest {ref}: input differs from the {held} bytes already stored"
+        f" (`contentfs abort {ref}` starts over)")
 
 
 def _chunks(source: IO[bytes]) -> Iterator[bytes]:

@@ -206,6 +206,40 @@ def test_ingest_resumes_after_interruption(
     assert ok(cf("get", dgst)).out == data
 
 
+def test_ingest_resume_checks_the_stored_prefix(cf: Callable[..., Run], store_root: str,
+                                               tmp_path: os.PathLike[str]) -> None:
+    """Resuming with other input never commits a mix of the two: a file restarts the
+    ingest, a stream that differs is refused with the ingest left as it was."""
+    with LocalStore(store_root) as s:
+        w = s.writer("r")
+        w.write(b"A" * 1000)
+        w.close()
+    other = os.urandom(5000)
+    r = cf("ingest", "r", stdin=other)
+    assert r.code == EXIT_CODES[FailedPrecondition]
+    assert "differs from the 1000 bytes already" in r.error_line()
+    with LocalStore(store_root) as s:
+        assert s.status("r").offset == 1000
+    path = os.path.join(os.fspath(tmp_path), "other")
+    with open(path, "wb") as f:
+        f.write(other)
+    assert ok(cf("ingest", "r", path)).text == digest_of(other) + "\n"
+    # a file shorter than what is stored restarts too
+    with LocalStore(store_root) as s:
+        w = s.writer("r2")
+        w.write(b"B" * 1000)
+        w.close()
+    with open(path, "wb") as f:
+        f.write(b"B" * 10)
+    assert ok(cf("ingest", "r2", path)).text == digest_of(b"B" * 10) + "\n"
+    # the same bytes resume (and are not rewritten)
+    with LocalStore(store_root) as s:
+        w = s.writer("r3")
+        w.write(other[:3000])
+        w.close()
+    assert ok(cf("ingest", "r3", stdin=other)).text == digest_of(other) + "\n"
+
+
 def test_ingest_short_input_on_resume(cf: Callable[..., Run], store_root: str) -> None:
     with LocalStore(store_root) as s:
         w = s.writer("r")
