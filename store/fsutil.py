@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 import os
+import stat
 
-__all__ = ["fsync_dir", "read_small", "write_atomic"]
+from .errors import FailedPrecondition
+
+__all__ = ["ensure_dir", "fsync_dir", "read_small", "write_atomic"]
+
+
+def ensure_dir(path: str, mode: int = 0o755) -> None:
+    """Create the store directory ``path`` (its parent must exist) unless present.
+
+    FailedPrecondition if something other than a real directory, e.g. a symlink, is
+    planted there: the store never follows one out of its root."""
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        pass
+    if not stat.S_ISDIR(os.lstat(path).st_mode):
+        raise FailedPrecondition(f"store directory {path}: not a directory (a symlink?)")
 
 
 def fsync_dir(path: str) -> None:

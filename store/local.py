@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from .digest import ALGORITHMS, CANONICAL, Digest, parse_digest, split_digest
 from .errors import AlreadyExists, DataLoss, InvalidArgument, NotFound
 from .filters import parse_filters
-from .fsutil import read_small, write_atomic
+from .fsutil import ensure_dir, read_small, write_atomic
 from .layout import Layout
 from .locks import try_lock
 from .metadata import MetadataDB
@@ -51,11 +51,20 @@ def validate_labels(labels: Mapping[str, str]) -> None:
             )
 
 
+#: Longest ref in UTF-8 bytes (the ingest's ``ref`` file is read back whole).
+MAX_REF_SIZE = 4096
+
+
 def _check_ref(ref: str) -> None:
     if not isinstance(ref, str) or not ref:
         raise InvalidArgument("ref must not be empty")
     if "\0" in ref:
         raise InvalidArgument(f"ref {ref!r}: must not contain NUL")
+    size = len(ref.encode("utf-8", "surrogateescape"))
+    if size > MAX_REF_SIZE:
+        raise InvalidArgument(
+            f"ref {ref[:64]!r}...: {size} bytes is longer than the maximum ({MAX_REF_SIZE})"
+        )
 
 
 def _is_dir(path: str) -> bool:
@@ -101,6 +110,8 @@ class LocalStore:
     def reader_at(self, digest: str) -> FileReaderAt:
         """Open a blob for positional reads. NotFound if it is not committed."""
         dgst = parse_digest(digest)
+        if not self._blob_dir_ok(dgst):
+            raise NotFound(f"content {dgst}")
         try:
             fd = os.open(self.layout.blob_path(dgst), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
@@ -123,7 +134,15 @@ class LocalStore:
         st = self._stat_blob(dgst)
         return self._info(dgst, st, self.db.get_blob(dgst))
 
+    def _blob_dir_ok(self, dgst: Digest) -> bool:
+        """``blobs/`` and ``blobs/<alg>/`` are real directories, not planted symlinks."""
+        return _is_dir(self.layout.blobs) and _is_dir(
+            self.layout.blob_dir(split_digest(dgst)[0])
+        )
+
     def _stat_blob(self, dgst: Digest) -> os.stat_result:
+        if not self._blob_dir_ok(dgst):
+            raise NotFound(f"content {dgst}")
         try:
             st = os.lstat(self.layout.blob_path(dgst))
         except (FileNotFoundError, NotADirectoryError):
@@ -189,6 +208,8 @@ class LocalStore:
 
     def algorithms(self) -> builtins.list[str]:
         """Algorithm directories present under ``blobs/``."""
+        if not _is_dir(self.layout.blobs):
+            return []
         try:
             names = os.listdir(self.layout.blobs)
         except (FileNotFoundError, NotADirectoryError):
@@ -197,6 +218,8 @@ class LocalStore:
 
     def _scan_blobs(self, alg: str) -> Iterator[tuple[str, os.stat_result]]:
         want = ALGORITHMS[alg]
+        if not (_is_dir(self.layout.blobs) and _is_dir(self.layout.blob_dir(alg))):
+            return
         try:
             entries = sorted(os.scandir(self.layout.blob_dir(alg)), key=lambda e: e.name)
         except (FileNotFoundError, NotADirectoryError):
@@ -223,6 +246,8 @@ class LocalStore:
         """Delete a committed blob. NotFound if absent. Open readers keep reading."""
         dgst = parse_digest(digest)
         path = self.layout.blob_path(dgst)
+        if not self._blob_dir_ok(dgst):
+            raise NotFound(f"content {dgst}")
         try:
             if stat.S_ISDIR(os.lstat(path).st_mode):
                 raise NotFound(f"content {dgst}")
@@ -261,10 +286,12 @@ class LocalStore:
 
     def _read_status(self, path: str, ref: str | None) -> Status | None:
         """Status from an ingest directory, or None if it is missing or not an ingest."""
-        if not _is_dir(path):
+        if not (_is_dir(self.layout.ingest) and _is_dir(path)):
             return None
         try:
             data_st = os.lstat(os.path.join(path, "data"))
+            if not stat.S_ISREG(data_st.st_mode):  # e.g. a planted symlink
+                return None
             stored_ref = read_small(os.path.join(path, "ref")).decode("utf-8", "surrogateescape")
         except (FileNotFoundError, NotADirectoryError):
             return None
@@ -333,8 +360,9 @@ class LocalStore:
             raise InvalidArgument(f"ingest {ref}: negative total {total}")
         if exp is not None and self._exists(exp):
             raise AlreadyExists(f"content {exp}")
-        os.makedirs(self.layout.locks, mode=0o700, exist_ok=True)
-        os.makedirs(self.layout.ingest, mode=0o755, exist_ok=True)
+        ensure_dir(self.layout.private, 0o700)
+        ensure_dir(self.layout.locks, 0o700)
+        ensure_dir(self.layout.ingest, 0o755)
         lock = try_lock(self.layout.lock_path(ref), ref)
         try:
             algorithm = split_digest(exp)[0] if exp else CANONICAL
@@ -348,6 +376,8 @@ class LocalStore:
             raise
 
     def _exists(self, dgst: Digest) -> bool:
+        if not self._blob_dir_ok(dgst):
+            return False
         try:
             return stat.S_ISREG(os.lstat(self.layout.blob_path(dgst)).st_mode)
         except OSError:
@@ -488,7 +518,8 @@ class LocalStore:
         if old == new:
             self.status(old)
             return
-        os.makedirs(self.layout.locks, mode=0o700, exist_ok=True)
+        ensure_dir(self.layout.private, 0o700)
+        ensure_dir(self.layout.locks, 0o700)
         lock_old = try_lock(self.layout.lock_path(old), old)
         try:
             lock_new = try_lock(self.layout.lock_path(new), new)

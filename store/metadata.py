@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 from .errors import DataLoss, StoreError, Unavailable
+from .fsutil import ensure_dir
 
 __all__ = ["BlobRow", "IngestRow", "MetadataDB"]
 
@@ -77,7 +78,7 @@ class MetadataDB:
             uri = f"file:{self.path}?mode=ro"
             conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=10)
             return conn
-        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        ensure_dir(os.path.dirname(self.path), 0o700)
         for attempt in (1, 2):
             conn = sqlite3.connect(self.path, check_same_thread=False, timeout=10)
             try:
