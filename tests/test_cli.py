@@ -510,3 +510,22 @@ def test_errors_through_cli_runner(store_root: str, args: list[str], code: int,
     assert result.exit_code == code, (result.output, result.exception)
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_progress_bar_only_on_a_terminal(cf: Callable[..., Run], store_root: str,
+                                         tmp_path: os.PathLike[str]) -> None:
+    data = os.urandom(3 << 20)
+    path = os.path.join(os.fspath(tmp_path), "f")
+    with open(path, "wb") as f:
+        f.write(data)
+    r = ok(cf("ingest", "quiet", path))
+    assert r.err == ""  # not a terminal: no progress output
+    cf("rm", digest_of(data))
+    script = "/usr/bin/script"
+    assert os.path.exists(script), "script(1) is needed (apt-get install bsdutils)"
+    cmd = f"'{CONTENTFS}' --root '{store_root}' ingest tty '{path}'"
+    proc = subprocess.run([script, "-qec", cmd, "/dev/null"], capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout
+    out = proc.stdout.decode(errors="replace")
+    assert "ingesting" in out and "100%" in out, out
+    assert out.rstrip().endswith(digest_of(data)), out[-200:]
