@@ -769,8 +769,11 @@ class ContentOps(pyfuse3.Operations):
                 return await trio.to_thread.run_sync(_hash_file, self._data_path(ref))
             st = self.store.status(ref)
             handle = self.writers.get(ref)
+            if handle is not None:  # the writer's own times are exact (file mtimes are not)
+                live = handle.writer.status()
+                st = dataclasses.replace(live, expected=st.expected)
             return {
-                "offset": str(handle.writer.offset if handle else st.offset),
+                "offset": str(st.offset),
                 "total": str(st.total),
                 "expected": st.expected or "",
                 "startedat": format_time(to_ns(st.started_at)),
@@ -855,14 +858,28 @@ class ContentOps(pyfuse3.Operations):
 
     async def _commit_by_xattr(self, ref: str, expected: str | None) -> None:
         digest = await self.commit(ref, expected)
-        ino = self.nodes.ingest_ino(ref)
         self._forget_ingest(ref)
-        pyfuse3.invalidate_entry_async(INGEST_INO, encode_ref(ref).encode(
-            "utf-8", "surrogateescape"), deleted=ino or 0, ignore_enoent=True)
+        # Before replying, so the caller's next stat sees the blob (not a cached miss)
+        # and no longer sees the ingest.
+        await self._invalidate(INGEST_INO, encode_ref(ref).encode("utf-8", "surrogateescape"))
         alg, hexpart = split_digest(digest)  # type: ignore[arg-type]
         alg_ino = self.nodes.alg_ino(alg)
         if alg_ino is not None:
-            pyfuse3.invalidate_entry_async(alg_ino, hexpart.encode(), ignore_enoent=True)
+            await self._invalidate(alg_ino, hexpart.encode())
+
+    @staticmethod
+    async def _invalidate(parent: int, name: bytes) -> None:
+        """Drop the kernel's dentry ``name`` in ``parent`` and wait until it is gone.
+
+        Runs in a thread: the kernel may need a directory lock that a request we must
+        still answer holds. Never call this from a handler whose request holds the
+        lock of ``parent`` (rename, create, unlink in it): use invalidate_entry_async.
+        """
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_entry, parent, name)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the kernel had no such entry
+                log.warning("invalidating %r: %s", name, exc)
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         if not name.startswith(b"user."):
