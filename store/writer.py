@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from .digest import Digest, parse_digest, split_digest
 from .errors import AlreadyExists, FailedPrecondition, NotFound, NotImplemented  # noqa: A004
-from .fsutil import fsync_dir, write_atomic
+from .fsutil import ensure_dir, fsync_dir, write_atomic
 from .locks import RefLock, hold_lock
 from .types import Status, format_time, from_ns
 
@@ -211,12 +211,14 @@ class LocalWriter:
         layout = store.layout
         alg, _ = split_digest(dgst)
         blob_dir = layout.blob_dir(alg)
-        os.makedirs(blob_dir, mode=0o755, exist_ok=True)
+        ensure_dir(layout.blobs, 0o755)  # real directories: never a planted symlink
+        ensure_dir(blob_dir, 0o755)
         target = layout.blob_path(dgst)
         # Commits of one digest take turns (any thread or process), so exactly one of
         # two racing commits of the same bytes succeeds and the other's row never
         # overwrites the winner's labels and times. NUL cannot occur in a ref.
-        os.makedirs(layout.locks, mode=0o700, exist_ok=True)
+        ensure_dir(layout.private, 0o700)
+        ensure_dir(layout.locks, 0o700)
         with hold_lock(layout.lock_path(f"\0commit {dgst}")):
             if store._exists(dgst):
                 self._remove_ingest()
