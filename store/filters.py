@@ -63,11 +63,12 @@ class _Scanner:
         self.err = ""
 
     def peek_char(self) -> str:
-        """The next significant character ('' at the end), without consuming it."""
-        i = self.pos
-        while i < len(self.text) and self.text[i].isspace():
-            i += 1
-        return self.text[i] if i < len(self.text) else ""
+        """The next raw character ('' at the end), without consuming it. Like
+        containerd's peek it does not skip whitespace, so whitespace is ignored before
+        a token the parser scans (``a == b``) but not where it peeks: before ``,`` or the
+        end after a selector, or before ``.`` in a fieldpath (``a ,b`` and ``a .b`` are
+        errors in containerd too)."""
+        return self.text[self.pos] if self.pos < len(self.text) else ""
 
     def scan(self) -> tuple[int, str, str]:
         text = self.text
@@ -192,9 +193,9 @@ class _Parser:
             nxt = self.s.peek_char()
             if nxt == "":
                 return out
-            pos, tok, _ = self.s.scan()
-            if nxt != "," or tok != _SEP:
-                raise self.fail(pos, f"unexpected input: {nxt}")
+            if nxt != ",":
+                raise self.fail(self.s.pos, f"unexpected input: {nxt}")
+            self.s.scan()
             out.append(self.selector())
 
     def selector(self) -> _Selector:
