@@ -176,6 +176,15 @@ def read_status_kb(pid: int, field: str) -> int:
     raise BenchError(f"process {pid}: no {field} in /proc/{pid}/status")
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+SPAWNED: list[Daemon] = []  # every daemon started, in order; main() stops what is left
+
+
+def stop_spawned() -> None:
+    for d in reversed(SPAWNED):
+        d.stop()
+
+
 class Daemon:
     """A background process in its own session (so the whole group can be stopped)."""
 
@@ -184,8 +193,18 @@ class Daemon:
         self.name = name
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.peak_mb = 0.0
+        self.stopped = False
+        # A signal must not land between the fork and our record of the child: block
+        # them until the daemon is in SPAWNED, which main() stops in any case.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self.proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL,
+                                         stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+            SPAWNED.append(self)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     @property
     def pid(self) -> int:
@@ -206,13 +225,26 @@ class Daemon:
             raise BenchError(f"{self.name} exited {self.proc.returncode}: {self.log_tail()}")
 
     def peak_rss_mb(self) -> float:
-        return read_status_kb(self.pid, "VmHWM") / 1024
+        """Peak RSS over the daemon's life (phase resets included)."""
+        self.peak_mb = max(self.peak_mb, read_status_kb(self.pid, "VmHWM") / 1024)
+        return self.peak_mb
+
+    def phase_peak_mb(self) -> float:
+        """Peak RSS since the previous call: VmHWM, then reset it (clear_refs 5)."""
+        peak = read_status_kb(self.pid, "VmHWM") / 1024
+        self.peak_mb = max(self.peak_mb, peak)
+        with contextlib.suppress(OSError), open(f"/proc/{self.pid}/clear_refs", "w") as fh:
+            fh.write("5")
+        return peak
 
     def rss_mb(self) -> float:
         return read_status_kb(self.pid, "VmRSS") / 1024
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM the process group, then SIGKILL it if it does not exit in time."""
+        if self.stopped:
+            return
+        self.stopped = True
         try:
             if self.alive():
                 with contextlib.suppress(ProcessLookupError):
@@ -246,6 +278,15 @@ def is_mounted(path: Path) -> bool:
     target = os.fsencode(str(path))
     with open("/proc/self/mounts", "rb") as fh:
         return any(line.split()[1] == target for line in fh)
+
+
+def unmount_under(path: Path) -> None:
+    """Lazily unmount whatever is still mounted below ``path`` (last-resort cleanup)."""
+    prefix = os.fsencode(str(path)) + b"/"
+    with open("/proc/self/mounts", "rb") as fh:
+        targets = [ln.split()[1] for ln in fh if ln.split()[1].startswith(prefix)]
+    for t in targets:
+        run(["fusermount3", "-u", "-z", os.fsdecode(t)], check=False)
 
 
 class Mount:
@@ -482,6 +523,7 @@ class Bench:
         self.work = Path(tempfile.mkdtemp(prefix="contentfs-bench-", dir=p.tmpdir))
         if not p.keep:
             stack.callback(shutil.rmtree, self.work, True)
+        stack.callback(unmount_under, self.work)  # never rmtree through a live mount
         self.root = self.work / "root"
         self.mnt = self.work / "mnt"
         self.logs = self.work / "logs"
@@ -553,6 +595,10 @@ class Bench:
         res = Result(BY_NAME[name])
         self.results[name] = res
         say(f"  {name}: {res.figure.title}")
+        daemons = {"mount": self.mount, "serve": self.serve, "containerd": self.containerd}
+        for d in daemons.values():
+            if d is not None and d.daemon.alive():
+                d.daemon.phase_peak_mb()
         t0 = time.monotonic()
         try:
             fn(res)
@@ -561,6 +607,11 @@ class Bench:
             say(f"  {name}: FAILED: {exc}")
         res.finish()
         res.extra["seconds"] = round(time.monotonic() - t0, 1)
+        # which phase drives each daemon's memory: peak during this figure, RSS after it
+        for key, d in daemons.items():
+            if d is not None and d.daemon.alive():
+                self.rss.setdefault(key, {})[f"{name} peak"] = round(d.daemon.phase_peak_mb(), 1)
+                self.rss[key][f"{name} after"] = round(d.daemon.rss_mb(), 1)
 
     def pairs(self, res: Result, runs: int, ours: Callable[[], float],
               base: Callable[[], float], to_value: Callable[[float], float]) -> None:
@@ -591,7 +642,6 @@ class Bench:
             self.measure("stat_miss", lambda r: self.fig_stat(r, None))
             self.measure("ingest_mount", self.fig_ingest_mount)
             self.measure("small_writes", self.fig_small_writes)
-            self.rss["mount"]["after"] = self.mount.daemon.rss_mb()
             self.measure("rss_mount", lambda r: self.fig_rss(r, self.mount))
         if self.wanted(*grpc_figs):
             self.guard("serve", self.start_serve)
@@ -918,6 +968,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     with sigterm_as_interrupt(), contextlib.ExitStack() as stack:
         bench = Bench(p, stack)
+        # runs after the stack's own cleanups (mounts unmounted first), before its rmtree
+        stack.callback(stop_spawned)
         try:
             bench.prepare()
             bench.run_all()
