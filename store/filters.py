@@ -6,7 +6,8 @@ fieldpath alone (presence) or ``fieldpath op value`` with op ``==``, ``!=`` or `
 Fields are runs of ``[A-Za-z0-9_-]`` or double-quoted Go string literals, joined by ``.``.
 Values are bare runs up to ``,`` or whitespace, or quoted; ``/.../`` and ``|...|`` quotes
 are allowed only after ``~=``. ``!=`` and ``~=`` see an absent field as the empty string;
-a regex that does not compile is not a parse error: it matches nothing.
+``~=`` takes Go RE2 syntax (see ``go_regex``), unanchored; a regex that does not compile
+is not a parse error: it matches nothing.
 
 Parse errors raise InvalidArgument with the bad character marked: ``[ab >|=|< c]``.
 """
@@ -20,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 from .errors import InvalidArgument
 
-__all__ = ["Adaptor", "Filter", "parse_filters"]
+__all__ = ["Adaptor", "Filter", "go_regex", "parse_filters"]
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +159,80 @@ def _unquote(lit: str) -> str:
     return "".join(out)
 
 
+_POSIX_CLASSES = {
+    "alnum": "0-9A-Za-z", "alpha": "A-Za-z", "ascii": "\\x00-\\x7f", "blank": "\\t ",
+    "cntrl": "\\x00-\\x1f\\x7f", "digit": "0-9", "graph": "!-~", "lower": "a-z",
+    "print": " -~", "punct": "!-/:-@\\[-`{-~", "space": "\\t\\n\\v\\f\\r ", "upper": "A-Z",
+    "word": "0-9A-Za-z_", "xdigit": "0-9A-Fa-f",
+}
+#: Group openers Python accepts and Go's RE2 rejects: lookaround, atomic groups,
+#: conditionals, named backreferences, comments.
+_NOT_RE2 = ("(?=", "(?!", "(?<=", "(?<!", "(?>", "(?(", "(?P=", "(?#")
+
+
+def go_regex(pattern: str) -> str | None:
+    """Translate a Go (RE2) regular expression to Python's ``re`` syntax (to be compiled
+    with ``re.ASCII``, as RE2's ``\\d \\w \\s \\b`` are ASCII), or None when RE2 would reject
+    it, so that it matches nothing as in containerd. Handles ``\\z``, ``\\Q...\\E`` and
+    ``[[:alpha:]]`` classes, and refuses backreferences, lookaround, atomic groups and
+    possessive quantifiers; Unicode classes (``\\pL``) are not translated."""
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    in_class = False
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            e = pattern[i + 1 : i + 2]
+            if e == "" or e in "123456789" or e in "Zg":
+                return None
+            if e == "z":
+                out.append("\\Z")
+            elif e == "Q" and not in_class:
+                end = pattern.find("\\E", i + 2)
+                literal = pattern[i + 2 :] if end < 0 else pattern[i + 2 : end]
+                out.append(re.escape(literal))
+                i = n if end < 0 else end + 2
+                continue
+            else:
+                out.append(pattern[i : i + 2])
+            i += 2
+            continue
+        if in_class:
+            if pattern.startswith("[:", i):
+                end = pattern.find(":]", i + 2)
+                name = pattern[i + 2 : end] if end > 0 else ""
+                if name in _POSIX_CLASSES:
+                    out.append(_POSIX_CLASSES[name])
+                    i = end + 2
+                    continue
+            if c == "[":
+                out.append("\\[")  # literal in RE2; Python may read it as a nested set
+                i += 1
+                continue
+            in_class = c != "]"
+            out.append(c)
+            i += 1
+            continue
+        if c == "[":
+            in_class = True
+            out.append(c)
+            i += 1
+            if pattern.startswith("^", i):
+                out.append("^")
+                i += 1
+            if pattern.startswith("]", i):  # a leading ] is a literal member
+                out.append("\\]")
+                i += 1
+            continue
+        if c == "(" and pattern.startswith(_NOT_RE2, i):
+            return None
+        if c == "+" and out and out[-1] in ("*", "+", "?", "}"):
+            return None  # possessive quantifier
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Selector:
     fieldpath: tuple[str, ...]
@@ -207,7 +282,8 @@ class _Parser:
         regex = None
         if op == "~=":
             try:
-                regex = re.compile(value)
+                translated = go_regex(value)
+                regex = re.compile(translated, re.ASCII) if translated is not None else None
             except re.error:
                 regex = None
         return _Selector(fieldpath, op, value, regex)
