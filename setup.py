@@ -6,11 +6,11 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from setuptools import setup
-from setuptools.command.build_py import build_py
+from setuptools import setup  # type: ignore[import-untyped]
+from setuptools.command.build_py import build_py  # type: ignore[import-untyped]
 
 
-class build_py_with_protos(build_py):  # noqa: N801 - setuptools command naming
+class build_py_with_protos(build_py):  # type: ignore[misc]  # noqa: N801
     def run(self) -> None:
         super().run()
         here = os.path.dirname(os.path.abspath(__file__))

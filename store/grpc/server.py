@@ -319,7 +319,9 @@ def serve_main(store: LocalStore, address: str | None, *, debug: bool) -> int:
     try:
         server.start()
         print(f"contentfs: serving {store.root} on {addr}", file=sys.stderr, flush=True)
-        while not stop.wait(3600):
+        # Poll: the kernel may deliver the signal to one of grpc's threads, and then
+        # nothing interrupts a long wait in this one (Python runs handlers here only).
+        while not stop.wait(0.2):
             pass
         server.stop(GRACE_SECONDS).wait()
         pool.shutdown(wait=True)  # cancelled Write streams close their writers
