@@ -193,7 +193,10 @@ def mounter(tmp_path: os.PathLike[str]) -> Iterator[MountFactory]:
             root = os.path.join(base, "root")
             os.makedirs(root, exist_ok=True)
         path = os.path.join(base, name)
-        os.makedirs(path, exist_ok=True)
+        try:
+            os.mkdir(path)
+        except FileExistsError:  # (also a dead mount, which isdir/lexists deny)
+            pass
         m = Mount(root, path, options, os.path.join(base, f"{name}.log"), extra)
         mounts.append(m)
         return m.start() if start else m

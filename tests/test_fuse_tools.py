@@ -146,7 +146,8 @@ def test_rsync_plain_archive_and_inplace(mnt: Mount, tmp_path: os.PathLike[str])
     for name, data in files.items():
         assert _read(mnt.ingest(name)) == data
     assert sorted(os.listdir(ingest_dir)) == sorted(files)  # no temp files left behind
-    run("rsync", "--inplace", os.path.join(src_dir, "f1"), mnt.ingest("inplace"))
+    # --inplace ends with ftruncate(current size): a no-op. (Re-running it over an existing
+    # ingest rewrites bytes before the end: ESPIPE, by design.)
     run("rsync", "--inplace", os.path.join(src_dir, "f1"), mnt.ingest("inplace"))
     assert _read(mnt.ingest("inplace")) == files["f1"]
     for name in files:
