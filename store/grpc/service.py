@@ -323,6 +323,8 @@ def _varint(n: int) -> bytes:
 
 def encode_read_response(offset: int, data: bytes) -> bytes:
     """ReadContentResponse{offset, data} in protobuf wire format, built with one copy of
-    ``data`` (field 1 varint, field 2 length-delimited; proto3 omits a zero offset)."""
+    ``data`` (field 1 varint, field 2 length-delimited; proto3 omits zero values)."""
     head = b"\x08" + _varint(offset) if offset else b""
+    if not data:
+        return head
     return b"".join((head, b"\x12", _varint(len(data)), data))
