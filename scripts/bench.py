@@ -902,6 +902,13 @@ def machine() -> dict[str, Any]:
             "fuse": first_line(["fusermount3", "-V"])}
 
 
+def fs_type(path: str) -> str:
+    """The file system type of ``path`` (ext4, tmpfs, ...)."""
+    p = run(["findmnt", "-n", "-o", "FSTYPE", "--target", path], stdout=subprocess.PIPE,
+            check=False)
+    return p.stdout.decode().strip() or "unknown"
+
+
 def parse_args(argv: Sequence[str]) -> Params:
     ap = argparse.ArgumentParser(
         prog="scripts/bench",
@@ -983,13 +990,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "quick": p.quick, "tmpdir": p.tmpdir},
         "machine": machine(),
         "seconds": round(time.monotonic() - started, 1),
+        "fs_type": fs_type(p.tmpdir),
         "rss_mb": bench.rss,
         "figures": [r.to_json() for r in results],
     }
     p.json_path.parent.mkdir(parents=True, exist_ok=True)
     p.json_path.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"contentfs bench: big blob {human(p.size)}, {p.blobs} small blobs, "
-          f"{p.runs} runs ({p.slow_runs} against containerd), {doc['seconds']} s")
+          f"{p.runs} runs ({p.slow_runs} against containerd), store on {doc['fs_type']} "
+          f"({p.tmpdir}), {doc['seconds']} s")
     print(table(results))
     print(f"JSON: {p.json_path}")
     errors = [r for r in results if r.error]
