@@ -906,7 +906,7 @@ def fs_type(path: str) -> str:
     """The file system type of ``path`` (ext4, tmpfs, ...)."""
     p = run(["findmnt", "-n", "-o", "FSTYPE", "--target", path], stdout=subprocess.PIPE,
             check=False)
-    return p.stdout.decode().strip() or "unknown"
+    return (p.stdout.decode().split() or ["unknown"])[0]
 
 
 def parse_args(argv: Sequence[str]) -> Params:
