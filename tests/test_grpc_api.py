@@ -9,6 +9,8 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from google.protobuf import empty_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from store import (
     AlreadyExists,
@@ -25,7 +27,7 @@ from store.grpc.client import RemoteStore
 from store.grpc.errors import GrpcError, RemoteError, from_grpc, to_grpc
 from store.grpc.pb import content_pb2 as pb
 from store.grpc.pb import introspection_pb2, version_pb2
-from store.grpc.service import encode_read_response
+from store.grpc.wire import WireError, decode_write_request, encode_read_response
 from tests.grpc_util import InProcessServer, RawContent, inproc_server
 
 server = pytest.fixture(inproc_server)
@@ -75,6 +77,44 @@ def test_read_response_encoding(offset: int, size: int) -> None:
     data = os.urandom(size)
     want = pb.ReadContentResponse(offset=offset, data=data).SerializeToString()
     assert encode_read_response(offset, data) == want
+
+
+_int64 = st.integers(min_value=-(1 << 63), max_value=(1 << 63) - 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    action=st.sampled_from([pb.STAT, pb.WRITE, pb.COMMIT]),
+    ref=st.text(max_size=40),
+    total=_int64,
+    expected=st.text(max_size=80),
+    offset=_int64,
+    data=st.binary(max_size=3000),
+    labels=st.dictionaries(st.text(max_size=20), st.text(max_size=40), max_size=4),
+    unknown=st.binary(max_size=0) | st.just(b"\x78\x05") | st.just(b"\x82\x01\x02hi"),
+)
+def test_write_request_decoding_matches_protobuf(
+    action: pb.WriteAction, ref: str, total: int, expected: str, offset: int, data: bytes,
+    labels: dict[str, str], unknown: bytes,
+) -> None:
+    msg = pb.WriteContentRequest(
+        action=action, ref=ref, total=total, expected=expected, offset=offset, data=data,
+        labels=labels,
+    )
+    raw = msg.SerializeToString() + unknown
+    parsed = pb.WriteContentRequest.FromString(raw)
+    got = decode_write_request(raw)
+    assert (got.action, got.ref, got.total, got.expected, got.offset) == (
+        parsed.action, parsed.ref, parsed.total, parsed.expected, parsed.offset
+    )
+    assert bytes(got.data) == parsed.data
+    assert got.labels == dict(parsed.labels)
+
+
+@pytest.mark.parametrize("raw", [b"\x08", b"\x12\x05abc", b"\x00\x01", b"\x0b", b"\x12\x01\xff"])
+def test_write_request_decoding_rejects_malformed(raw: bytes) -> None:
+    with pytest.raises((WireError, UnicodeDecodeError)):
+        decode_write_request(raw)
 
 
 def test_list_batches_and_read_chunks(server: InProcessServer, remote: RemoteStore) -> None:

@@ -38,6 +38,7 @@ from .errors import GrpcError, to_grpc
 from .pb import content_pb2 as pb
 from .pb import introspection_pb2, version_pb2
 from .service import ContentService
+from .wire import decode_write_request
 
 __all__ = ["Address", "build_server", "default_address", "parse_address", "serve_main"]
 
@@ -198,6 +199,12 @@ def _bidi_stream(
     )
 
 
+class _WriteDecoder:
+    """Write requests are decoded by hand so that their data is never copied."""
+
+    FromString = staticmethod(decode_write_request)
+
+
 def _serialize(message: Any) -> bytes:
     data: bytes = message.SerializeToString()
     return data
@@ -216,7 +223,7 @@ def content_handler(service: ContentService) -> grpc.GenericRpcHandler:
             "Read": _server_stream(service.read, pb.ReadContentRequest, None),
             "Status": _unary(service.status, pb.StatusRequest, s),
             "ListStatuses": _unary(service.list_statuses, pb.ListStatusesRequest, s),
-            "Write": _bidi_stream(service.write, pb.WriteContentRequest, s),
+            "Write": _bidi_stream(service.write, _WriteDecoder, s),
             "Abort": _unary(service.abort, pb.AbortRequest, s),
         },
     )

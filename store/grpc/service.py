@@ -22,6 +22,7 @@ import datetime as dt
 import logging
 import re
 from collections.abc import Iterable, Iterator, Sequence
+from typing import cast
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -34,6 +35,7 @@ from store.writer import LocalWriter
 
 from .errors import GrpcError
 from .pb import content_pb2 as pb
+from .wire import WriteRequest, encode_read_response
 
 __all__ = [
     "LIST_BATCH",
@@ -41,6 +43,7 @@ __all__ = [
     "READ_CHUNK",
     "ContentService",
     "check_namespace",
+    "encode_read_response",
     "info_to_pb",
     "status_to_pb",
     "timestamp",
@@ -219,7 +222,7 @@ class ContentService:
         self.store.abort(req.ref)
 
     def write(
-        self, requests: Iterator[pb.WriteContentRequest], metadata: Sequence[tuple[str, str]]
+        self, requests: Iterator[WriteRequest], metadata: Sequence[tuple[str, str]]
     ) -> Iterator[pb.WriteContentResponse]:
         """The Write stream state machine (reference §8.6). The writer is closed (ingest
         kept, resumable) whenever the stream ends without a commit: client EOF, an error,
@@ -239,7 +242,11 @@ class ContentService:
         msg = pb.WriteContentResponse()
         try:
             while True:
-                msg.action = req.action
+                if req.action not in (STAT, WRITE, COMMIT):
+                    raise GrpcError(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"unknown write action {req.action}"
+                    )
+                msg.action = cast("pb.WriteAction", req.action)
                 msg.offset = writer.offset
                 if req.expected:
                     expected = req.expected
@@ -261,15 +268,11 @@ class ContentService:
                     msg.started_at.CopyFrom(timestamp(st.started_at))
                     msg.updated_at.CopyFrom(timestamp(st.updated_at))
                     msg.total = total
-                elif req.action in (WRITE, COMMIT):
+                else:
                     self._write(writer, req, msg)
                     if req.action == COMMIT:
                         writer.commit(max(0, total), expected or None, dict(req.labels) or None)
                     msg.digest = writer.digest()
-                else:
-                    raise GrpcError(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"unknown write action {req.action}"
-                    )
                 yield msg
                 if req.action == COMMIT:
                     break
@@ -284,7 +287,7 @@ class ContentService:
 
     @staticmethod
     def _write(
-        writer: LocalWriter, req: pb.WriteContentRequest, msg: pb.WriteContentResponse
+        writer: LocalWriter, req: WriteRequest, msg: pb.WriteContentResponse
     ) -> None:
         current = writer.offset
         if req.offset > 0 and req.offset != current:
@@ -295,7 +298,7 @@ class ContentService:
         if req.offset == 0 and current > 0:
             writer.truncate(0)
             msg.offset = 0
-        data = req.data  # one access: each one copies the bytes out of the message
+        data = req.data  # a view into the received message: never copied
         if data:
             n = writer.write(data)
             if n != len(data):
@@ -309,22 +312,3 @@ class ContentService:
             return False
         return True
 
-
-def _varint(n: int) -> bytes:
-    if n < 0:
-        n += 1 << 64
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def encode_read_response(offset: int, data: bytes) -> bytes:
-    """ReadContentResponse{offset, data} in protobuf wire format, built with one copy of
-    ``data`` (field 1 varint, field 2 length-delimited; proto3 omits zero values)."""
-    head = b"\x08" + _varint(offset) if offset else b""
-    if not data:
-        return head
-    return b"".join((head, b"\x12", _varint(len(data)), data))
