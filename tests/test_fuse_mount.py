@@ -230,3 +230,75 @@ def test_mount_helper_and_fstab(tmp_path: os.PathLike[str]) -> None:
     finally:
         if is_mounted(path):
             subprocess.run(["fusermount3", "-u", "-z", path], check=False)
+
+
+PARTIAL = 3 << 20  # more than ctr buffers before it sends
+
+
+def _active_offset(sock: str, ref: str) -> bool:
+    """True once ``ctr content active`` shows bytes received for ``ref``."""
+    out = run("ctr", "-a", sock, "-n", "t", "content", "active").stdout.decode()
+    for line in out.splitlines():
+        fields = line.split()
+        if fields and fields[0] == ref:
+            return fields[1] not in ("0", "0B")  # a human-readable size
+    return False
+
+
+def test_containerd_content_directory(mounter: fuse_util.MountFactory,
+                                      tmp_path: os.PathLike[str]) -> None:
+    """A content directory written by a real containerd mounts as a store: its blobs
+    read back and its unfinished ingest is listed and resumable."""
+    for tool in ("containerd", "ctr"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} is missing: install the Debian package containerd")
+    base = os.fspath(tmp_path)
+    config = os.path.join(base, "config.toml")
+    with open(config, "w") as f:
+        # no CRI; no garbage collector (it would delete our unreferenced test blobs)
+        f.write('version = 2\ndisabled_plugins = ["io.containerd.grpc.v1.cri",'
+                ' "io.containerd.gc.v1.scheduler"]\n')
+    sock = os.path.join(base, "ctd.sock")
+    with open(os.path.join(base, "containerd.log"), "wb") as log:
+        daemon = subprocess.Popen(
+            ["containerd", "--config", config, "--root", os.path.join(base, "ctd-root"),
+             "--state", os.path.join(base, "ctd-state"), "--address", sock],
+            stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 30
+        while run("ctr", "-a", sock, "version", check=False).returncode != 0:
+            assert daemon.poll() is None and time.monotonic() < deadline, "containerd died"
+            time.sleep(0.1)
+        blobs = [b"first blob\n", os.urandom(300_000)]
+        for i, data in enumerate(blobs):
+            run("ctr", "-a", sock, "-n", "t", "content", "ingest", f"ref{i}", stdin=data)
+        # an interrupted ingest: ctr killed after sending some bytes
+        ctr = subprocess.Popen(["ctr", "-a", sock, "-n", "t", "content", "ingest", "partial"],
+                               stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        assert ctr.stdin is not None
+        ctr.stdin.write(b"p" * PARTIAL)
+        ctr.stdin.flush()
+        deadline = time.monotonic() + 30
+        while not _active_offset(sock, "partial"):
+            assert time.monotonic() < deadline, "ctr's ingest never became active"
+            time.sleep(0.05)
+        ctr.kill()
+        ctr.wait()
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+    content = os.path.join(base, "ctd-root", "io.containerd.content.v1.content")
+    m = mounter(root=content)
+    for data in blobs:
+        assert run("cat", m.blob(sha256(data))).stdout == data
+    # containerd's metadata layer prefixes refs with "<namespace>/<sequence>/"
+    [name] = os.listdir(os.path.join(m.path, "ingest"))
+    assert name.startswith("t%2F") and name.endswith("%2Fpartial"), name
+    with open(m.ingest(name), "rb") as f:
+        got = f.read()
+    assert got and got == b"p" * len(got)
+    with open(m.ingest(name), "ab") as f:
+        f.write(b"p" * (PARTIAL - len(got)))
+    os.setxattr(m.ingest(name), "user.contentfs.commit", b"")
+    assert os.path.exists(m.blob(sha256(b"p" * PARTIAL)))

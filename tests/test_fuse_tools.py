@@ -257,3 +257,20 @@ def test_ls_l_and_refs_with_slashes(mnt: Mount) -> None:
     proc = subprocess.run(["sh", "-c", f"printf x > {mnt.ingest('bad%zz')}"],
                           capture_output=True, check=False)
     assert proc.returncode != 0
+
+
+def test_mv_blob_out_deletes_it_and_df_is_the_backing_fs(mnt: Mount,
+                                                          tmp_path: os.PathLike[str]) -> None:
+    run("sh", "-c", f"printf outbound > {mnt.ingest('o')}")
+    _commit(mnt, "o")
+    blob = mnt.blob(sha256(b"outbound"))
+    run("setfattr", "-n", "user.note", "-v", "travels", blob)
+    out = os.path.join(os.fspath(tmp_path), "outbound")
+    run("mv", blob, out)  # EXDEV: mv copies (with user.* labels) and removes the blob
+    assert _read(out) == b"outbound"
+    assert run("getfattr", "--only-values", "-n", "user.note", out).stdout == b"travels"
+    assert not os.path.exists(blob)
+    ours, backing = os.statvfs(mnt.path), os.statvfs(mnt.root)
+    assert ours.f_bsize == ours.f_frsize == backing.f_frsize
+    assert ours.f_blocks == backing.f_blocks
+    assert f" {mnt.path}" in run("df", mnt.path).stdout.decode()
