@@ -65,6 +65,7 @@ BUSY_WAIT = 1.0
 _ZEROS = bytes(1 << 20)
 _STATFS_TTL = 5.0
 _RESERVED = "contentfs."
+_NAME_MAX = 255  # a new ingest name may be no longer than any Linux file name
 
 
 @dataclasses.dataclass
@@ -120,6 +121,10 @@ class ContentOps(pyfuse3.Operations):
         self.ingest_modes: dict[str, int] = {}
         self.errors: dict[str, str] = {}
         self._statfs: tuple[float, pyfuse3.StatvfsData] | None = None
+        # Test hook: a lookup of this name at the root raises a non-FUSE exception, to
+        # check that a handler bug ends the daemon non-zero instead of becoming EIO.
+        crash = os.environ.get("CONTENTFS_TEST_CRASH_LOOKUP")
+        self._crash_name = crash.encode() if crash else None
 
     # helpers ---------------------------------------------------------------------------
 
@@ -222,6 +227,8 @@ class ContentOps(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if parent_inode == ROOT_INO and name == self._crash_name:
+            raise RuntimeError(f"injected handler bug: lookup of {name!r}")
         parent = self._node(parent_inode)
         text = name.decode("utf-8", "surrogateescape")
         node = self._child(parent, text)
@@ -518,6 +525,9 @@ class ContentOps(pyfuse3.Operations):
         if parent.kind is not Kind.INGEST_DIR:
             raise self._deny(f"create {text}: files can only be created in ingest/")
         self._check_writable(f"create ingest/{text}")
+        if len(name) > _NAME_MAX:
+            raise refuse(errno.ENAMETOOLONG, f"create ingest/{text[:64]}...: name longer"
+                         f" than {_NAME_MAX} bytes")
         ref = decode_name(text)
         if ref is None:
             raise refuse(errno.EINVAL, f"create ingest/{text}: not a ref name ('%' must be"
@@ -583,6 +593,9 @@ class ContentOps(pyfuse3.Operations):
                              " blobs/<alg>/ (commit)")
 
     async def _rename_ingest(self, ref: str, name: str, flags: int, what: str) -> None:
+        if len(name.encode("utf-8", "surrogateescape")) > _NAME_MAX:
+            raise refuse(errno.ENAMETOOLONG, f"{what[:128]}...: name longer than"
+                         f" {_NAME_MAX} bytes")
         new_ref = decode_name(name)
         if new_ref is None:
             raise self._deny(f"{what}: not a ref name ('%' must be %25, '/' %2F)")

@@ -73,7 +73,8 @@ class Mount:
     """One foreground ``contentfs mount`` daemon."""
 
     def __init__(self, root: str, path: str, options: tuple[str, ...], log_path: str,
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
+        self.env = env
         self.root = root
         self.path = path
         self.options = options
@@ -97,7 +98,8 @@ class Mount:
             cmd += ["-o", opt]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log,
-                                         stdin=subprocess.DEVNULL)
+                                         stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **(self.env or {})})
         self.wait_for_mount()
         return self
 
@@ -188,7 +190,8 @@ def mounter(tmp_path: os.PathLike[str]) -> Iterator[MountFactory]:
     mounts: list[Mount] = []
 
     def make(*options: str, root: str | None = None, name: str = "mnt",
-             extra: tuple[str, ...] = (), start: bool = True) -> Mount:
+             extra: tuple[str, ...] = (), start: bool = True,
+             env: dict[str, str] | None = None) -> Mount:
         if root is None:
             root = os.path.join(base, "root")
             os.makedirs(root, exist_ok=True)
@@ -197,7 +200,7 @@ def mounter(tmp_path: os.PathLike[str]) -> Iterator[MountFactory]:
             os.mkdir(path)
         except FileExistsError:  # (also a dead mount, which isdir/lexists deny)
             pass
-        m = Mount(root, path, options, os.path.join(base, f"{name}.log"), extra)
+        m = Mount(root, path, options, os.path.join(base, f"{name}.log"), extra, env)
         mounts.append(m)
         return m.start() if start else m
 

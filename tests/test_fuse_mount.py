@@ -302,3 +302,12 @@ def test_containerd_content_directory(mounter: fuse_util.MountFactory,
         f.write(b"p" * (PARTIAL - len(got)))
     os.setxattr(m.ingest(name), "user.contentfs.commit", b"")
     assert os.path.exists(m.blob(sha256(b"p" * PARTIAL)))
+
+
+def test_handler_bug_ends_daemon_nonzero_not_eio(mounter: fuse_util.MountFactory) -> None:
+    m = mounter(env={"CONTENTFS_TEST_CRASH_LOOKUP": "boom"})
+    code = errno_of(lambda: os.stat(os.path.join(m.path, "boom")))
+    assert code != errno.EIO
+    assert m.wait(30) == 1
+    _wait_unmounted(m.path)  # auto_unmount cleans up after the crash
+    assert "injected handler bug" in m.log() and "Traceback" in m.log()
