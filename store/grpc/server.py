@@ -136,7 +136,10 @@ def _prepare_socket_path(path: str) -> None:
 
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
     code, message = to_grpc(exc)
-    log.debug("%s", message)
+    if code == grpc.StatusCode.UNKNOWN:
+        log.warning("call failed: %s", message)  # not a store error: say so without --debug
+    else:
+        log.debug("-> %s: %s", code.name, message)
     context.abort(code, message)
     raise AssertionError("unreachable")  # context.abort always raises
 
