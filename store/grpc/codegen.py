@@ -86,6 +86,9 @@ def _replace_dir(new: str, target: str) -> None:
         return
     except OSError:
         pass
+    if _current(target):  # another process generated the same code first: keep theirs
+        shutil.rmtree(new, ignore_errors=True)
+        return
     old = tempfile.mkdtemp(prefix=".gen-old-", dir=os.path.dirname(target))
     os.rmdir(old)
     try:

@@ -50,7 +50,9 @@ INTROSPECTION = "containerd.services.introspection.v1.Introspection"
 #: containerd's default message limit, both directions (reference §8.1).
 MAX_MESSAGE = 16 << 20
 GRACE_SECONDS = 2.0
-WORKERS = 32
+#: Handler threads. A Write stream holds one for its whole life; calls beyond this many
+#: at once fail with RESOURCE_EXHAUSTED instead of queueing behind idle streams.
+WORKERS = 64
 
 Req = TypeVar("Req")
 
@@ -278,6 +280,7 @@ def build_server(
         pool,
         handlers=[content_handler(ContentService(store)), *other_handlers(str(uuid.uuid4()))],
         interceptors=[_LogCalls()] if debug else None,
+        maximum_concurrent_rpcs=WORKERS,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
