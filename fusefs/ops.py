@@ -534,7 +534,9 @@ class ContentOps(pyfuse3.Operations):
                          " written %25 and '/' %2F)")
         if flags & os.O_EXCL and self._ingest_exists(ref):
             raise pyfuse3.FUSEError(errno.EEXIST)
-        fh = await self._open_ingest_writer(ref, flags | os.O_TRUNC)
+        # (if another process created the ingest since the kernel's lookup, this resumes
+        # it, or restarts it for O_TRUNC, exactly as an open would)
+        fh = await self._open_ingest_writer(ref, flags)
         self.ingest_modes[ref] = mode & 0o7777
         node = self.nodes.ingest(ref)
         attr = self._attr(node)
