@@ -198,7 +198,11 @@ class ContentOps(pyfuse3.Operations):
                 return view.layout_attr(node.ino, os.stat(os.path.join(self.root, node.key)))
         except (FileNotFoundError, NotADirectoryError, NotFound):
             raise pyfuse3.FUSEError(errno.ENOENT) from None
-        root_st = os.stat(self.root)
+        except (OSError, StoreError) as exc:  # e.g. EACCES, a busy metadata database
+            with fuse_errors(f"stat {node.key or node.kind.value}"):
+                raise exc from None
+        with fuse_errors("stat store root"):
+            root_st = os.stat(self.root)
         if kind is Kind.ROOT:
             return view.dir_attr(node.ino, root_st, writable=False, nlink=4)
         if kind is Kind.BLOBS:
@@ -231,7 +235,8 @@ class ContentOps(pyfuse3.Operations):
             raise RuntimeError(f"injected handler bug: lookup of {name!r}")
         parent = self._node(parent_inode)
         text = name.decode("utf-8", "surrogateescape")
-        node = self._child(parent, text)
+        with fuse_errors(f"lookup {text}"):
+            node = self._child(parent, text)
         if node is None:
             return self._negative()
         attr = self._attr(node)
@@ -282,7 +287,8 @@ class ContentOps(pyfuse3.Operations):
         now = time.monotonic()
         if self._statfs is not None and now - self._statfs[0] < _STATFS_TTL:
             return self._statfs[1]
-        sv = os.statvfs(self.root)
+        with fuse_errors("statfs of the store root"):
+            sv = os.statvfs(self.root)
         out = pyfuse3.StatvfsData()
         out.f_bsize = sv.f_frsize  # df multiplies by f_frsize: keep them equal
         out.f_frsize = sv.f_frsize
@@ -310,9 +316,11 @@ class ContentOps(pyfuse3.Operations):
             entries = [(i + 1, alg, Kind.ALG, alg, ino)
                        for i, (alg, ino) in enumerate(self.nodes.algorithms())]
         elif node.kind is Kind.ALG:
-            entries = await trio.to_thread.run_sync(self._snapshot_blobs, node.key)
+            with fuse_errors(f"list blobs/{node.key}"):
+                entries = await trio.to_thread.run_sync(self._snapshot_blobs, node.key)
         elif node.kind is Kind.INGEST_DIR:
-            entries = await trio.to_thread.run_sync(self._snapshot_ingests)
+            with fuse_errors("list ingest/"):
+                entries = await trio.to_thread.run_sync(self._snapshot_ingests)
         else:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         entries.sort(key=lambda e: e[0])
@@ -408,9 +416,10 @@ class ContentOps(pyfuse3.Operations):
         self._check_writable(f"open ingest {ref} for writing")
         writer = await self._acquire(ref, f"open ingest {ref} for writing")
         try:
-            if flags & os.O_TRUNC and writer.offset:
-                writer.truncate(0)
-            read_fd = os.open(self._data_path(ref), os.O_RDONLY | os.O_CLOEXEC)
+            with fuse_errors(f"open ingest {ref} for writing"):
+                if flags & os.O_TRUNC and writer.offset:
+                    writer.truncate(0)
+                read_fd = os.open(self._data_path(ref), os.O_RDONLY | os.O_CLOEXEC)
         except BaseException:
             writer.close()
             raise
@@ -448,9 +457,15 @@ class ContentOps(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self.handles[fh]
         if isinstance(handle, WriteHandle):
-            return os.pread(handle.read_fd, size, off)
-        assert isinstance(handle, ReadHandle)
-        return os.pread(handle.fd, size, off)
+            fd = handle.read_fd
+        elif isinstance(handle, ReadHandle):
+            fd = handle.fd
+        else:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        try:
+            return os.pread(fd, size, off)
+        except OSError as exc:
+            raise refuse(exc.errno or errno.EIO, f"read: {exc}") from None
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self.handles[fh]
@@ -833,7 +848,10 @@ class ContentOps(pyfuse3.Operations):
                     Info(info.digest, info.size, info.created_at, info.updated_at,
                          {key: value}), f"labels.{key}")
                 # ctime (UpdatedAt) changed: drop the kernel's cached attributes
-                pyfuse3.invalidate_inode(node.ino, attr_only=True)
+                try:
+                    pyfuse3.invalidate_inode(node.ino, attr_only=True)
+                except OSError as exc:  # ENOENT: the kernel no longer holds it
+                    log.debug("invalidating inode of %s: %s", node.key, exc)
                 return
             ref = node.key
             if not self._ingest_exists(ref):

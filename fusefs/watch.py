@@ -85,6 +85,10 @@ async def watch_store(ops: ContentOps) -> None:
                 data = os.read(ino.fd, 1 << 16)
             except BlockingIOError:
                 continue
+            except OSError as exc:
+                log.warning("inotify failed (%s): watch stopped; other processes' changes"
+                            " show up after cache timeouts", exc)
+                return
             rearm = False
             pos = 0
             while pos + _EVENT.size <= len(data):
