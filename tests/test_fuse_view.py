@@ -1,0 +1,73 @@
+"""The pure parts of the view (names, inode numbers, cursors), plus large listings through
+a real mount."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fusefs import view
+from tests import fuse_util
+from tests.fuse_util import Mount
+
+mounter = fuse_util.mounter
+mnt = fuse_util.mnt
+
+
+@given(st.text(min_size=1))
+def test_ref_names_round_trip(ref: str) -> None:
+    name = view.encode_ref(ref)
+    assert "/" not in name
+    assert view.decode_name(name) == ref
+
+
+def test_only_canonical_names_decode() -> None:
+    assert view.decode_name("a%2Fb%25c") == "a/b%c"
+    assert view.decode_name("50%") is None
+    assert view.decode_name("a%2fb") is None  # one name per ref: uppercase only
+    assert view.decode_name("a%41") is None
+    assert view.decode_name("") is None
+
+
+def test_blob_inodes_are_stable_and_tagged() -> None:
+    digest = "sha256:" + hashlib.sha256(b"x").hexdigest()
+    assert view.blob_ino(digest) == view.blob_ino(digest)
+    assert view.blob_ino(digest) >> 62 == 1
+    table = view.NodeTable()
+    node = table.ingest("r")
+    assert node.ino >> 62 == 2
+    table.committed("r", digest)
+    assert table.ingest("r").ino != node.ino  # a committed ingest's number is not reused
+
+
+def test_hex_cursor_follows_name_order() -> None:
+    names = sorted(hashlib.sha256(str(i).encode()).hexdigest() for i in range(1000))
+    keys = [view.hex_key(n) for n in names]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys) and min(keys) > 0
+
+
+def test_large_directory_lists_completely(mnt: Mount) -> None:
+    blob_dir = os.path.join(mnt.root, "blobs", "sha256")
+    os.makedirs(blob_dir, exist_ok=True)
+    names = set()
+    for i in range(3000):
+        data = str(i).encode()
+        name = hashlib.sha256(data).hexdigest()
+        with open(os.path.join(blob_dir, name), "wb") as f:
+            f.write(data)
+        names.add(name)
+    listed = os.listdir(os.path.join(mnt.path, "blobs", "sha256"))
+    assert len(listed) == len(names) and set(listed) == names
+    # entries deleted during a listing are neither repeated nor cause others to be skipped
+    with os.scandir(os.path.join(mnt.path, "blobs", "sha256")) as it:
+        seen = []
+        for i, entry in enumerate(it):
+            seen.append(entry.name)
+            if i == 10:
+                for victim in sorted(names)[-5:]:
+                    os.unlink(os.path.join(blob_dir, victim))
+    assert len(seen) == len(set(seen))
+    assert set(sorted(names)[:-5]) <= set(seen)
