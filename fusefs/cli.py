@@ -540,7 +540,8 @@ def verify_cmd(ctx: click.Context, digests: tuple[str, ...], cmd_root: str | Non
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground.")
 @click.option("--debug", is_flag=True, help="Log every request (implies -f).")
 @click.option("--log-file", metavar="FILE", default=None,
-              help="Where the background daemon logs (default: nowhere).")
+              help="Where the background daemon logs (default: mount-*.log beside its pid"
+                   " file, in /run/contentfs for root, else $XDG_RUNTIME_DIR/contentfs).")
 def mount_cmd(
     root: str, mountpoint: str, options: tuple[str, ...], foreground: bool, debug: bool,
     log_file: str | None,

@@ -244,7 +244,9 @@ def _run(root: str, mountpoint: str, opts: MountOptions, *, debug: bool, ready_f
             pyfuse3.close(unmount=True)
         store.close()
         if lock_fd is not None:
-            os.close(lock_fd)
+            with contextlib.suppress(OSError):
+                os.unlink(pidfile_path(mountpoint))
+            os.close(lock_fd)  # (after the unlink: umount waits for this lock)
     return code
 
 
@@ -275,8 +277,12 @@ async def _announce(mountpoint: str, ready_fd: int, daemon: bool, log_file: str 
         os.write(ready_fd, b"ok")
         os.close(ready_fd)
     if daemon:
-        target = os.open(log_file or os.devnull,
-                         os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        path = log_file or pidfile_path(mountpoint)[: -len(".pid")] + ".log"
+        try:
+            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                             0o600)
+        except OSError:
+            target = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         os.dup2(target, 1)
         os.dup2(target, 2)
         os.close(target)
