@@ -152,6 +152,12 @@ def test_rsync_plain_archive_and_inplace(mnt: Mount, tmp_path: os.PathLike[str])
     assert _read(mnt.ingest("inplace")) == files["f1"]
     for name in files:
         run("mv", mnt.ingest(name), mnt.blob(sha256(files[name])))
+    # labels travel in with rsync -X (set on the temp file, kept by the rename)
+    labelled = os.path.join(src_dir, "f0")
+    run("setfattr", "-n", "user.origin", "-v", "rsync", labelled)
+    run("rsync", "-aX", labelled, mnt.ingest("withx"))
+    assert run("getfattr", "--only-values", "-n", "user.origin",
+               mnt.ingest("withx")).stdout == b"rsync"
     # and out again, with the labels as xattrs
     blob = mnt.blob(sha256(files["f2"]))
     run("setfattr", "-n", "user.team", "-v", "infra", blob)
