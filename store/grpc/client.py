@@ -103,7 +103,7 @@ class RemoteStore:
             pb.ListContentResponse.FromString,
         )
         self._delete = ch.unary_unary(
-            SERVICE + "Delete", pb.DeleteContentRequest.SerializeToString, lambda b: None
+            SERVICE + "Delete", pb.DeleteContentRequest.SerializeToString, lambda b: b
         )
         self._read = ch.unary_stream(
             SERVICE + "Read",
@@ -124,7 +124,7 @@ class RemoteStore:
             pb.WriteContentResponse.FromString,
         )
         self._abort = ch.unary_unary(
-            SERVICE + "Abort", pb.AbortRequest.SerializeToString, lambda b: None
+            SERVICE + "Abort", pb.AbortRequest.SerializeToString, lambda b: b
         )
 
     def close(self) -> None:
