@@ -740,3 +740,82 @@ def filters(t: Target) -> None:
     assert sorted(st.ref for st in s.list_statuses("ref~=^layer-")) == ["layer-1", "layer-2"]
     assert [st.ref for st in s.list_statuses("ref==config-1")] == ["config-1"]
     assert len(s.list_statuses()) == 3
+
+
+# beyond the Go suite: errors and edges every adapter must map the same way ---------------
+
+
+@case("Errors")
+def errors(t: Target) -> None:
+    """Missing things are NotFound, malformed digests and refs InvalidArgument, and
+    opening a writer for content that exists AlreadyExists, with nothing left behind."""
+    s = t.store
+    missing = digest_of(b"missing")
+    for fn in (s.info, s.reader_at, s.delete):
+        expect_error(NotFound, fn, missing)
+        expect_error(InvalidArgument, fn, "sha256:" + "A" * 64)
+        expect_error(InvalidArgument, fn, "md5:" + "0" * 32)
+    expect_error(NotFound, s.update, Info(missing, 0, EPOCH, EPOCH, {"a": "b"}))
+    expect_error(NotFound, s.status, "no-such-ref")
+    expect_error(NotFound, s.abort, "no-such-ref")
+    expect_error(InvalidArgument, s.writer, "")
+    data, dgst = content(100)
+    write_blob(s, "present", data)
+    expect_error(AlreadyExists, s.writer, "again", expected=dgst)
+    assert s.list_statuses() == []
+    s.delete(dgst)
+    expect_error(NotFound, s.info, dgst)
+    expect_error(NotFound, s.delete, dgst)
+    assert walk_all(s) == []
+
+
+@case("AbortAndRestart")
+def abort_and_restart(t: Target) -> None:
+    """Abort discards an ingest; the same ref then starts empty."""
+    s = t.store
+    w = s.writer("r", total=10)
+    w.write(b"12345")
+    w.close()
+    assert s.status("r").offset == 5
+    s.abort("r")
+    expect_error(NotFound, s.status, "r")
+    assert s.list_statuses() == []
+    w = s.writer("r")
+    assert w.status().offset == 0
+    assert w.digest() == EMPTY_DIGEST
+    w.write(b"fresh")
+    assert w.commit(5, digest_of(b"fresh")) in (None, digest_of(b"fresh"))
+
+
+@case("LabelLimit", "labels")
+def label_limit(t: Target) -> None:
+    """Key plus value of 4096 bytes passes, 4097 is InvalidArgument: at commit (the ingest
+    is kept) and in update (nothing changes)."""
+    s = t.store
+    ok_labels = {"k": "v" * 4095}
+    too_big = {"k": "v" * 4096}
+    w = s.writer("big-label")
+    w.write(b"labelled")
+    expect_error(InvalidArgument, w.commit, 8, None, labels=too_big)
+    assert s.status("big-label").offset == 8
+    w = s.writer("big-label")
+    dgst = digest_of(b"labelled")
+    w.commit(8, dgst, labels=ok_labels)
+    assert dict(s.info(dgst).labels) == ok_labels
+    expect_error(InvalidArgument, s.update, Info(dgst, 0, EPOCH, EPOCH, too_big), "labels.k")
+    expect_error(InvalidArgument, s.update, Info(dgst, 0, EPOCH, EPOCH, {"j": "w" * 4096}))
+    assert dict(s.info(dgst).labels) == ok_labels
+
+
+@case("UpdateFieldpaths", "labels")
+def update_fieldpaths(t: Target) -> None:
+    """``labels.a.b`` is the key ``a.b``; a path other than ``labels``/``labels.<key>``
+    rejects the whole update."""
+    s = t.store
+    data, dgst = content(50)
+    write_blob(s, "r", data, labels={"a": "1", "a.b": "2"})
+    got = s.update(Info(dgst, 0, EPOCH, EPOCH, {"a.b": "3"}), "labels.a.b")
+    assert dict(got.labels) == {"a": "1", "a.b": "3"}
+    for paths in (("size",), ("labels.z", "created_at"), ("digest",)):
+        expect_error(InvalidArgument, s.update, Info(dgst, 0, EPOCH, EPOCH, {"z": "9"}), *paths)
+    assert dict(s.info(dgst).labels) == {"a": "1", "a.b": "3"}
