@@ -239,7 +239,11 @@ class ContentOps(pyfuse3.Operations):
             node = self._child(parent, text)
         if node is None:
             return self._negative()
-        attr = self._attr(node)
+        try:
+            attr = self._attr(node)
+        except pyfuse3.FUSEError:
+            self.nodes.drop_unused(node)  # vanished between the check and the stat
+            raise
         self.nodes.remember(node)
         return self._entry(attr)
 
@@ -374,7 +378,10 @@ class ContentOps(pyfuse3.Operations):
         elif kind is Kind.ALG:
             node = self._node(extra)  # type: ignore[arg-type]
         else:  # a root entry
-            child = self._child(self._node(ROOT_INO), key)
+            try:
+                child = self._child(self._node(ROOT_INO), key)
+            except pyfuse3.FUSEError:  # a layout file removed since opendir
+                return None, None
             assert child is not None
             node = child
         try:
