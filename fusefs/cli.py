@@ -8,6 +8,7 @@ its class (EXIT_CODES); anything else is a bug and shows its traceback.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import os
 import stat
@@ -101,7 +102,11 @@ def root_option(f: F) -> F:
     )(f)
 
 
-def open_store(ctx: click.Context, cmd_root: str | None, *, create: bool = False) -> LocalStore:
+def open_store(
+    ctx: click.Context, cmd_root: str | None, *, create: bool = False, reading: bool = False
+) -> LocalStore:
+    """Open the chosen store. ``reading`` commands fall back to a read-only open when the
+    root cannot be written (read-only media, another user's store)."""
     root = cmd_root or ctx.obj.get("root") or default_root()
     explicit = bool(cmd_root or ctx.obj.get("root") or os.environ.get("CONTENTFS_ROOT"))
     if not os.path.isdir(root):
@@ -109,9 +114,17 @@ def open_store(ctx: click.Context, cmd_root: str | None, *, create: bool = False
             os.makedirs(root, mode=0o755, exist_ok=True)
         else:
             fail(f"store root {root}: not a directory", EXIT_CODES[NotFound])
-    store = LocalStore(root)
+    try:
+        store = LocalStore(root)
+    except (OSError, Unavailable) as exc:
+        if not reading or (isinstance(exc, OSError) and exc.errno not in _NOT_WRITABLE):
+            raise
+        store = LocalStore(root, readonly=True)
     ctx.call_on_close(store.close)
     return store
+
+
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def rfc3339(when: dt.datetime) -> str:
@@ -202,7 +215,7 @@ def ls_cmd(
     all match: `labels."containerd.io/gc.root"`, `digest~=^sha256:ab`,
     `labels.team==infra,labels.env!=prod`.
     """
-    store = open_store(ctx, cmd_root)
+    store = open_store(ctx, cmd_root, reading=True)
     infos = store.list(*filters)
     if as_json:
         click.echo(json.dumps([info_json(i) for i in infos], indent=2))
@@ -232,7 +245,7 @@ def _table(rows: Sequence[Sequence[str]]) -> None:
 @click.pass_context
 def info_cmd(ctx: click.Context, digest: str, as_json: bool, cmd_root: str | None) -> None:
     """Show one blob's size, times and labels."""
-    info = open_store(ctx, cmd_root).info(digest)
+    info = open_store(ctx, cmd_root, reading=True).info(digest)
     if as_json:
         click.echo(json.dumps(info_json(info), indent=2))
         return
@@ -250,7 +263,7 @@ def info_cmd(ctx: click.Context, digest: str, as_json: bool, cmd_root: str | Non
 @click.pass_context
 def get_cmd(ctx: click.Context, digest: str, cmd_root: str | None) -> None:
     """Write a blob's bytes to standard output."""
-    store = open_store(ctx, cmd_root)
+    store = open_store(ctx, cmd_root, reading=True)
     with store.reader_at(digest) as reader:
         out = sys.stdout.buffer
         out.flush()
@@ -440,7 +453,7 @@ def active_cmd(
 ) -> None:
     """List active (unfinished) ingests, optionally matching FILTERS on `ref`
     (e.g. `ref~=^layer-`)."""
-    statuses = open_store(ctx, cmd_root).list_statuses(*filters)
+    statuses = open_store(ctx, cmd_root, reading=True).list_statuses(*filters)
     if as_json:
         click.echo(json.dumps([status_json(s) for s in statuses], indent=2))
         return
@@ -510,7 +523,7 @@ def label_cmd(
 def verify_cmd(ctx: click.Context, digests: tuple[str, ...], cmd_root: str | None) -> None:
     """Rehash blobs (all when none given) and report those that no longer match their
     digest. Exits non-zero if any is corrupt or missing."""
-    store = open_store(ctx, cmd_root)
+    store = open_store(ctx, cmd_root, reading=True)
     targets = list(digests) or [i.digest for i in store.list()]
     bad = 0
     code = 0

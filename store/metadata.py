@@ -14,6 +14,7 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
@@ -75,7 +76,11 @@ class MetadataDB:
                 conn = sqlite3.connect(":memory:", check_same_thread=False)
                 create_tables(conn)
                 return conn
-            uri = f"file:{self.path}?mode=ro"
+            uri = f"file:{urllib.parse.quote(self.path)}?mode=ro"
+            if os.statvfs(os.path.dirname(self.path)).f_flag & os.ST_RDONLY:
+                # read-only media: nothing can change the file, and SQLite could not
+                # create the WAL index (-shm) that a plain read-only open needs
+                uri += "&immutable=1"
             conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=10)
             return conn
         ensure_dir(os.path.dirname(self.path), 0o700)

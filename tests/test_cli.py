@@ -529,3 +529,31 @@ def test_progress_bar_only_on_a_terminal(cf: Callable[..., Run], store_root: str
     out = proc.stdout.decode(errors="replace")
     assert "ingesting" in out and "100%" in out, out
     assert out.rstrip().endswith(digest_of(data)), out[-200:]
+
+
+def test_read_commands_on_read_only_media(tmp_path: os.PathLike[str]) -> None:
+    """ls, info, get, active and verify work on a store on a read-only filesystem (an OCI
+    layout made by umoci here); a command that writes fails with one line."""
+    base = os.fspath(tmp_path)
+    layout = os.path.join(base, "image")
+    subprocess.run(["umoci", "init", "--layout", layout], check=True, capture_output=True)
+    subprocess.run(["umoci", "new", "--image", f"{layout}:latest"], check=True,
+                   capture_output=True)
+    blobs = sorted("sha256:" + n for n in os.listdir(os.path.join(layout, "blobs", "sha256")))
+    ro = os.path.join(base, "ro")
+    os.mkdir(ro)
+    subprocess.run(["mount", "--bind", "-o", "ro", layout, ro], check=True, capture_output=True)
+    try:
+        assert ok(run("--root", ro, "ls", "-q")).text.split() == blobs
+        assert json.loads(ok(run("--root", ro, "info", "--json", blobs[0])).text)["digest"] \
+            == blobs[0]
+        with open(os.path.join(layout, "blobs", "sha256", blobs[0].split(":")[1]), "rb") as f:
+            assert ok(run("--root", ro, "get", blobs[0])).out == f.read()
+        assert json.loads(ok(run("--root", ro, "active", "--json")).text) == []
+        assert len(ok(run("--root", ro, "verify")).text.splitlines()) == len(blobs)
+        r = run("--root", ro, "ingest", "r", stdin=b"data")
+        assert r.code != 0
+        assert "Read-only file system" in r.error_line()
+    finally:
+        subprocess.run(["umount", ro], check=True, capture_output=True)
+    assert not os.path.exists(os.path.join(layout, ".contentfs"))

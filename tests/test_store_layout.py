@@ -4,6 +4,7 @@ foreign files, which are left alone."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import io
@@ -13,6 +14,7 @@ import shutil
 import sqlite3
 import subprocess
 import tarfile
+from collections.abc import Iterator
 
 import pytest
 
@@ -322,3 +324,38 @@ def test_unparsable_ingest_is_restarted_empty(store_root: str) -> None:
         assert w.offset == 0  # could not resume: restarted, and truncated (unlike 1.6)
         w.write(b"fresh")
         assert w.commit(5) == digest_of(b"fresh")
+
+
+# read-only media ------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def read_only_view(src: str, where: str) -> Iterator[str]:
+    """``src`` bind-mounted read-only at ``where`` (a read-only medium, as root can have)."""
+    os.mkdir(where)
+    subprocess.run(["mount", "--bind", "-o", "ro", src, where], check=True, capture_output=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", where], check=True, capture_output=True)
+        os.rmdir(where)
+
+
+def test_readonly_store_on_read_only_media(store_root: str,
+                                           tmp_path: os.PathLike[str]) -> None:
+    """A store of ours (WAL database included) on a read-only filesystem opens read-only
+    with its labels; an OCI layout without our database too."""
+    with LocalStore(store_root) as s:
+        w = s.writer("r")
+        w.write(b"on read-only media")
+        dgst = w.commit(labels={"k": "v"})
+        w = s.writer("partial")
+        w.write(b"half")
+        w.close()
+    with read_only_view(store_root, os.path.join(os.fspath(tmp_path), "ro")) as ro:
+        with LocalStore(ro, readonly=True) as s:
+            assert [(i.digest, dict(i.labels)) for i in s.list()] == [(dgst, {"k": "v"})]
+            with s.reader_at(dgst) as r:
+                assert r.read_at(100, 0) == b"on read-only media"
+            assert [(x.ref, x.offset) for x in s.list_statuses()] == [("partial", 4)]
+            assert s.verify(dgst).size == 18
