@@ -25,7 +25,15 @@ module), and add one line to ``STORE_FACTORIES`` there::
 Every registered case whose ``requires`` is within ``caps`` then runs against it. Cases the
 adapter cannot express are not skipped silently: ``test_store_suite.py`` lists them per
 factory in one test (``test_unsupported_cases_are_declared``) that fails unless the factory
-names them in ``Factory.unsupported``, with a reason.
+names them in ``Factory.unsupported``, with a reason. (The mount and the gRPC client run
+every case from their own modules, ``test_fuse_suite.py`` and ``test_grpc_suite.py``.)
+
+Cases: containerd's ContentSuite (Writer, UpdateStatus, CommitExists, Resume,
+ResumeTruncate, ResumeDiscard, ResumeCopy, ResumeCopySeeker, ResumeCopyReaderAt, SmallBlob,
+Labels, CommitErrorState), its local-store tests (ContentWriter, ContentWriterLayout,
+WalkBlobs, WriterTruncateRecoversFromIncompleteWrite, WriteReadEmptyFileTimestamp), and
+edges every adapter must map alike (Filters, Errors, AbortAndRestart, LabelLimit,
+UpdateFieldpaths).
 
 Times are checked inside windows as containerd does: a time must lie in ``[before, after]``
 taken around the operation, widened by ``Target.slack`` (1 ms by default: the store keeps
@@ -141,7 +149,7 @@ class Case:
         self.fn(target)
 
 
-#: Every case, by containerd's test name.
+#: Every case, by name (containerd's test name where it ports one).
 CASES: dict[str, Case] = {}
 
 
