@@ -13,6 +13,7 @@ import json
 import os
 import stat
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any, NoReturn, TypeVar
 
@@ -421,26 +422,37 @@ def _chunks(source: IO[bytes]) -> Iterator[bytes]:
 
 
 class _progress:
-    """A progress bar on stderr when it is a terminal; a no-op otherwise."""
+    """Progress on stderr when it is a terminal: a bar when the size is known, else the
+    bytes so far (click's bar needs a length); a no-op otherwise."""
 
     def __init__(self, total: int | None, done: int) -> None:
+        self._tty = sys.stderr.isatty()
         self._bar: Any = None
-        if sys.stderr.isatty():
-            self._bar = click.progressbar(
-                length=total, label="ingesting", file=sys.stderr, show_pos=total is None
-            )
+        self._count = done
+        self._shown = 0.0
+        if self._tty and total is not None:
+            self._bar = click.progressbar(length=total, label="ingesting", file=sys.stderr)
             if done:
                 self._bar.update(done)
 
     def __enter__(self) -> Callable[[int], None]:
-        if self._bar is None:
-            return lambda n: None
-        self._bar.__enter__()
-        return self._bar.update  # type: ignore[no-any-return]
+        if self._bar is not None:
+            self._bar.__enter__()
+            return self._bar.update  # type: ignore[no-any-return]
+        return self._advance if self._tty else (lambda n: None)
+
+    def _advance(self, n: int) -> None:
+        self._count += n
+        now = time.monotonic()
+        if now - self._shown >= 0.2:
+            self._shown = now
+            click.echo(f"\ringesting  {human_size(self._count)}", file=sys.stderr, nl=False)
 
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
             self._bar.__exit__(*exc)
+        elif self._tty:
+            click.echo(f"\ringesting  {human_size(self._count)}", file=sys.stderr)
 
 
 @cli.command("active")

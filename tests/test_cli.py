@@ -529,6 +529,14 @@ def test_progress_bar_only_on_a_terminal(cf: Callable[..., Run], store_root: str
     out = proc.stdout.decode(errors="replace")
     assert "ingesting" in out and "100%" in out, out
     assert out.rstrip().endswith(digest_of(data)), out[-200:]
+    # from a pipe the size is unknown: bytes so far, not a percentage
+    cf("rm", digest_of(data))
+    cmd = f"cat '{path}' | '{CONTENTFS}' --root '{store_root}' ingest tty-pipe"
+    proc = subprocess.run([script, "-qec", cmd, "/dev/null"], capture_output=True, timeout=120)
+    out = proc.stdout.decode(errors="replace")
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out and "ingesting" in out, out
+    assert out.rstrip().endswith(digest_of(data)), out[-200:]
 
 
 def test_read_commands_on_read_only_media(tmp_path: os.PathLike[str]) -> None:
