@@ -255,6 +255,7 @@ class StoreMachine(RuleBasedStateMachine):
             assert w.offset == len(self.ingests[ref])
 
 
+@pytest.mark.timeout(1800)  # the --soak run is long
 def test_store_model(soak: bool) -> None:
     run_state_machine_as_test(
         StoreMachine,
