@@ -234,7 +234,7 @@ def test_fuse_model(mount: Mount, soak: bool) -> None:
     run_state_machine_as_test(
         FuseMachine,
         settings=settings(
-            max_examples=300 if soak else 25,
+            max_examples=150 if soak else 15,
             stateful_step_count=30,
             deadline=None,
             phases=[Phase.explicit, Phase.reuse, Phase.generate]
