@@ -313,6 +313,10 @@ def umount_main(mountpoint: str, *, lazy: bool) -> int:
     if entry is None:
         print(f"contentfs: {mountpoint}: not mounted", file=sys.stderr)
         return 1
+    fstype = entry[entry.index("-") + 1] if "-" in entry else ""
+    if fstype != "fuse.contentfs":
+        print(f"contentfs: {mountpoint}: not a contentfs mount ({fstype})", file=sys.stderr)
+        return 1
     lock_fd = None
     with contextlib.suppress(OSError):
         lock_fd = os.open(pidfile_path(mountpoint), os.O_RDONLY | os.O_CLOEXEC)

@@ -119,6 +119,10 @@ def test_options_generic_ignored_unknown_rejected(mounter: fuse_util.MountFactor
     proc = run(CONTENTFS, "mount", "-f", root, bad, "-o", "max_read=4096", check=False)
     assert proc.returncode == 2 and b"max_read" in proc.stderr
     assert not is_mounted(bad)
+    proc = run(CONTENTFS, "umount", bad, check=False)
+    assert proc.returncode == 1 and b"not mounted" in proc.stderr
+    proc = run(CONTENTFS, "umount", "/proc", check=False)
+    assert proc.returncode == 1 and b"not a contentfs mount" in proc.stderr
 
 
 def test_remount_keeps_blobs_labels_inodes_and_times(mounter: fuse_util.MountFactory) -> None:
