@@ -19,7 +19,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Sequence
-from typing import TypeVar, cast
+from typing import TypeVar
 
 import pyfuse3
 import trio
@@ -65,6 +65,7 @@ BUSY_WAIT = 1.0
 _ZEROS = bytes(1 << 20)
 _STATFS_TTL = 5.0
 _RESERVED = "contentfs."
+_READDIR_BATCH = 64  # entries stat-ed (and one DB query) per step of a listing
 _NAME_MAX = 255  # a new ingest name may be no longer than any Linux file name
 
 
@@ -95,10 +96,14 @@ class WriteHandle:
 
 @dataclasses.dataclass
 class DirHandle:
-    """A directory listing snapshot taken at opendir, sorted by readdir cursor."""
+    """A directory listing snapshot taken at opendir, sorted by readdir cursor. Only
+    names: attributes are read when an entry is sent (readdirplus)."""
 
-    keys: list[int]
-    entries: list[tuple[str, Kind, str, object]]  # name, kind, key, extra
+    kind: Kind  # of the directory
+    key: str  # the directory's node key (its algorithm for blobs/<alg>/)
+    keys: list[int]  # readdir cursors, ascending
+    names: list[str]  # entry names
+    refs: list[str]  # what each entry names: a ref, an algorithm, a root entry
 
 
 Handle = ReadHandle | WriteHandle | DirHandle
@@ -310,15 +315,14 @@ class ContentOps(pyfuse3.Operations):
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._node(inode)
-        entries: list[tuple[int, str, Kind, str, object]]
+        entries: list[tuple[int, str, str]]  # cursor, name, what it names
         if node.kind is Kind.ROOT:
             names = ["blobs", "ingest"]
             if self.is_oci_layout():
                 names += [n for n in LAYOUT_FILES if os.path.isfile(os.path.join(self.root, n))]
-            entries = [(i + 1, n, Kind.ROOT, n, None) for i, n in enumerate(names)]
+            entries = [(i + 1, n, n) for i, n in enumerate(names)]
         elif node.kind is Kind.BLOBS:
-            entries = [(i + 1, alg, Kind.ALG, alg, ino)
-                       for i, (alg, ino) in enumerate(self.nodes.algorithms())]
+            entries = [(i + 1, alg, alg) for i, (alg, _) in enumerate(self.nodes.algorithms())]
         elif node.kind is Kind.ALG:
             with fuse_errors(f"list blobs/{node.key}"):
                 entries = await trio.to_thread.run_sync(self._snapshot_blobs, node.key)
@@ -328,67 +332,90 @@ class ContentOps(pyfuse3.Operations):
         else:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         entries.sort(key=lambda e: e[0])
-        handle = DirHandle([e[0] for e in entries], [e[1:] for e in entries])
+        handle = DirHandle(node.kind, node.key, [e[0] for e in entries],
+                           [e[1] for e in entries], [e[2] for e in entries])
         return self._add_handle(handle)
 
-    def _snapshot_blobs(self, alg: str) -> list[tuple[int, str, Kind, str, object]]:
-        rows = self.store.db.all_blobs()
-        out: list[tuple[int, str, Kind, str, object]] = []
-        for hexname, st in self.store.blob_names(alg):
-            digest = f"{alg}:{hexname}"
-            row = rows.get(digest)
-            if row is not None and row[0] == st.st_size:
-                times = (row[1], row[2])
-            else:
-                times = (st.st_mtime_ns, st.st_mtime_ns)
-            out.append((view.hex_key(hexname), hexname, Kind.BLOB, digest, (st, times)))
-        return out
+    def _snapshot_blobs(self, alg: str) -> list[tuple[int, str, str]]:
+        """Names only (attributes are read per readdir batch): memory stays small."""
+        try:
+            names = os.listdir(self.store.layout.blob_dir(alg))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return [(view.hex_key(n), n, n) for n in names if is_blob_name(alg, n)]
 
-    def _snapshot_ingests(self) -> list[tuple[int, str, Kind, str, object]]:
+    def _snapshot_ingests(self) -> list[tuple[int, str, str]]:
         refs = {s.ref for s in self.store.list_statuses()} | set(self.writers)
-        return [(view.dir_key(ref), encode_ref(ref), Kind.INGEST, ref, None) for ref in refs]
+        return [(view.dir_key(ref), encode_ref(ref), ref) for ref in refs]
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self.handles[fh]
         assert isinstance(handle, DirHandle)
-        start = bisect.bisect_left(handle.keys, start_id)
-        for i in range(start, len(handle.keys)):
-            name, kind, key, extra = handle.entries[i]
-            node, attr = self._listed(kind, key, extra)
-            if node is None or attr is None:
-                continue
-            if not pyfuse3.readdir_reply(
-                token, name.encode("utf-8", "surrogateescape"), self._entry(attr),
-                handle.keys[i] + 1,
-            ):
-                self.nodes.drop_unused(node)
-                return
-            self.nodes.remember(node)
+        i = bisect.bisect_left(handle.keys, start_id)
+        while i < len(handle.keys):
+            batch = range(i, min(i + _READDIR_BATCH, len(handle.keys)))
+            listed = self._listed(handle, batch)
+            for j, item in zip(batch, listed, strict=True):
+                if item is None:
+                    continue
+                node, attr = item
+                if not pyfuse3.readdir_reply(
+                    token, handle.names[j].encode("utf-8", "surrogateescape"),
+                    self._entry(attr), handle.keys[j] + 1,
+                ):
+                    for rest in listed[j - batch.start:]:
+                        if rest is not None:
+                            self.nodes.drop_unused(rest[0])
+                    return
+                self.nodes.remember(node)
+            i = batch.stop
 
-    def _listed(self, kind: Kind, key: str, extra: object) -> tuple[Node | None, Attr | None]:
-        """Node and attributes of one snapshot entry (None, None if it vanished)."""
-        if kind is Kind.BLOB:
-            st, (created, updated) = cast(tuple[os.stat_result, tuple[int, int]], extra)
-            node = self.nodes.blob(key)
-            return node, view.blob_attr(node.ino, st, created, updated)
-        if kind is Kind.INGEST:
-            if not self._ingest_exists(key):
-                return None, None
-            node = self.nodes.ingest(key)
-        elif kind is Kind.ALG:
-            node = self._node(extra)  # type: ignore[arg-type]
-        else:  # a root entry
+    def _listed(self, handle: DirHandle, batch: range) -> list[tuple[Node, Attr] | None]:
+        """Nodes and attributes of some snapshot entries (None for those that vanished)."""
+        if handle.kind is Kind.ALG:
+            with fuse_errors(f"list blobs/{handle.key}"):
+                return self._listed_blobs(handle.key, [handle.names[j] for j in batch])
+        out: list[tuple[Node, Attr] | None] = []
+        for j in batch:
+            what = handle.refs[j]
+            node: Node | None
+            if handle.kind is Kind.INGEST_DIR:
+                node = self.nodes.ingest(what) if self._ingest_exists(what) else None
+            else:
+                parent = ROOT_INO if handle.kind is Kind.ROOT else BLOBS_INO
+                try:
+                    node = self._child(self._node(parent), what)
+                except pyfuse3.FUSEError:  # a layout file removed since opendir
+                    node = None
+            if node is None:
+                out.append(None)
+                continue
             try:
-                child = self._child(self._node(ROOT_INO), key)
-            except pyfuse3.FUSEError:  # a layout file removed since opendir
-                return None, None
-            assert child is not None
-            node = child
-        try:
-            return node, self._attr(node)
-        except pyfuse3.FUSEError:
-            self.nodes.drop_unused(node)
-            return None, None
+                out.append((node, self._attr(node)))
+            except pyfuse3.FUSEError:
+                self.nodes.drop_unused(node)
+                out.append(None)
+        return out
+
+    def _listed_blobs(self, alg: str, names: list[str]) -> list[tuple[Node, Attr] | None]:
+        digests = [f"{alg}:{n}" for n in names]
+        times = self.store.db.get_blob_times(digests)
+        out: list[tuple[Node, Attr] | None] = []
+        for digest in digests:
+            try:
+                st = os.lstat(self.store.layout.blob_path(digest))  # type: ignore[arg-type]
+            except (FileNotFoundError, NotADirectoryError):
+                out.append(None)  # deleted since opendir
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                out.append(None)
+                continue
+            row = times.get(digest)
+            created, updated = ((row[1], row[2]) if row is not None and row[0] == st.st_size
+                                else (st.st_mtime_ns, st.st_mtime_ns))
+            node = self.nodes.blob(digest)
+            out.append((node, view.blob_attr(node.ino, st, created, updated)))
+        return out
 
     async def releasedir(self, fh: int) -> None:
         self.handles.pop(fh, None)

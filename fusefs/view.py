@@ -75,7 +75,7 @@ class Kind(enum.Enum):
 DIR_KINDS = frozenset({Kind.ROOT, Kind.BLOBS, Kind.ALG, Kind.INGEST_DIR})
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Node:
     """One inode the kernel knows. ``key``: the algorithm (ALG), digest (BLOB), ref
     (INGEST) or file name (LAYOUT_FILE). ``lookups`` counts the kernel's references."""
