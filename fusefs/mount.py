@@ -229,7 +229,6 @@ def _run(root: str, mountpoint: str, opts: MountOptions, *, debug: bool, ready_f
         log.error("cannot mount %s at %s: %s", root, mountpoint, exc)
         store.close()
         return 1
-    _raise_readahead(mountpoint)
     log.info("mounted %s at %s (%s)", root, mountpoint, ",".join(sorted(fuse_options)))
     code = 0
     try:
@@ -273,6 +272,8 @@ async def _on_signals() -> None:
 async def _announce(mountpoint: str, ready_fd: int, daemon: bool, log_file: str | None) -> None:
     """Tell the waiting parent (or the log) once the mount answers a stat."""
     await trio.to_thread.run_sync(os.stat, mountpoint)
+    # after FUSE INIT (which the stat waited for): INIT would lower it again
+    await trio.to_thread.run_sync(_raise_readahead, mountpoint)
     with contextlib.suppress(OSError):
         os.write(ready_fd, b"ok")
         os.close(ready_fd)

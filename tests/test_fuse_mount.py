@@ -57,6 +57,10 @@ def test_daemon_mount_answers_at_once_and_umount_waits(tmp_path: os.PathLike[str
         assert proc.stdout == b"blobs\ningest\nhi\n"
         line = next(x for x in open("/proc/mounts").read().splitlines() if f" {path} " in x)
         assert line.startswith(f"{root} {path} fuse.contentfs ")
+        if os.geteuid() == 0:  # 1 MiB readahead, so reads arrive as 1 MiB requests
+            dev = next(x.split()[2] for x in open("/proc/self/mountinfo")
+                       if x.split()[4] == path)
+            assert open(f"/sys/class/bdi/{dev}/read_ahead_kb").read().strip() == "1024"
         run(CONTENTFS, "umount", path)
         assert not is_mounted(path)  # umount returns after the daemon finished
         text = open(log).read()
