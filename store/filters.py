@@ -3,7 +3,7 @@
 A filter string is selectors joined by ``,`` (all must match); several filter strings
 match when any does; no strings, or one empty string, match everything. A selector is a
 fieldpath alone (presence) or ``fieldpath op value`` with op ``==``, ``!=`` or ``~=``.
-Fields are runs of ``[A-Za-z0-9_-]`` or double-quoted Go string literals, joined by ``.``.
+Fields are runs of ``[A-Za-z0-9_]`` or double-quoted Go string literals, joined by ``.``.
 Values are bare runs up to ``,`` or whitespace, or quoted; ``/.../`` and ``|...|`` quotes
 are allowed only after ``~=``. ``!=`` and ``~=`` see an absent field as the empty string;
 ``~=`` takes Go RE2 syntax (see ``go_regex``), unanchored; a regex that does not compile
@@ -40,7 +40,9 @@ _ESCAPES = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v
 
 
 def _is_field_char(c: str) -> bool:
-    return c == "-" or c == "_" or ("a" <= c <= "z") or ("A" <= c <= "Z") or ("0" <= c <= "9")
+    """ASCII letters, digits and ``_`` (not ``-``: ``labels.my-key`` is a parse error in
+    containerd; such keys are written ``labels."my-key"``)."""
+    return c == "_" or ("a" <= c <= "z") or ("A" <= c <= "Z") or ("0" <= c <= "9")
 
 
 def _is_value_char(c: str) -> bool:

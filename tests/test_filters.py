@@ -19,7 +19,8 @@ _T = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 ITEMS: dict[str, Info] = {
     "A": Info(
         Digest("sha256:" + "a" * 64), 1, _T, _T,
-        {"team": "infra", "containerd.io/gc.root": "2026", "x.y": "dotted", "odd,key": "q"},
+        {"team": "infra", "containerd.io/gc.root": "2026", "x.y": "dotted", "odd,key": "q",
+     "my-key": "dash"},
     ),
     "B": Info(Digest("sha256:" + "b" * 64), 2, _T, _T, {"team": "web", "env": "prod"}),
     "C": Info(Digest("sha512:" + "c" * 128), 3, _T, _T, {}),
@@ -94,6 +95,8 @@ MATCH_CASES: list[tuple[tuple[str, ...], str]] = [
     (("labels.x.y",), "A"),
     (('labels."x.y"',), "A"),
     (('labels."x\\x2ey"',), "A"),
+    (('labels."my-key"==dash',), "A"),
+    (("labels.my_key",), ""),
     # comma = AND, several strings = OR
     (("labels.team==infra,labels.env==prod",), ""),
     (("labels.team==web,labels.env==prod",), "B"),
@@ -147,6 +150,10 @@ ERROR_CASES: list[tuple[str, int | None, str]] = [
     ("labels..team", 7, "empty field"),
     (".labels", 0, "leading dot"),
     ("labels.te*am", 9, "illegal character in a field"),
+    ("labels.my-key==dash", 9, "- is not a field character"),
+    ("labels.my-key", 9, "- is not a field character (presence)"),
+    ("labels.team==in fra", 15, "a bare value ends at whitespace"),
+    ('labels.team=="in\\\'fra"', 13, "\\' is no escape in a double-quoted string"),
     ("==a", 0, "missing fieldpath"),
 ]
 
