@@ -553,7 +553,7 @@ def _info_adaptor(info: Info) -> Callable[[Sequence[str]], tuple[str, bool]]:
     def adapt(fieldpath: Sequence[str]) -> tuple[str, bool]:
         if not fieldpath:
             return "", False
-        if fieldpath[0] == "digest" and len(fieldpath) == 1:
+        if fieldpath[0] == "digest":  # as containerd: `digest.x` is `digest`
             return info.digest, True
         if fieldpath[0] == "labels" and len(fieldpath) > 1:
             key = ".".join(fieldpath[1:])
@@ -566,7 +566,8 @@ def _info_adaptor(info: Info) -> Callable[[Sequence[str]], tuple[str, bool]]:
 
 def _ref_adaptor(ref: str) -> Callable[[Sequence[str]], tuple[str, bool]]:
     def adapt(fieldpath: Sequence[str]) -> tuple[str, bool]:
-        return (ref, True) if tuple(fieldpath) == ("ref",) else ("", False)
+        # as containerd, only the first field counts: `ref.x` is `ref`
+        return (ref, True) if fieldpath and fieldpath[0] == "ref" else ("", False)
 
     return adapt
 
