@@ -56,6 +56,21 @@ def test_default_address_in_runtime_dir(tmp_path: Any) -> None:
     assert not os.path.exists(sock)  # removed on exit
 
 
+def test_default_address_needs_a_private_directory(tmp_path: Any) -> None:
+    runtime = os.path.join(tmp_path, "run")
+    os.makedirs(os.path.join(runtime, "contentfs"))
+    os.chmod(os.path.join(runtime, "contentfs"), 0o777)
+    p = subprocess.run(
+        [CONTENTFS, "serve", "--root", _root(tmp_path)], capture_output=True, text=True,
+        env={**os.environ, "XDG_RUNTIME_DIR": runtime}, timeout=60, check=False,
+    )
+    assert p.returncode == 2
+    assert p.stderr.strip() == (
+        f"contentfs: socket directory {runtime}/contentfs: writable by others"
+    )
+    assert os.listdir(os.path.join(runtime, "contentfs")) == []
+
+
 def test_refuses_unsafe_socket_paths(tmp_path: Any) -> None:
     root = _root(tmp_path)
     plain = os.path.join(tmp_path, "plain")

@@ -105,12 +105,19 @@ def parse_address(text: str | None) -> Address:
     return Address("unix", os.path.normpath(path))
 
 
-def _prepare_socket_path(path: str) -> None:
+def _prepare_socket_path(path: str, *, private_dir: bool = False) -> None:
     """Create the parent directory (0700 when we create it) and clear a stale socket of
-    ours; ValueError for a path we must not take over."""
+    ours; ValueError for a path we must not take over. With ``private_dir`` (the default
+    address, possibly under /tmp) the directory must also be ours and closed to others."""
     parent = os.path.dirname(path)
     if not os.path.isdir(parent):
         os.makedirs(parent, mode=0o700, exist_ok=True)
+    if private_dir:
+        st_dir = os.lstat(parent)
+        if not stat.S_ISDIR(st_dir.st_mode) or st_dir.st_uid != os.geteuid():
+            raise ValueError(f"socket directory {parent}: not a directory owned by us")
+        if st_dir.st_mode & 0o022:
+            raise ValueError(f"socket directory {parent}: writable by others")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -300,7 +307,7 @@ def serve_main(store: LocalStore, address: str | None, *, debug: bool) -> int:
     try:
         addr = parse_address(address)
         if addr.scheme == "unix":
-            _prepare_socket_path(addr.target)
+            _prepare_socket_path(addr.target, private_dir=not address)
     except (ValueError, OSError) as exc:
         print(f"contentfs: {exc}", file=sys.stderr)
         return 2
