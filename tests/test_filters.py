@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import subprocess
+import time
 
 import pytest
 from hypothesis import given
@@ -273,4 +274,54 @@ def test_table_agrees_with_containerd(containerd: Containerd) -> None:  # noqa: 
             else f"[{text}]"
         if proc.returncode == 0 or mark not in proc.stderr:
             wrong.append(((text,), "error", proc.stdout, proc.stderr))
+    assert wrong == []
+
+
+REF_FILTERS = ["", "ref", "ref==e5", "ref~=^layer", "e5", "offset==0", "ref!=e5", "ref.x",
+               "labels.x", "ref~=e", "ref!=layer-1,ref!=e5", "size", 'ref=="config-2"',
+               "ref==e5", "ref~=[", "ref==e5 ", "ref=e5"]
+
+
+def test_ref_filters_agree_with_containerd(
+    containerd: Containerd, store: LocalStore  # noqa: F811
+) -> None:
+    """list_statuses against `ctr content active` with the same three ingests left open."""
+    refs = ["layer-1", "config-2", "e5"]
+    procs = []
+    try:
+        for ref in refs:
+            store.writer(ref).close()
+            p = subprocess.Popen(["ctr", "-a", containerd.sock, "content", "ingest", ref],
+                                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+            procs.append(p)
+            assert p.stdin is not None
+            p.stdin.write(b"x" * ((1 << 20) + 1))  # ctr sends 1 MiB messages
+            p.stdin.flush()
+        for _ in range(600):
+            active = containerd.ctr("content", "active")
+            if all(f"\n{ref}\t" in active for ref in refs):
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"ingests never became active: {active}")
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+            if p.stdin is not None:
+                p.stdin.close()
+    wrong = []
+    for flt in REF_FILTERS:
+        proc = subprocess.run(["ctr", "-a", containerd.sock, "content", "active", flt],
+                              capture_output=True, text=True, timeout=60)
+        theirs: object = "error"
+        if proc.returncode == 0:
+            theirs = sorted(line.split()[0] for line in proc.stdout.splitlines()[1:])
+        try:
+            ours: object = [s.ref for s in store.list_statuses(flt)]
+        except InvalidArgument:
+            ours = "error"
+        if theirs != ours:
+            wrong.append((flt, theirs, ours))
     assert wrong == []
