@@ -129,6 +129,26 @@ class StoreModel(RuleBasedStateMachine):
                 return
             raise AssertionError(f"abort of unknown {ref} succeeded")
 
+    @rule(old=REFS, new=REFS)
+    def rename(self, old: str, new: str) -> None:
+        """rename_ingest (used by the mount for rsync's temp-file-then-rename)."""
+        if old == new:
+            return
+        if old in self.writers or new in self.writers:
+            try:
+                self.store.rename_ingest(old, new)
+            except Unavailable:
+                return
+            raise AssertionError(f"rename {old} -> {new} under an open writer succeeded")
+        if old not in self.ingests:
+            try:
+                self.store.rename_ingest(old, new)
+            except NotFound:
+                return
+            raise AssertionError(f"rename of unknown {old} succeeded")
+        self.store.rename_ingest(old, new)
+        self.ingests[new] = self.ingests.pop(old)
+
     @precondition(lambda self: self.blobs)
     @rule(data=st.data())
     def delete(self, data: st.DataObject) -> None:
