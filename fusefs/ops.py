@@ -75,6 +75,11 @@ class ReadHandle:
 
     fd: int
     reader: FileReaderAt | None = None
+    # a blob whose file changed since commit: the first sequential whole read is hashed
+    hasher: hashlib._Hash | None = None
+    hashed: int = 0
+    file_key: tuple[int, int, int, int] = (0, 0, 0, 0)
+    corrupt: bool = False  # its bytes were found not to match: every read is EIO
 
     def close(self) -> None:
         if self.reader is not None:
@@ -125,6 +130,10 @@ class ContentOps(pyfuse3.Operations):
         self.writers: dict[str, WriteHandle] = {}
         self.ingest_modes: dict[str, int] = {}
         self.errors: dict[str, str] = {}
+        # (ino, size, mtime, ctime) of blob files whose bytes were hashed and matched,
+        # or did not match
+        self.verified: set[tuple[int, int, int, int]] = set()
+        self.corrupt: set[tuple[int, int, int, int]] = set()
         self._statfs: tuple[float, pyfuse3.StatvfsData] | None = None
         # Test hook: a lookup of this name at the root raises a non-FUSE exception, to
         # check that a handler bug ends the daemon non-zero instead of becoming EIO.
@@ -444,7 +453,33 @@ class ContentOps(pyfuse3.Operations):
         with fuse_errors(f"open blob {node.key}"):
             reader = self.store.reader_at(node.key)
         handle = ReadHandle(reader.fileno(), reader)
+        self._arm_verify(handle, node.key)
         return pyfuse3.FileInfo(fh=self._add_handle(handle), keep_cache=True)
+
+    def _arm_verify(self, handle: ReadHandle, digest: str) -> None:
+        """Hash this open's first sequential whole read if the blob's file may have
+        changed since its commit: no metadata row, an mtime other than the commit time
+        (commit sets both), or a ctime more than 2 s after it. Unchanged blobs are
+        trusted and read at full speed; `contentfs verify` rehashes everything."""
+        try:
+            st = os.fstat(handle.fd)
+            row = self.store.db.get_blob(digest)
+        except (OSError, StoreError):
+            row = None
+            st = None
+        if st is None:
+            return
+        key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if key in self.verified:
+            return
+        if key in self.corrupt:
+            handle.corrupt = True
+            return
+        if (row is not None and row[0] == st.st_size and row[1] == st.st_mtime_ns
+                and st.st_ctime_ns - st.st_mtime_ns < 2_000_000_000):
+            return
+        handle.hasher = hashlib.new(split_digest(digest)[0])  # type: ignore[arg-type]
+        handle.file_key = key
 
     async def _open_ingest_writer(self, ref: str, flags: int) -> int:
         self._check_writable(f"open ingest {ref} for writing")
@@ -497,9 +532,40 @@ class ContentOps(pyfuse3.Operations):
         else:
             raise pyfuse3.FUSEError(errno.EISDIR)
         try:
-            return os.pread(fd, size, off)
+            data = os.pread(fd, size, off)
         except OSError as exc:
             raise refuse(exc.errno or errno.EIO, f"read: {exc}") from None
+        if isinstance(handle, ReadHandle) and handle.corrupt:
+            raise pyfuse3.FUSEError(errno.EIO)  # logged when it was found
+        if isinstance(handle, ReadHandle) and handle.hasher is not None:
+            self._verify_step(handle, off, data)
+        return data
+
+    def _verify_step(self, handle: ReadHandle, off: int, data: bytes) -> None:
+        """Feed a sequential read to the hasher; EIO for the read completing a mismatch."""
+        hasher, reader = handle.hasher, handle.reader
+        assert hasher is not None and reader is not None
+        if off != handle.hashed:
+            if off > handle.hashed:
+                handle.hasher = None  # not read sequentially: cannot tell
+            return
+        hasher.update(data)
+        handle.hashed += len(data)
+        if handle.hashed < reader.size and data:
+            return
+        handle.hasher = None
+        if len(self.verified) + len(self.corrupt) > 100_000:
+            self.verified.clear()
+            self.corrupt.clear()
+        want = split_digest(reader.digest)[1]
+        if handle.hashed == reader.size and hasher.hexdigest() == want:
+            self.verified.add(handle.file_key)
+            return
+        # kernel readahead drops errors and asks again: stay failed for this file
+        self.corrupt.add(handle.file_key)
+        handle.corrupt = True
+        raise refuse(errno.EIO, f"read content {reader.digest}: bytes on disk hash to"
+                     f" {hasher.name}:{hasher.hexdigest()} (run contentfs verify)")
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self.handles[fh]

@@ -271,3 +271,43 @@ def test_db_exclusively_locked(store_root: str) -> None:
     finally:
         kill9(holder)
     wait_for(lambda: _ls(store_root) == blobs, what="database unlocked")
+
+
+def test_corrupt_blob_read_through_mount_ends_in_eio(tmp_path: str) -> None:
+    """The rule: a blob whose backing file changed after its commit (no metadata row, an
+    mtime other than the commit time, or a later ctime) is hashed on its first whole
+    sequential read through an open; on a mismatch the read that completes it fails with
+    EIO. An unchanged blob is trusted (no hashing, full read speed)."""
+    from tests.fuse_util import Mount, require_fuse
+
+    require_fuse()
+    base = os.fspath(tmp_path)
+    root, path = os.path.join(base, "root"), os.path.join(base, "mnt")
+    os.makedirs(root)
+    os.makedirs(path)
+    good = payload(1, 3 * MiB + 5)
+    bad = payload(2, 3 * MiB + 5)
+    for ref, data in (("good", good), ("bad", bad)):
+        _commit(root, ref, data, {})
+    backing = os.path.join(root, "blobs", "sha256", sha256(bad).split(":")[1])
+    with open(backing, "r+b") as f:
+        f.seek(MiB)
+        f.write(b"\0rot")
+    m = Mount(root, path, (), os.path.join(base, "mount.log"))
+    m.start()
+    try:
+        with open(m.blob(sha256(good).split(":")[1]), "rb") as f:
+            assert f.read() == good
+        proc = subprocess.run(["cat", m.blob(sha256(bad).split(":")[1])],
+                              capture_output=True, check=False)
+        assert proc.returncode != 0 and b"Input/output error" in proc.stderr, proc.stderr
+        for tool in (["sha256sum"], ["cat"], ["cp", "--"]):  # later opens fail as well
+            dst = [os.path.join(base, "copy")] if tool[0] == "cp" else []
+            proc = subprocess.run([*tool, m.blob(sha256(bad).split(":")[1]), *dst],
+                                  capture_output=True, check=False)
+            assert proc.returncode != 0 and b"Input/output error" in proc.stderr, tool
+        assert_clean_error(run_cli(root, "verify", sha256(bad)), 8)
+        assert run_cli(root, "verify", sha256(good)).returncode == 0
+    finally:
+        m.unmount()
+    assert "bytes on disk hash to" in m.log()
