@@ -231,3 +231,20 @@ def test_missing_namespace_is_refused(server: InProcessServer) -> None:
         assert r.details.startswith('namespace validation: identifier "-x" must match')
     finally:
         raw.close()
+
+
+def test_every_namespace_sees_the_same_store(server: InProcessServer) -> None:
+    """For now (README): namespaces are validated, then share one view."""
+    with RemoteStore(server.address, namespace="a") as a, RemoteStore(
+        server.address, namespace="b.c-d_e"
+    ) as b:
+        w = a.writer("shared-ref")
+        w.write(b"visible everywhere")
+        assert [s.ref for s in b.list_statuses()] == ["shared-ref"]
+        with pytest.raises(Unavailable):
+            b.writer("shared-ref")
+        dgst = w.commit(labels={"k": "v"})
+        assert dict(b.info(dgst).labels) == {"k": "v"}
+        b.delete(dgst)
+        with pytest.raises(NotFound):
+            a.info(dgst)
