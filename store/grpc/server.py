@@ -145,6 +145,10 @@ def _prepare_socket_path(path: str, *, private_dir: bool = False) -> None:
 
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:
     code, message = to_grpc(exc)
+    if len(message) > 1024:
+        # the message travels percent-encoded in a trailer; clients drop trailers over
+        # 16 KiB (RESOURCE_EXHAUSTED instead of our code), e.g. when it quotes a huge ref
+        message = message[:1000] + "... (truncated)"
     if code == grpc.StatusCode.UNKNOWN:
         log.warning("call failed: %s", message)  # not a store error: say so without --debug
     else:
