@@ -311,3 +311,45 @@ def test_corrupt_blob_read_through_mount_ends_in_eio(tmp_path: str) -> None:
     finally:
         m.unmount()
     assert "bytes on disk hash to" in m.log()
+
+
+def test_db_write_locked_under_a_mount(tmp_path: str) -> None:
+    """While another process holds the database's write lock, the mount keeps serving
+    reads; label and commit requests fail with EBUSY after the database's busy timeout,
+    the ingest is kept, and everything works again once the lock is gone."""
+    from tests.fuse_util import Mount, require_fuse
+
+    require_fuse()
+    base = os.fspath(tmp_path)
+    root, path = os.path.join(base, "root"), os.path.join(base, "mnt")
+    os.makedirs(root)
+    os.makedirs(path)
+    blobs = _labelled_store(root)
+    d = next(iter(blobs))
+    m = Mount(root, path, (), os.path.join(base, "mount.log"))
+    m.start()
+    try:
+        data = payload(9, 100_000)
+        with open(m.ingest("r"), "wb") as f:
+            f.write(data)
+        holder = _hold_db(root, "write")
+        try:
+            blob = m.blob(d.split(":")[1])
+            with open(blob, "rb") as f:
+                assert sha256(f.read()) == d
+            assert os.getxattr(blob, "user.k0") == b"v" * 300
+            with pytest.raises(OSError) as info:
+                os.setxattr(blob, "user.new", b"1")
+            assert info.value.errno == errno.EBUSY
+            with pytest.raises(OSError) as info:
+                os.setxattr(m.ingest("r"), "user.contentfs.commit", sha256(data).encode())
+            assert info.value.errno == errno.EBUSY
+            assert os.path.getsize(m.ingest("r")) == len(data)
+        finally:
+            kill9(holder)
+        os.setxattr(m.ingest("r"), "user.contentfs.commit", sha256(data).encode())
+        with open(m.blob(sha256(data).split(":")[1]), "rb") as f:
+            assert f.read() == data
+        os.setxattr(m.blob(d.split(":")[1]), "user.new", b"1")
+    finally:
+        m.unmount()
