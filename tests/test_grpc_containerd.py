@@ -104,7 +104,15 @@ class Side:
 
     def write(self, *reqs: pb.WriteContentRequest, md: Any = MD) -> tuple[Any, ...]:
         r: Reply = self.raw.write(list(reqs), md)
-        return (r.code, [(m.action, m.offset, m.total, m.digest) for m in r.responses])
+        return (r.code, [(m.action, m.offset, m.total, m.digest, _zero(m.started_at),
+                          _zero(m.updated_at)) for m in r.responses])
+
+
+def _zero(ts: Any) -> bool | None:
+    """Whether a timestamp is Go's zero time (None when absent from the wire)."""
+    if not ts.seconds and not ts.nanos:
+        return None
+    return bool(ts.seconds == -62135596800)
 
 
 def W(action: pb.WriteAction = pb.STAT, **kw: Any) -> pb.WriteContentRequest:  # noqa: N802

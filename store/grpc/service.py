@@ -239,7 +239,9 @@ class ContentService:
         total = req.total
         expected = req.expected
         writer = self.store.writer(ref, total=max(0, total), expected=expected or None)
-        msg = pb.WriteContentResponse()
+        # 1.6 always encodes both times: Go's zero time until a STAT fills them in
+        zero = Timestamp(seconds=ZERO_SECONDS)
+        msg = pb.WriteContentResponse(started_at=zero, updated_at=zero)
         try:
             while True:
                 if req.action not in (STAT, WRITE, COMMIT):
