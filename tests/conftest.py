@@ -21,7 +21,7 @@ def soak(request: pytest.FixtureRequest) -> bool:
 
 
 @pytest.fixture
-def store_root(tmp_path: "os.PathLike[str]") -> str:
+def store_root(tmp_path: os.PathLike[str]) -> str:
     root = os.path.join(os.fspath(tmp_path), "root")
     os.mkdir(root)
     return root
