@@ -109,8 +109,10 @@ class LocalWriter:
             raise FailedPrecondition(f"ingest {self.ref}: writer is closed")
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        """Append ``data``; return its length. OSError (e.g. ENOSPC) passes through,
-        leaving the offset at the bytes that did reach the file."""
+        """Append ``data``; return its length. All or nothing: on an OSError (e.g.
+        ENOSPC) the bytes of this call that reached the file are cut off again, so
+        offset, digest and file stay as before and a retry appends at the same place
+        (a FUSE write that fails must not have changed the ingest)."""
         view = memoryview(data)
         with self._mutex:
             self._check_open()
@@ -118,15 +120,18 @@ class LocalWriter:
             try:
                 while done < len(view):
                     done += os.pwrite(self._fd, view[done:], self._offset + done)
-            finally:
+            except BaseException:
                 if done:
-                    self._hasher.update(view[:done])
-                    self._offset += done
-                    self._updated_ns = time.time_ns()
-                    self._dirty = True
-                    if done < len(view):
-                        # keep the file a true prefix of what we hashed
+                    try:
                         os.ftruncate(self._fd, self._offset)
+                    except OSError as exc:  # the next write overwrites them; commit checks
+                        log.warning("ingest %s: cannot drop a failed write: %s", self.ref, exc)
+                raise
+            if done:
+                self._hasher.update(view)
+                self._offset += done
+                self._updated_ns = time.time_ns()
+                self._dirty = True
             return done
 
     def truncate(self, size: int) -> None:

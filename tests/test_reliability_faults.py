@@ -4,6 +4,7 @@ line, and committed blobs stay listed."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -353,3 +354,46 @@ def test_db_write_locked_under_a_mount(tmp_path: str) -> None:
         os.setxattr(m.blob(d.split(":")[1]), "user.new", b"1")
     finally:
         m.unmount()
+
+
+def test_enospc_through_the_mount(small_fs: str) -> None:
+    """A write through the mount on a full backing filesystem fails with ENOSPC (not
+    EIO), the ingest keeps a true prefix, and after space is freed appending the rest
+    and committing works."""
+    from tests.fuse_util import Mount, require_fuse
+
+    require_fuse()
+    root = os.path.join(small_fs, "root")
+    os.mkdir(root)
+    path = os.path.join(os.path.dirname(small_fs), "mnt")
+    os.mkdir(path)
+    m = Mount(root, path, (), os.path.join(os.path.dirname(small_fs), "mount.log"))
+    m.start()
+    try:
+        ballast = os.path.join(small_fs, "ballast")
+        _fill(ballast, 2 * MiB)
+        data = payload(4, 5 * MiB + 3)
+        fd = os.open(m.ingest("full"), os.O_WRONLY | os.O_CREAT)
+        try:
+            off = 0
+            with pytest.raises(OSError) as info:
+                while off < len(data):
+                    off += os.write(fd, data[off : off + 256 * 1024])
+                os.fsync(fd)
+            assert info.value.errno == errno.ENOSPC
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        stored = os.path.getsize(m.ingest("full"))
+        assert 0 < stored <= off < len(data)
+        with open(m.ingest("full"), "rb") as f:
+            assert f.read() == data[:stored]
+        os.unlink(ballast)
+        with open(m.ingest("full"), "ab") as f:
+            f.write(data[stored:])
+        os.setxattr(m.ingest("full"), "user.contentfs.commit", sha256(data).encode())
+        with open(m.blob(sha256(data).split(":")[1]), "rb") as f:
+            assert f.read() == data
+    finally:
+        m.unmount()
+    assert check_blobs(root)[sha256(data)] == data
