@@ -35,6 +35,7 @@ from store.errors import StoreError
 from store.local import LocalStore
 
 from .errors import GrpcError, to_grpc
+from .fastread import ReadLane, attach
 from .pb import content_pb2 as pb
 from .pb import introspection_pb2, version_pb2
 from .service import ContentService
@@ -282,14 +283,42 @@ class _LogCalls(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc is untype
         return continuation(handler_call_details)
 
 
+class Server:
+    """A grpcio server and its Read lane (:mod:`store.grpc.fastread`): ``start`` starts
+    both; the lane ends by itself once the server has stopped."""
+
+    def __init__(self, server: grpc.Server, lane: ReadLane | None) -> None:
+        self.grpc = server
+        self.lane = lane
+
+    def add_insecure_port(self, address: str) -> int:
+        port: int = self.grpc.add_insecure_port(address)
+        return port
+
+    def start(self) -> None:
+        self.grpc.start()
+        if self.lane is not None:
+            self.lane.start()
+
+    def stop(self, grace: float | None) -> threading.Event:
+        """As grpc.Server.stop: returns an event set once the server has stopped."""
+        done: threading.Event = self.grpc.stop(grace)
+        return done
+
+
 def build_server(
-    store: LocalStore, *, debug: bool = False
-) -> tuple[grpc.Server, futures.ThreadPoolExecutor]:
-    """A grpcio server with the three services, not yet bound or started, and its pool."""
+    store: LocalStore, *, debug: bool = False, read_lane: bool = True
+) -> tuple[Server, futures.ThreadPoolExecutor]:
+    """A server with the three services, not yet bound or started, and its pool.
+
+    With ``read_lane`` (and a grpcio that allows it), Content.Read is served by the
+    lane of :mod:`store.grpc.fastread`; else by the generic handler, like every call.
+    """
     pool = futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="contentfs-grpc")
+    service = ContentService(store)
     server = grpc.server(
         pool,
-        handlers=[content_handler(ContentService(store)), *other_handlers(str(uuid.uuid4()))],
+        handlers=[content_handler(service), *other_handlers(str(uuid.uuid4()))],
         interceptors=[_LogCalls()] if debug else None,
         maximum_concurrent_rpcs=WORKERS,
         options=[
@@ -298,7 +327,8 @@ def build_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    return server, pool
+    lane = attach(server, service.read, debug=debug) if read_lane else None
+    return Server(server, lane), pool
 
 
 def serve_main(store: LocalStore, address: str | None, *, debug: bool) -> int:
@@ -348,6 +378,8 @@ def serve_main(store: LocalStore, address: str | None, *, debug: bool) -> int:
         while not stop.wait(0.2):
             pass
         server.stop(GRACE_SECONDS).wait()
+        if server.lane is not None:
+            server.lane.join(GRACE_SECONDS)
         pool.shutdown(wait=True)  # cancelled Write streams close their writers
     finally:
         for sig, handler in previous.items():
