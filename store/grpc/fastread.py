@@ -102,6 +102,11 @@ class ReadLane:
         self._server.request_registered_call(self._cq, self._cq, READ_METHOD, self._new)
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """The lane's thread is running (started, and the server not yet stopped)."""
+        return self._thread.is_alive()
+
     def join(self, timeout: float | None = None) -> None:
         if self._thread.is_alive():
             self._thread.join(timeout)

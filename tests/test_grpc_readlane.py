@@ -1,0 +1,151 @@
+"""The Read lane (store/grpc/fastread.py) answers every Read exactly as the generic
+handler does: the same messages, codes and details, side by side on one store; a client
+that cancels a stream does not stall it; it stops with the server."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from store import LocalStore
+from store.grpc.pb import content_pb2 as pb
+from store.grpc.server import Server, build_server
+from tests.grpc_util import NS, SERVICE, RawContent, Reply
+
+
+class _Pair:
+    """Two in-process servers on one store: the lane (as served) and the generic handler."""
+
+    def __init__(self, store: LocalStore, tmp: str) -> None:
+        self.servers: list[tuple[Server, Any]] = []
+        self.raws: list[RawContent] = []
+        for lane in (True, False):
+            server, pool = build_server(store, read_lane=lane)
+            sock = os.path.join(tmp, f"lane-{lane}.sock")
+            server.add_insecure_port(f"unix:{sock}")
+            server.start()
+            self.servers.append((server, pool))
+            self.raws.append(RawContent(f"unix://{sock}"))
+        assert self.servers[0][0].lane is not None, "this grpcio cannot host the read lane"
+        assert self.servers[1][0].lane is None
+
+    @property
+    def lane(self) -> Server:
+        return self.servers[0][0]
+
+    def both(self, req: Any, md: Any = NS) -> Reply:
+        fast, slow = (raw.stream("Read", req, pb.ReadContentResponse, md) for raw in self.raws)
+        assert (fast.code, fast.details) == (slow.code, slow.details)
+        assert fast.responses == slow.responses
+        return fast
+
+    def stop(self) -> None:
+        for raw in self.raws:
+            raw.close()
+        for server, pool in self.servers:
+            server.stop(0).wait()
+            pool.shutdown(wait=True)
+
+
+@pytest.fixture
+def pair(tmp_path: Any) -> Iterator[_Pair]:
+    root = os.path.join(tmp_path, "root")
+    os.mkdir(root)
+    store = LocalStore(root)
+    p = _Pair(store, str(tmp_path))
+    try:
+        yield p
+    finally:
+        p.stop()
+        store.close()
+
+
+def _put(store: LocalStore, data: bytes) -> str:
+    w = store.writer(f"put-{len(data)}")
+    w.write(data)
+    w.commit(len(data), None)
+    return str(w.digest())
+
+
+def test_reads_match_the_generic_handler(pair: _Pair, tmp_path: Any) -> None:
+    store = LocalStore(os.path.join(tmp_path, "root"))
+    try:
+        big = os.urandom((2 << 20) + 3)
+        dgst = _put(store, big)
+        empty = _put(store, b"")
+    finally:
+        store.close()
+    r = pair.both(pb.ReadContentRequest(digest=dgst))
+    assert r.code == grpc.StatusCode.OK
+    assert [(m.offset, len(m.data)) for m in r.responses] == [
+        (0, 1 << 20), (1 << 20, 1 << 20), (2 << 20, 3)
+    ]
+    assert b"".join(m.data for m in r.responses) == big
+    r = pair.both(pb.ReadContentRequest(digest=dgst, offset=5, size=32 << 10))
+    assert [m.data for m in r.responses] == [big[5 : 5 + (32 << 10)]]
+    for offset, size in ((len(big), 0), (len(big) - 1, 10), (0, 1), (-3, 4), (7, -1)):
+        r = pair.both(pb.ReadContentRequest(digest=dgst, offset=offset, size=size))
+        assert r.code == grpc.StatusCode.OK
+    assert pair.both(pb.ReadContentRequest(digest=empty)).responses == []
+    failures = [
+        (pb.ReadContentRequest(digest=dgst, offset=len(big) + 1), NS,
+         grpc.StatusCode.OUT_OF_RANGE),
+        (pb.ReadContentRequest(digest="sha256:" + "0" * 64), NS, grpc.StatusCode.NOT_FOUND),
+        (pb.ReadContentRequest(digest="sha256:nothex"), NS, grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.ReadContentRequest(digest=""), NS, grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.ReadContentRequest(digest=dgst), (), grpc.StatusCode.FAILED_PRECONDITION),
+        (pb.ReadContentRequest(digest=dgst), (("containerd-namespace", "a b"),),
+         grpc.StatusCode.INVALID_ARGUMENT),
+    ]
+    for req, md, code in failures:
+        r = pair.both(req, md)
+        assert r.code == code, (req, md, r)
+        assert r.responses == []
+        assert r.details
+
+
+def test_undecodable_request_as_grpcio(pair: _Pair) -> None:
+    codes = []
+    for raw in pair.raws:
+        call = raw.channel.unary_stream(SERVICE + "Read")  # bytes in, bytes out
+        with pytest.raises(grpc.RpcError) as exc:
+            list(call(b"\x0a\xff", metadata=NS, timeout=30))  # a field longer than the data
+        codes.append((exc.value.code(), exc.value.details()))
+    assert codes[0] == codes[1]
+    assert codes[0][0] == grpc.StatusCode.INTERNAL
+
+
+def test_cancelled_stream_then_more_reads(pair: _Pair, tmp_path: Any) -> None:
+    store = LocalStore(os.path.join(tmp_path, "root"))
+    try:
+        big = os.urandom(8 << 20)
+        dgst = _put(store, big)
+    finally:
+        store.close()
+    raw = pair.raws[0]
+    call = raw.channel.unary_stream(
+        SERVICE + "Read", request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=pb.ReadContentResponse.FromString,
+    )
+    for _ in range(3):
+        stream = call(pb.ReadContentRequest(digest=dgst), metadata=NS, timeout=30)
+        first = next(stream)
+        assert first.data == big[: 1 << 20]
+        stream.cancel()
+        with pytest.raises(grpc.RpcError) as exc:
+            list(stream)
+        assert exc.value.code() == grpc.StatusCode.CANCELLED
+    r = pair.both(pb.ReadContentRequest(digest=dgst, offset=(8 << 20) - 10))
+    assert [m.data for m in r.responses] == [big[-10:]]
+
+
+def test_lane_stops_with_the_server(pair: _Pair) -> None:
+    lane = pair.lane.lane
+    assert lane is not None and lane.alive
+    pair.lane.stop(0).wait()
+    lane.join(10)
+    assert not lane.alive
