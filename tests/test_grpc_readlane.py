@@ -149,3 +149,24 @@ def test_lane_stops_with_the_server(pair: _Pair) -> None:
     pair.lane.stop(0).wait()
     lane.join(10)
     assert not lane.alive
+
+
+def test_kept_open_blob_deleted_then_committed_again(pair: _Pair, tmp_path: Any) -> None:
+    store = LocalStore(os.path.join(tmp_path, "root"))
+    try:
+        data = os.urandom(100 << 10)
+        dgst = _put(store, data)
+        req = pb.ReadContentRequest(digest=dgst, offset=10, size=32 << 10)
+        for _ in range(2):  # the second read is served from the blob the lane kept open
+            assert [m.data for m in pair.both(req).responses] == [data[10 : 10 + (32 << 10)]]
+        store.delete(dgst)
+        r = pair.both(req)
+        assert r.code == grpc.StatusCode.NOT_FOUND, r
+        assert _put(store, data) == dgst
+        for _ in range(2):
+            assert [m.data for m in pair.both(req).responses] == [data[10 : 10 + (32 << 10)]]
+        other = _put(store, b"x" * 5)
+        r = pair.both(pb.ReadContentRequest(digest=other, size=3), ())
+        assert r.code == grpc.StatusCode.FAILED_PRECONDITION  # namespace checked as before
+    finally:
+        store.close()

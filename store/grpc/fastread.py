@@ -25,18 +25,26 @@ UNIMPLEMENTED, as grpcio's server does. A call the client cancels ends at its ne
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
+from store.digest import parse_digest
 from store.errors import StoreError
+from store.reader import FileReaderAt
 
 from .errors import GrpcError, to_grpc
 from .pb import content_pb2 as pb
+from .service import NAMESPACE_KEY, READ_CHUNK, check_namespace
+from .wire import encode_read_response
+
+if TYPE_CHECKING:
+    from .service import ContentService
 
 __all__ = ["ReadLane", "attach"]
 
@@ -55,7 +63,23 @@ _CYGRPC_NAMES = (
 #: What a read turns into a status; anything else is a bug (UNKNOWN, logged).
 _EXPECTED = (StoreError, GrpcError, OSError)
 
-ReadFn = Callable[[pb.ReadContentRequest, Any], Iterator[bytes]]
+#: Open blobs kept by the lane (ctr reads one blob in many calls).
+OPEN_BLOBS = 32
+#: Namespaces already found valid (a set that stops growing at this size).
+KNOWN_NAMESPACES = 256
+
+
+class _Open:
+    """A blob the lane keeps open, with what identifies its file."""
+
+    __slots__ = ("reader", "path", "dev", "ino", "size")
+
+    def __init__(self, reader: FileReaderAt, path: str, st: os.stat_result) -> None:
+        self.reader = reader
+        self.path = path
+        self.dev = st.st_dev
+        self.ino = st.st_ino
+        self.size = st.st_size
 
 
 class _Call:
@@ -85,10 +109,15 @@ class ReadLane:
     has. The thread ends once the server shuts down and its last call is done.
     """
 
-    def __init__(self, cy_server: Any, cygrpc: Any, read: ReadFn, *, debug: bool) -> None:
+    def __init__(
+        self, cy_server: Any, cygrpc: Any, service: ContentService, *, debug: bool
+    ) -> None:
         self._server = cy_server
         self._cy = cygrpc
-        self._read = read
+        self._service = service
+        self._read = service.read
+        self._open: dict[str, _Open] = {}
+        self._namespaces: set[str] = set()
         self._debug = debug
         self._cq = cygrpc.CompletionQueue()
         cy_server.register_completion_queue(self._cq)
@@ -96,6 +125,7 @@ class ReadLane:
         self._new = object()  # tag of the pending request for a new call
         self._active: set[_Call] = set()
         self._thread = threading.Thread(target=self._run, name="contentfs-read", daemon=True)
+        self._ok = cygrpc.StatusCode.ok
 
     def start(self) -> None:
         """Begin serving; the server must be started."""
@@ -139,6 +169,9 @@ class ReadLane:
             except Exception:  # a bug: never let it stop the lane
                 log.exception("read lane: call failed")
                 self._finish(state, grpc.StatusCode.UNKNOWN, "internal error in the read lane")
+        for blob in self._open.values():
+            blob.reader.close()
+        self._open.clear()
         log.debug("read lane: stopped")
 
     def _accept(self, event: Any) -> None:
@@ -166,6 +199,20 @@ class ReadLane:
         except DecodeError:  # as grpcio's server reports it
             self._finish(state, grpc.StatusCode.INTERNAL, "Exception deserializing request!")
             return
+        data = self._quick(request, state.metadata)
+        if data is not None:
+            cy = self._cy
+            state.replied = True
+            state.call.start_server_batch(
+                (
+                    cy.SendInitialMetadataOperation(None, 0),
+                    cy.SendMessageOperation(data, 0),
+                    cy.SendStatusFromServerOperation(None, self._ok, b"", 0),
+                    cy.ReceiveCloseOnServerOperation(0),
+                ),
+                (self._on_done, state),
+            )
+            return
         try:
             state.chunks = iter(self._read(request, state.metadata))
             state.pending = next(state.chunks, None)
@@ -173,6 +220,74 @@ class ReadLane:
             self._fail(state, exc)
             return
         self._send_next(state)
+
+    def _quick(self, req: pb.ReadContentRequest, metadata: Any) -> bytes | None:
+        """The one message answering a Read of one chunk or less of a blob that is valid
+        and open already (or opens now); None for everything else, which the service's
+        read then answers in full (errors included)."""
+        blob = self._open.get(req.digest)
+        if blob is None:
+            blob = self._admit(req.digest)
+            if blob is None:
+                return None
+        else:
+            try:
+                st = os.lstat(blob.path)
+            except OSError:
+                st = None
+            if st is None or (st.st_dev, st.st_ino, st.st_size) != (
+                blob.dev, blob.ino, blob.size
+            ):  # deleted or replaced: forget it, the full path says what happened
+                del self._open[req.digest]
+                blob.reader.close()
+                return None
+            self._open[req.digest] = self._open.pop(req.digest)  # most recently used last
+        ns = ""
+        for key, value in metadata:
+            if key == NAMESPACE_KEY:
+                ns = value
+                break
+        if ns not in self._namespaces:
+            try:
+                check_namespace(metadata)
+            except GrpcError:
+                return None
+            if len(self._namespaces) < KNOWN_NAMESPACES:
+                self._namespaces.add(ns)
+        offset = req.offset if req.offset > 0 else 0
+        size = blob.size
+        end = size if req.size <= 0 or offset + req.size > size else offset + req.size
+        n = end - offset
+        if n <= 0 or n > READ_CHUNK:
+            return None
+        data = os.pread(blob.reader.fileno(), n, offset)
+        if len(data) != n:
+            return None
+        return encode_read_response(0, data)
+
+    def _admit(self, digest: str) -> _Open | None:
+        """Open a committed blob to keep; None if it is not one (the full path reports)."""
+        try:
+            dgst = parse_digest(digest)
+            reader = self._service.store.reader_at(dgst)
+        except (StoreError, OSError):
+            return None
+        path = self._service.store.layout.blob_path(dgst)
+        try:
+            st = os.fstat(reader.fileno())
+            lst = os.lstat(path)
+        except OSError:
+            reader.close()
+            return None
+        if (lst.st_dev, lst.st_ino) != (st.st_dev, st.st_ino):
+            reader.close()
+            return None
+        blob = _Open(reader, path, st)
+        if len(self._open) >= OPEN_BLOBS:
+            oldest = next(iter(self._open))
+            self._open.pop(oldest).reader.close()
+        self._open[digest] = blob
+        return blob
 
     def _on_sent(self, state: _Call, event: Any) -> None:
         if not event.success:  # cancelled by the client or by shutdown
@@ -258,7 +373,9 @@ class ReadLane:
         state.call = None
 
 
-def attach(server: grpc.Server, read: ReadFn, *, debug: bool = False) -> ReadLane | None:
+def attach(
+    server: grpc.Server, service: ContentService, *, debug: bool = False
+) -> ReadLane | None:
     """Register a Read lane on ``server`` (built, not yet started); None when this grpcio
     does not have the internals it needs (the generic handler then serves Read)."""
     try:
@@ -272,4 +389,4 @@ def attach(server: grpc.Server, read: ReadFn, *, debug: bool = False) -> ReadLan
     for name in ("register_method", "request_registered_call", "register_completion_queue"):
         if not hasattr(cy_server, name):
             return None
-    return ReadLane(cy_server, cygrpc, read, debug=debug)
+    return ReadLane(cy_server, cygrpc, service, debug=debug)

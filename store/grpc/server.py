@@ -327,7 +327,7 @@ def build_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    lane = attach(server, service.read, debug=debug) if read_lane else None
+    lane = attach(server, service, debug=debug) if read_lane else None
     return Server(server, lane), pool
 
 
