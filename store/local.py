@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from .digest import ALGORITHMS, CANONICAL, Digest, parse_digest, split_digest
 from .errors import AlreadyExists, DataLoss, InvalidArgument, NotFound
-from .filters import parse_filters
+from .filters import Filter, parse_filters
 from .fsutil import ensure_dir, read_small, write_atomic
 from .layout import Layout
 from .locks import try_lock
@@ -33,6 +33,7 @@ __all__ = ["MAX_LABEL_SIZE", "LocalStore", "validate_labels"]
 log = logging.getLogger(__name__)
 
 MAX_LABEL_SIZE = 4096
+_WALK_BATCH = 256  # blobs per metadata query in walk
 _CHUNK = 1 << 20
 
 
@@ -191,14 +192,36 @@ class LocalStore:
         Filters are parsed first (InvalidArgument on a syntax error). Fields: ``digest``
         and ``labels.<key>``. Blobs on disk without metadata are included.
         """
-        flt = parse_filters(*filters)
-        rows = self.db.all_blobs()
+        for info in self.iter_infos(*filters):
+            fn(info)
+
+    def iter_infos(self, *filters: str) -> Iterator[Info]:
+        """``walk`` as an iterator, for streaming listings (gRPC List): blobs in digest
+        order, metadata read per batch, so memory stays flat however many blobs there
+        are. Filters are parsed at the call (InvalidArgument on a syntax error)."""
+        return self._iter_infos(parse_filters(*filters))
+
+    def _iter_infos(self, flt: Filter) -> Iterator[Info]:
         for alg in sorted(self.algorithms()):
+            batch: builtins.list[tuple[Digest, os.stat_result]] = []
             for name, st in self._scan_blobs(alg):
-                dgst = Digest(f"{alg}:{name}")
-                info = self._info(dgst, st, rows.get(dgst))
-                if flt.match(_info_adaptor(info)):
-                    fn(info)
+                batch.append((Digest(f"{alg}:{name}"), st))
+                if len(batch) == _WALK_BATCH:
+                    yield from self._infos_of(batch, flt)
+                    batch = []
+            yield from self._infos_of(batch, flt)
+
+    def _infos_of(
+        self, batch: Sequence[tuple[Digest, os.stat_result]], flt: Filter
+    ) -> Iterator[Info]:
+        """The matching Infos of one batch, with its metadata rows from one query."""
+        if not batch:
+            return
+        rows = self.db.get_blobs([d for d, _ in batch])
+        for dgst, st in batch:
+            info = self._info(dgst, st, rows.get(dgst))
+            if flt.match(_info_adaptor(info)):
+                yield info
 
     def list(self, *filters: str) -> builtins.list[Info]:
         """Walk into a list."""
@@ -220,18 +243,19 @@ class LocalStore:
         want = ALGORITHMS[alg]
         if not (_is_dir(self.layout.blobs) and _is_dir(self.layout.blob_dir(alg))):
             return
+        blob_dir = self.layout.blob_dir(alg)
         try:
-            entries = sorted(os.scandir(self.layout.blob_dir(alg)), key=lambda e: e.name)
+            # names only, not DirEntry objects: 100k blobs hold ~12 MB here instead of ~90
+            names = sorted(os.listdir(blob_dir))
         except (FileNotFoundError, NotADirectoryError):
             return
-        for entry in entries:
-            name = entry.name
+        for name in names:
             if len(name) != want or name.strip("0123456789abcdef"):
-                log.debug("skipping %s: not a digest", entry.path)
+                log.debug("skipping %s/%s: not a digest", blob_dir, name)
                 continue
             try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
+                st = os.lstat(os.path.join(blob_dir, name))
+            except (FileNotFoundError, NotADirectoryError):
                 continue
             if stat.S_ISREG(st.st_mode):
                 yield name, st

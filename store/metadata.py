@@ -148,6 +148,26 @@ class MetadataDB:
                     out[d] = (size, cr, up)
         return out
 
+    def get_blobs(self, digests: list[str]) -> dict[str, BlobRow]:
+        """Rows, with labels, of those ``digests`` that have one: a batch of a listing,
+        so walking many blobs never holds every row at once."""
+        out: dict[str, BlobRow] = {}
+        with self._tx() as c:
+            for i in range(0, len(digests), 500):
+                chunk = digests[i : i + 500]
+                marks = ",".join("?" * len(chunk))
+                for d, size, cr, up in c.execute(
+                    "SELECT digest, size, created_ns, updated_ns FROM blobs"
+                    f" WHERE digest IN ({marks})", chunk
+                ):
+                    out[d] = (size, cr, up, {})
+                for d, k, v in c.execute(
+                    f"SELECT digest, key, value FROM labels WHERE digest IN ({marks})", chunk
+                ):
+                    if d in out:
+                        out[d][3][k] = v
+        return out
+
     def all_blobs(self) -> dict[str, BlobRow]:
         with self._tx() as c:
             rows: dict[str, BlobRow] = {

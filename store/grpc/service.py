@@ -19,6 +19,7 @@ Write stream that ends without error repeats its last response once (reference Â
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import logging
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -157,9 +158,8 @@ class ContentService:
         self, req: pb.ListContentRequest, metadata: Sequence[tuple[str, str]]
     ) -> Iterator[pb.ListContentResponse]:
         check_namespace(metadata)
-        infos = self.store.list(*req.filters)
-        for start in range(0, len(infos), LIST_BATCH):
-            batch = infos[start : start + LIST_BATCH]
+        infos = self.store.iter_infos(*req.filters)  # streamed: flat memory for any count
+        while batch := list(itertools.islice(infos, LIST_BATCH)):
             yield pb.ListContentResponse(info=[info_to_pb(i) for i in batch])
 
     def delete(self, req: pb.DeleteContentRequest, metadata: Sequence[tuple[str, str]]) -> None:
