@@ -4,11 +4,14 @@ thread pool hop.
 ``ctr content get`` issues one Read RPC per 32 KiB, so the per-call cost decides its
 speed. grpcio's sync server spends most of it in Python around each call (a pool hop,
 a condition wait per received and per sent message, a separate batch for the status):
-about 330 µs of server CPU per 32 KiB Read on the reference machine, against about
+about 330 µs of server CPU per 32 KiB Read on the test machine, against about
 150 µs here, where each call is two batches on a completion queue of our own: receive
 the request, then initial metadata + message + status (+ receive-close) in one batch.
 A Read larger than one chunk streams: each chunk waits for the previous send to
-complete, and only the last one travels with the status.
+complete, and only the last one travels with the status. The lane keeps the last
+:data:`OPEN_BLOBS` blobs it read open (ctr reads one blob in thousands of calls); each
+call checks by ``lstat`` that the path still names the same file, else it forgets it and
+answers through the service's full path (NotFound for a deleted blob).
 
 This uses grpcio's Cython layer (``grpc._cython.cygrpc``), which is not public API.
 :func:`attach` checks that the pieces are there and returns None otherwise; the server
