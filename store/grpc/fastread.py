@@ -163,7 +163,13 @@ class ReadLane:
                 if not event.success:  # the server is shutting down
                     serving = False
                     continue
-                self._server.request_registered_call(self._cq, self._cq, READ_METHOD, self._new)
+                try:
+                    self._server.request_registered_call(
+                        self._cq, self._cq, READ_METHOD, self._new
+                    )
+                except Exception:  # shutting down under us: serve what we have
+                    log.debug("read lane: no more calls", exc_info=True)
+                    serving = False
                 self._accept(event)
                 continue
             step, state = tag
