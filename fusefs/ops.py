@@ -65,6 +65,8 @@ BUSY_WAIT = 1.0
 _ZEROS = bytes(1 << 20)
 _STATFS_TTL = 5.0
 _RESERVED = "contentfs."
+#: Label changes by other processes are looked for this far back from the newest seen.
+_UPDATED_SLACK_NS = 2_000_000_000
 _READDIR_BATCH = 64  # entries stat-ed (and one DB query) per step of a listing
 _NAME_MAX = 255  # a new ingest name may be no longer than any Linux file name
 
@@ -109,6 +111,7 @@ class DirHandle:
     keys: list[int]  # readdir cursors, ascending
     names: list[str]  # entry names
     refs: list[str]  # what each entry names: a ref, an algorithm, a root entry
+    inos: list[int] = dataclasses.field(default_factory=list)  # blobs/<alg>/: blob inodes
 
 
 Handle = ReadHandle | WriteHandle | DirHandle
@@ -135,6 +138,11 @@ class ContentOps(pyfuse3.Operations):
         self.verified: set[tuple[int, int, int, int]] = set()
         self.corrupt: set[tuple[int, int, int, int]] = set()
         self._statfs: tuple[float, pyfuse3.StatvfsData] | None = None
+        # Attributes of blobs by inode, as sent to the kernel (blobs are immutable). An
+        # entry is dropped when its blob is deleted, committed or relabelled, here or by
+        # another process (watch.py); plain C structs keep 100k blobs at ~25 MB.
+        self.blob_attrs: dict[int, pyfuse3.EntryAttributes] = {}
+        self._updated_mark = time.time_ns()  # newest UpdatedAt seen (nothing cached yet)
         # Test hook: a lookup of this name at the root raises a non-FUSE exception, to
         # check that a handler bug ends the daemon non-zero instead of becoming EIO.
         crash = os.environ.get("CONTENTFS_TEST_CRASH_LOOKUP")
@@ -254,12 +262,41 @@ class ContentOps(pyfuse3.Operations):
         if node is None:
             return self._negative()
         try:
-            attr = self._attr(node)
+            entry = self._entry_of(node)
         except pyfuse3.FUSEError:
             self.nodes.drop_unused(node)  # vanished between the check and the stat
             raise
         self.nodes.remember(node)
-        return self._entry(attr)
+        return entry
+
+    def _entry_of(self, node: Node) -> pyfuse3.EntryAttributes:
+        """What the kernel gets for ``node``; blobs from ``blob_attrs`` when held there."""
+        if node.kind is Kind.BLOB and node.ino >> 62 == 1:  # not a committed ingest's node
+            entry = self.blob_attrs.get(node.ino)
+            if entry is None:
+                entry = self._entry(self._attr(node))
+                self.blob_attrs[node.ino] = entry
+            return entry
+        return self._entry(self._attr(node))
+
+    def relabelled(self) -> list[int]:
+        """Blobs relabelled since the last call, by any process (UpdatedAt moved): drop
+        their cached attributes; return the inodes the kernel holds among them."""
+        rows = self.store.db.blobs_updated_since(self._updated_mark - _UPDATED_SLACK_NS)
+        held = []
+        for digest, created, updated in rows:
+            self._updated_mark = max(self._updated_mark, updated)
+            ino = view.blob_ino(digest)
+            entry = self.blob_attrs.get(ino)
+            if entry is not None and entry.st_ctime_ns != max(created, updated):
+                del self.blob_attrs[ino]
+                if ino in self.nodes:
+                    held.append(ino)
+        return held
+
+    def drop_blob_attr(self, ino: int) -> None:
+        """Forget the cached attributes of blob ``ino`` (deleted, committed, relabelled)."""
+        self.blob_attrs.pop(ino, None)
 
     def _child(self, parent: Node, name: str) -> Node | None:
         """The node ``name`` in ``parent``; None for a cacheable miss; ENOENT otherwise."""
@@ -295,7 +332,7 @@ class ContentOps(pyfuse3.Operations):
         return found
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._entry(self._attr(self._node(inode)))
+        return self._entry_of(self._node(inode))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, n in inode_list:
@@ -341,8 +378,11 @@ class ContentOps(pyfuse3.Operations):
         else:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         entries.sort(key=lambda e: e[0])
-        handle = DirHandle(node.kind, node.key, [e[0] for e in entries],
-                           [e[1] for e in entries], [e[2] for e in entries])
+        names = [e[1] for e in entries]
+        handle = DirHandle(node.kind, node.key, [e[0] for e in entries], names,
+                           [e[2] for e in entries])
+        if node.kind is Kind.ALG:
+            handle.inos = [view.hex_ino(n) for n in names]
         return self._add_handle(handle)
 
     def _snapshot_blobs(self, alg: str) -> list[tuple[int, str, str]]:
@@ -361,6 +401,10 @@ class ContentOps(pyfuse3.Operations):
         handle = self.handles[fh]
         assert isinstance(handle, DirHandle)
         i = bisect.bisect_left(handle.keys, start_id)
+        if handle.kind is Kind.ALG:
+            with fuse_errors(f"list blobs/{handle.key}"):
+                self._readdir_blobs(handle, i, token)
+            return
         while i < len(handle.keys):
             batch = range(i, min(i + _READDIR_BATCH, len(handle.keys)))
             listed = self._listed(handle, batch)
@@ -379,11 +423,56 @@ class ContentOps(pyfuse3.Operations):
                 self.nodes.remember(node)
             i = batch.stop
 
+    def _readdir_blobs(self, handle: DirHandle, i: int, token: pyfuse3.ReaddirToken) -> None:
+        """readdirplus of blobs/<alg>/ from entry ``i``: attributes from ``blob_attrs``,
+        the missing ones read a batch at a time (one lstat each, one DB query)."""
+        alg = handle.key
+        cache = self.blob_attrs
+        keys, names, inos = handle.keys, handle.names, handle.inos
+        get_node = self.nodes.get
+        reply = pyfuse3.readdir_reply
+        n = len(keys)
+        while i < n:
+            stop = min(i + _READDIR_BATCH, n)
+            missing = [j for j in range(i, stop) if inos[j] not in cache]
+            if missing:
+                self._fill_blob_attrs(alg, [names[j] for j in missing],
+                                      [inos[j] for j in missing])
+            for j in range(i, stop):
+                ino = inos[j]
+                entry = cache.get(ino)
+                if entry is None:  # deleted since opendir
+                    continue
+                name = names[j]
+                if not reply(token, name.encode(), entry, keys[j] + 1):
+                    return
+                node = get_node(ino)
+                if node is None or node.kind is not Kind.BLOB:
+                    node = self.nodes.blob(f"{alg}:{name}")
+                node.lookups += 1
+            i = stop
+
+    def _fill_blob_attrs(self, alg: str, names: list[str], inos: list[int]) -> None:
+        """Read the attributes of blobs ``names`` of ``alg`` into ``blob_attrs``; blobs
+        that no longer exist are left out."""
+        prefix = f"{alg}:"
+        times = self.store.db.get_blob_times([prefix + n for n in names])
+        base = os.path.join(self.store.layout.blob_dir(alg), "")
+        entry = self._entry
+        for name, ino in zip(names, inos, strict=True):
+            try:
+                st = os.lstat(base + name)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            row = times.get(prefix + name)
+            created, updated = ((row[1], row[2]) if row is not None and row[0] == st.st_size
+                                else (st.st_mtime_ns, st.st_mtime_ns))
+            self.blob_attrs[ino] = entry(view.blob_attr(ino, st, created, updated))
+
     def _listed(self, handle: DirHandle, batch: range) -> list[tuple[Node, Attr] | None]:
         """Nodes and attributes of some snapshot entries (None for those that vanished)."""
-        if handle.kind is Kind.ALG:
-            with fuse_errors(f"list blobs/{handle.key}"):
-                return self._listed_blobs(handle.key, [handle.names[j] for j in batch])
         out: list[tuple[Node, Attr] | None] = []
         for j in batch:
             what = handle.refs[j]
@@ -404,26 +493,6 @@ class ContentOps(pyfuse3.Operations):
             except pyfuse3.FUSEError:
                 self.nodes.drop_unused(node)
                 out.append(None)
-        return out
-
-    def _listed_blobs(self, alg: str, names: list[str]) -> list[tuple[Node, Attr] | None]:
-        digests = [f"{alg}:{n}" for n in names]
-        times = self.store.db.get_blob_times(digests)
-        out: list[tuple[Node, Attr] | None] = []
-        for digest in digests:
-            try:
-                st = os.lstat(self.store.layout.blob_path(digest))  # type: ignore[arg-type]
-            except (FileNotFoundError, NotADirectoryError):
-                out.append(None)  # deleted since opendir
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                out.append(None)
-                continue
-            row = times.get(digest)
-            created, updated = ((row[1], row[2]) if row is not None and row[0] == st.st_size
-                                else (st.st_mtime_ns, st.st_mtime_ns))
-            node = self.nodes.blob(digest)
-            out.append((node, view.blob_attr(node.ino, st, created, updated)))
         return out
 
     async def releasedir(self, fh: int) -> None:
@@ -677,6 +746,7 @@ class ContentOps(pyfuse3.Operations):
             digest = f"{parent.key}:{text}"
             with fuse_errors(f"delete content {digest}"):
                 self.store.delete(digest)
+            self.drop_blob_attr(view.hex_ino(text))
             log.info("deleted content %s", digest)
         else:
             raise self._deny(f"unlink {text}: only blobs and ingests can be removed")
@@ -766,6 +836,7 @@ class ContentOps(pyfuse3.Operations):
         finally:
             writer.close()
         log.info("committed ingest %s as %s", ref, digest)
+        self.drop_blob_attr(view.blob_ino(digest))
         self.errors.pop(ref, None)
         return digest
 
@@ -947,6 +1018,7 @@ class ContentOps(pyfuse3.Operations):
                 self.store.update(
                     Info(info.digest, info.size, info.created_at, info.updated_at,
                          {key: value}), f"labels.{key}")
+                self.drop_blob_attr(node.ino)
                 # ctime (UpdatedAt) changed: drop the kernel's cached attributes
                 try:
                     pyfuse3.invalidate_inode(node.ino, attr_only=True)

@@ -52,8 +52,9 @@ BLKSIZE = 1 << 20
 BLOB_TIMEOUT = 3600.0
 #: Ingests change under writes and from other processes.
 INGEST_TIMEOUT = 1.0
-#: Misses in blobs/<alg>/ are cached briefly (invalidated on commit, also by the watcher).
-NEGATIVE_TIMEOUT = 1.0
+#: Misses in blobs/<alg>/ are invalidated on commit, and by the root watcher when another
+#: process adds a blob: cache them as long as blob entries.
+NEGATIVE_TIMEOUT = BLOB_TIMEOUT
 DIR_TIMEOUT = 3600.0
 LAYOUT_TIMEOUT = 1.0
 
@@ -131,6 +132,11 @@ def blob_ino(digest: str) -> int:
     """Stable inode number of a blob: 62 bits of its digest, tagged."""
     hexpart = digest.partition(":")[2]
     return _BLOB_TAG | (int(hexpart[:16], 16) & _LOW_62)
+
+
+def hex_ino(hexname: str) -> int:
+    """``blob_ino`` of a digest given by its hex part (any algorithm)."""
+    return _BLOB_TAG | (int(hexname[:16], 16) & _LOW_62)
 
 
 def dir_key(name: str) -> int:
@@ -241,6 +247,9 @@ class NodeTable:
             del self._nodes[ino]
             if node.kind is Kind.INGEST and self._ingest_by_ref.get(node.key) == ino:
                 del self._ingest_by_ref[node.key]
+
+    def __contains__(self, ino: int) -> bool:
+        return ino in self._nodes
 
     def __len__(self) -> int:
         return len(self._nodes)

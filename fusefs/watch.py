@@ -1,9 +1,12 @@
 """Push changes made by other processes under the root into the kernel's caches.
 
-Blob entries are cached for an hour and misses for a second (view timeouts). inotify on
-``blobs/<alg>/`` tells us when a blob appears or disappears, whoever did it (the CLI, a
-gRPC server, containerd), and we invalidate that name so the next lookup sees the truth.
-Ingest entries have short timeouts and need no watch.
+Blob entries and misses are cached for an hour (view timeouts), blob attributes also by
+the mount (``ContentOps.blob_attrs``). inotify on ``blobs/<alg>/`` tells us when a blob
+appears or disappears, whoever did it (the CLI, a gRPC server, containerd): we drop its
+cached attributes and invalidate that name so the next lookup sees the truth. inotify on
+the metadata directory tells us the database changed: blobs whose UpdatedAt moved
+(labels set elsewhere) get their cached attributes dropped and the kernel's invalidated,
+so ctime moves. Ingest entries have short timeouts and need no watch.
 """
 
 from __future__ import annotations
@@ -11,14 +14,16 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import math
 import os
 import struct
 
 import pyfuse3
 import trio
 
-from store import ALGORITHMS
+from store import ALGORITHMS, StoreError
 
+from . import view
 from .ops import ContentOps
 
 __all__ = ["watch_store"]
@@ -37,6 +42,10 @@ IN_NONBLOCK = 0o4000
 IN_CLOEXEC = 0o2000000
 _EVENT = struct.Struct("iIII")
 _DIR_EVENTS = IN_CREATE | IN_MOVED_TO
+_META_EVENTS = IN_MODIFY | IN_CREATE | IN_MOVED_TO
+_META = ".meta"  # tag of the metadata directory's watch (no algorithm has a dot)
+#: Looking for relabelled blobs scans the metadata: at most this often (seconds).
+DB_CHECK_INTERVAL = 0.2
 _BLOB_EVENTS = IN_CREATE | IN_MOVED_TO | IN_DELETE | IN_MOVED_FROM
 
 
@@ -58,7 +67,8 @@ class _Inotify:
 
 
 async def watch_store(ops: ContentOps) -> None:
-    """Run until cancelled, invalidating kernel entries for blobs changed under us."""
+    """Run until cancelled, invalidating kernel entries (and the mount's cached blob
+    attributes) for blobs added, deleted or relabelled under us."""
     try:
         ino = _Inotify()
     except (OSError, AttributeError) as exc:
@@ -66,49 +76,95 @@ async def watch_store(ops: ContentOps) -> None:
                     " after cache timeouts", exc)
         return
     layout = ops.store.layout
-    watches: dict[int, str] = {}  # wd -> "" (root), "blobs", or an algorithm
+    watches: dict[int, str] = {}  # wd -> "" (root), "blobs", _META, or an algorithm
+    db_name = os.path.basename(layout.db).encode()
 
     def arm() -> None:
         for path, tag, mask in [(layout.root, "", _DIR_EVENTS),
-                                (layout.blobs, "blobs", _DIR_EVENTS)] + [
+                                (layout.blobs, "blobs", _DIR_EVENTS),
+                                (layout.private, _META, _META_EVENTS)] + [
                                     (layout.blob_dir(a), a, _BLOB_EVENTS) for a in ALGORITHMS]:
             if tag not in watches.values():
                 wd = ino.add(path, mask)
                 if wd >= 0:
                     watches[wd] = tag
 
+    db_dirty = False  # the metadata database changed: labels may have moved
+    last_check = -math.inf
     try:
         arm()
         while True:
-            await trio.lowlevel.wait_readable(ino.fd)
-            try:
-                data = os.read(ino.fd, 1 << 16)
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                log.warning("inotify failed (%s): watch stopped; other processes' changes"
-                            " show up after cache timeouts", exc)
-                return
-            rearm = False
-            pos = 0
-            while pos + _EVENT.size <= len(data):
-                wd, mask, _cookie, length = _EVENT.unpack_from(data, pos)
-                name = data[pos + _EVENT.size: pos + _EVENT.size + length].rstrip(b"\0")
-                pos += _EVENT.size + length
-                if mask & IN_Q_OVERFLOW:
-                    log.warning("inotify queue overflow: cached blob entries may be stale")
+            wait = (last_check + DB_CHECK_INTERVAL - trio.current_time() if db_dirty
+                    else math.inf)
+            with trio.move_on_after(max(0.0, wait)):
+                await trio.lowlevel.wait_readable(ino.fd)
+                try:
+                    data = os.read(ino.fd, 1 << 16)
+                except BlockingIOError:
                     continue
-                tag = watches.get(wd)
-                if mask & IN_IGNORED:
-                    watches.pop(wd, None)
-                    rearm = True
-                elif tag in ("", "blobs"):
-                    rearm = rearm or bool(mask & IN_ISDIR)
-                elif tag is not None and name:
-                    alg_ino = ops.nodes.alg_ino(tag)
-                    if alg_ino is not None:
-                        pyfuse3.invalidate_entry_async(alg_ino, name, ignore_enoent=True)
-            if rearm:
-                arm()
+                except OSError as exc:
+                    log.warning("inotify failed (%s): watch stopped; other processes'"
+                                " changes show up after cache timeouts", exc)
+                    return
+                rearm, changed = _handle(ops, watches, data, db_name)
+                db_dirty = db_dirty or changed
+                if rearm:
+                    arm()
+            if db_dirty and trio.current_time() >= last_check + DB_CHECK_INTERVAL:
+                db_dirty = False
+                last_check = trio.current_time()
+                await _relabelled(ops)
     finally:
         ino.close()
+
+
+def _handle(ops: ContentOps, watches: dict[int, str], data: bytes,
+            db_name: bytes) -> tuple[bool, bool]:
+    """Act on a buffer of inotify events: (whether to re-arm, whether the database
+    changed)."""
+    rearm = changed = False
+    pos = 0
+    while pos + _EVENT.size <= len(data):
+        wd, mask, _cookie, length = _EVENT.unpack_from(data, pos)
+        name = data[pos + _EVENT.size: pos + _EVENT.size + length].rstrip(b"\0")
+        pos += _EVENT.size + length
+        if mask & IN_Q_OVERFLOW:
+            log.warning("inotify queue overflow: cached blob entries may be stale")
+            changed = True
+            continue
+        tag = watches.get(wd)
+        if mask & IN_IGNORED:
+            watches.pop(wd, None)
+            rearm = True
+        elif tag in ("", "blobs"):
+            rearm = rearm or bool(mask & IN_ISDIR)
+        elif tag == _META:
+            changed = changed or name.startswith(db_name)
+        elif tag is not None and name:
+            alg_ino = ops.nodes.alg_ino(tag)
+            if alg_ino is not None:
+                try:
+                    ops.drop_blob_attr(view.hex_ino(name.decode()))
+                except ValueError:  # not a blob name
+                    pass
+                pyfuse3.invalidate_entry_async(alg_ino, name, ignore_enoent=True)
+    return rearm, changed
+
+
+async def _relabelled(ops: ContentOps) -> None:
+    """Push label changes (ctime) made by any process into the kernel's attribute cache."""
+    try:
+        held = ops.relabelled()
+    except StoreError as exc:  # e.g. a locked database: try at the next change
+        log.warning("looking for relabelled blobs: %s", exc)
+        return
+
+    def invalidate() -> None:
+        for i in held:
+            try:
+                pyfuse3.invalidate_inode(i, attr_only=True)
+            except OSError as exc:  # ENOENT: the kernel no longer holds it
+                log.debug("invalidating inode %d: %s", i, exc)
+
+    if held:
+        await trio.to_thread.run_sync(invalidate)

@@ -148,6 +148,13 @@ class MetadataDB:
                     out[d] = (size, cr, up)
         return out
 
+    def blobs_updated_since(self, ns: int) -> list[tuple[str, int, int]]:
+        """(digest, created_ns, updated_ns) of blobs whose UpdatedAt is after ``ns``: what
+        changed since then (a mount looks for labels set by other processes)."""
+        with self._tx() as c:
+            return list(c.execute(
+                "SELECT digest, created_ns, updated_ns FROM blobs WHERE updated_ns > ?", (ns,)))
+
     def get_blobs(self, digests: list[str]) -> dict[str, BlobRow]:
         """Rows, with labels, of those ``digests`` that have one: a batch of a listing,
         so walking many blobs never holds every row at once."""

@@ -1,0 +1,86 @@
+"""The mount caches blob attributes and listings across `ls -l` (blobs are immutable):
+what changes a blob's view (labels, deletion, new blobs), here or from another process,
+still shows up in stat and in listings."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import pytest
+
+from tests import fuse_util
+from tests.fuse_util import CONTENTFS, Mount, run, sha256
+
+mounter = fuse_util.mounter
+mnt = fuse_util.mnt
+
+
+def _eventually(cond: Callable[[], bool], within: float = 5.0) -> None:
+    """Changes by other processes reach the mount asynchronously (inotify)."""
+    deadline = time.monotonic() + within
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition still false after {within}s")
+        time.sleep(0.01)
+
+
+def _ls_l(mnt: Mount) -> dict[str, os.stat_result]:
+    """What `ls -l` of blobs/sha256/ sees: every entry with its attributes."""
+    d = os.path.join(mnt.path, "blobs", "sha256")
+    with os.scandir(d) as it:
+        return {e.name: e.stat(follow_symlinks=False) for e in it}
+
+
+def _ingest_cli(mnt: Mount, data: bytes, ref: str) -> str:
+    run(CONTENTFS, "--root", mnt.root, "ingest", ref, stdin=data)
+    return sha256(data)
+
+
+def test_label_from_another_process_moves_ctime_of_a_listed_blob(mnt: Mount) -> None:
+    hexd = _ingest_cli(mnt, b"listed then relabelled\n", "a")
+    _eventually(lambda: hexd in _ls_l(mnt))
+    before = _ls_l(mnt)[hexd]
+    assert _ls_l(mnt)[hexd].st_ctime_ns == before.st_ctime_ns  # listed twice: cached
+    time.sleep(0.01)
+    run(CONTENTFS, "--root", mnt.root, "label", f"sha256:{hexd}", "who=cli")
+    _eventually(lambda: os.stat(mnt.blob(hexd)).st_ctime_ns > before.st_ctime_ns)
+    _eventually(lambda: _ls_l(mnt)[hexd].st_ctime_ns > before.st_ctime_ns)
+    after = os.stat(mnt.blob(hexd))
+    assert (after.st_mtime_ns, after.st_ino, after.st_size) == (
+        before.st_mtime_ns, before.st_ino, before.st_size)
+    # and once more, removing the label
+    time.sleep(0.01)
+    run(CONTENTFS, "--root", mnt.root, "label", f"sha256:{hexd}", "who=")
+    _eventually(lambda: _ls_l(mnt)[hexd].st_ctime_ns > after.st_ctime_ns)
+
+
+def test_label_through_the_mount_moves_ctime_of_a_listed_blob(mnt: Mount) -> None:
+    hexd = _ingest_cli(mnt, b"labelled here\n", "b")
+    _eventually(lambda: hexd in _ls_l(mnt))
+    before = _ls_l(mnt)[hexd]
+    time.sleep(0.01)
+    os.setxattr(mnt.blob(hexd), "user.k", b"v")
+    assert os.stat(mnt.blob(hexd)).st_ctime_ns > before.st_ctime_ns
+    assert _ls_l(mnt)[hexd].st_ctime_ns > before.st_ctime_ns
+    assert _ls_l(mnt)[hexd].st_mtime_ns == before.st_mtime_ns
+
+
+def test_blobs_deleted_or_added_elsewhere_leave_or_join_listings(mnt: Mount) -> None:
+    gone = _ingest_cli(mnt, b"to be deleted elsewhere\n", "c")
+    kept = _ingest_cli(mnt, b"stays\n", "d")
+    _eventually(lambda: {gone, kept} <= set(_ls_l(mnt)))
+    run(CONTENTFS, "--root", mnt.root, "rm", f"sha256:{gone}")
+    _eventually(lambda: gone not in _ls_l(mnt))
+    assert not os.path.exists(mnt.blob(gone))
+    assert kept in _ls_l(mnt)
+    # the same content committed again is a new blob: listed, with its new times
+    again = _ingest_cli(mnt, b"to be deleted elsewhere\n", "e")
+    _eventually(lambda: again in _ls_l(mnt))
+    with open(mnt.blob(again), "rb") as f:
+        assert f.read() == b"to be deleted elsewhere\n"
+    # deleted through the mount: gone from the next listing at once
+    os.unlink(mnt.blob(kept))
+    assert kept not in _ls_l(mnt)
+    assert kept not in os.listdir(os.path.join(mnt.path, "blobs", "sha256"))
