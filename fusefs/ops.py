@@ -9,6 +9,7 @@ anything else is a bug and ends the mount.
 
 from __future__ import annotations
 
+import array
 import bisect
 import dataclasses
 import errno
@@ -16,6 +17,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import stat
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +27,7 @@ import pyfuse3
 import trio
 
 from store import (
+    ALGORITHMS,
     MAX_LABEL_SIZE,
     AlreadyExists,
     FileReaderAt,
@@ -111,7 +114,29 @@ class DirHandle:
     keys: list[int]  # readdir cursors, ascending
     names: list[str]  # entry names
     refs: list[str]  # what each entry names: a ref, an algorithm, a root entry
-    inos: list[int] = dataclasses.field(default_factory=list)  # blobs/<alg>/: blob inodes
+    listing: BlobListing | None = None  # blobs/<alg>/ (keys, names, refs are empty)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BlobListing:
+    """The blob names of one ``blobs/<alg>/``, sorted, shared by every open of it until
+    the directory changes: ``names`` is their concatenation (each ``width`` bytes),
+    ``inos`` their inodes. About 100 bytes per blob."""
+
+    stamp: tuple[int, int, int]  # (ino, mtime, ctime) of the backing directory
+    width: int
+    names: bytes
+    inos: array.array[int]
+
+    def __len__(self) -> int:
+        return len(self.inos)
+
+    def name(self, j: int) -> bytes:
+        return self.names[j * self.width:(j + 1) * self.width]
+
+    def key(self, j: int) -> int:
+        """The readdir cursor of entry ``j`` (``view.hex_key``: sorts like the names)."""
+        return int(self.names[j * self.width:j * self.width + 15], 16) + 1
 
 
 Handle = ReadHandle | WriteHandle | DirHandle
@@ -142,6 +167,10 @@ class ContentOps(pyfuse3.Operations):
         # entry is dropped when its blob is deleted, committed or relabelled, here or by
         # another process (watch.py); plain C structs keep 100k blobs at ~25 MB.
         self.blob_attrs: dict[int, pyfuse3.EntryAttributes] = {}
+        # Listings of blobs/<alg>/, kept while the backing directory is unchanged (its
+        # times, and drop_listing when a blob comes or goes, here or elsewhere).
+        self._listings: dict[str, BlobListing] = {}
+        self._listing_gen: dict[str, int] = {}
         self._updated_mark = time.time_ns()  # newest UpdatedAt seen (nothing cached yet)
         # Test hook: a lookup of this name at the root raises a non-FUSE exception, to
         # check that a handler bug ends the daemon non-zero instead of becoming EIO.
@@ -371,27 +400,45 @@ class ContentOps(pyfuse3.Operations):
             entries = [(i + 1, alg, alg) for i, (alg, _) in enumerate(self.nodes.algorithms())]
         elif node.kind is Kind.ALG:
             with fuse_errors(f"list blobs/{node.key}"):
-                entries = await trio.to_thread.run_sync(self._snapshot_blobs, node.key)
+                listing = await trio.to_thread.run_sync(self._blob_listing, node.key)
+            return self._add_handle(DirHandle(node.kind, node.key, [], [], [], listing))
         elif node.kind is Kind.INGEST_DIR:
             with fuse_errors("list ingest/"):
                 entries = await trio.to_thread.run_sync(self._snapshot_ingests)
         else:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         entries.sort(key=lambda e: e[0])
-        names = [e[1] for e in entries]
-        handle = DirHandle(node.kind, node.key, [e[0] for e in entries], names,
-                           [e[2] for e in entries])
-        if node.kind is Kind.ALG:
-            handle.inos = [view.hex_ino(n) for n in names]
+        handle = DirHandle(node.kind, node.key, [e[0] for e in entries],
+                           [e[1] for e in entries], [e[2] for e in entries])
         return self._add_handle(handle)
 
-    def _snapshot_blobs(self, alg: str) -> list[tuple[int, str, str]]:
-        """Names only (attributes are read per readdir batch): memory stays small."""
+    def _blob_listing(self, alg: str) -> BlobListing:
+        """The names in blobs/<alg>/: the kept listing if the directory has not changed
+        since it was taken, else a new one (runs in a worker thread)."""
+        gen = self._listing_gen.get(alg, 0)
+        path = self.store.layout.blob_dir(alg)
         try:
-            names = os.listdir(self.store.layout.blob_dir(alg))
+            st = os.stat(path)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+            kept = self._listings.get(alg)
+            if kept is not None and kept.stamp == stamp:
+                return kept
+            names = os.listdir(path)
         except (FileNotFoundError, NotADirectoryError):
-            return []
-        return [(view.hex_key(n), n, n) for n in names if is_blob_name(alg, n)]
+            stamp, names = (0, 0, 0), []
+        width = ALGORITHMS[alg]
+        good = sorted(filter(_hex_pattern(width).fullmatch, names))
+        del names
+        listing = BlobListing(stamp, width, "".join(good).encode(),
+                              array.array("Q", map(view.hex_ino, good)))
+        if self._listing_gen.get(alg, 0) == gen:  # nothing dropped it meanwhile
+            self._listings[alg] = listing
+        return listing
+
+    def drop_listing(self, alg: str) -> None:
+        """A blob came or went in blobs/<alg>/: the next opendir lists it afresh."""
+        self._listing_gen[alg] = self._listing_gen.get(alg, 0) + 1
+        self._listings.pop(alg, None)
 
     def _snapshot_ingests(self) -> list[tuple[int, str, str]]:
         refs = {s.ref for s in self.store.list_statuses()} | set(self.writers)
@@ -400,11 +447,11 @@ class ContentOps(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         handle = self.handles[fh]
         assert isinstance(handle, DirHandle)
-        i = bisect.bisect_left(handle.keys, start_id)
-        if handle.kind is Kind.ALG:
+        if handle.listing is not None:
             with fuse_errors(f"list blobs/{handle.key}"):
-                self._readdir_blobs(handle, i, token)
+                self._readdir_blobs(handle.key, handle.listing, start_id, token)
             return
+        i = bisect.bisect_left(handle.keys, start_id)
         while i < len(handle.keys):
             batch = range(i, min(i + _READDIR_BATCH, len(handle.keys)))
             listed = self._listed(handle, batch)
@@ -423,32 +470,35 @@ class ContentOps(pyfuse3.Operations):
                 self.nodes.remember(node)
             i = batch.stop
 
-    def _readdir_blobs(self, handle: DirHandle, i: int, token: pyfuse3.ReaddirToken) -> None:
-        """readdirplus of blobs/<alg>/ from entry ``i``: attributes from ``blob_attrs``,
-        the missing ones read a batch at a time (one lstat each, one DB query)."""
-        alg = handle.key
+    def _readdir_blobs(self, alg: str, listing: BlobListing, start_id: int,
+                       token: pyfuse3.ReaddirToken) -> None:
+        """readdirplus of blobs/<alg>/ from cursor ``start_id``: attributes from
+        ``blob_attrs``, the missing ones read a batch at a time (one lstat each, one DB
+        query)."""
         cache = self.blob_attrs
-        keys, names, inos = handle.keys, handle.names, handle.inos
+        inos, width, names = listing.inos, listing.width, listing.names
         get_node = self.nodes.get
         reply = pyfuse3.readdir_reply
-        n = len(keys)
+        n = len(inos)
+        i = bisect.bisect_left(range(n), start_id, key=listing.key)
         while i < n:
             stop = min(i + _READDIR_BATCH, n)
             missing = [j for j in range(i, stop) if inos[j] not in cache]
             if missing:
-                self._fill_blob_attrs(alg, [names[j] for j in missing],
+                self._fill_blob_attrs(alg, [listing.name(j).decode() for j in missing],
                                       [inos[j] for j in missing])
             for j in range(i, stop):
                 ino = inos[j]
                 entry = cache.get(ino)
                 if entry is None:  # deleted since opendir
                     continue
-                name = names[j]
-                if not reply(token, name.encode(), entry, keys[j] + 1):
+                off = j * width
+                name = names[off:off + width]
+                if not reply(token, name, entry, int(name[:15], 16) + 2):
                     return
                 node = get_node(ino)
                 if node is None or node.kind is not Kind.BLOB:
-                    node = self.nodes.blob(f"{alg}:{name}")
+                    node = self.nodes.blob(f"{alg}:{name.decode()}")
                 node.lookups += 1
             i = stop
 
@@ -747,6 +797,7 @@ class ContentOps(pyfuse3.Operations):
             with fuse_errors(f"delete content {digest}"):
                 self.store.delete(digest)
             self.drop_blob_attr(view.hex_ino(text))
+            self.drop_listing(parent.key)
             log.info("deleted content %s", digest)
         else:
             raise self._deny(f"unlink {text}: only blobs and ingests can be removed")
@@ -837,6 +888,7 @@ class ContentOps(pyfuse3.Operations):
             writer.close()
         log.info("committed ingest %s as %s", ref, digest)
         self.drop_blob_attr(view.blob_ino(digest))
+        self.drop_listing(split_digest(digest)[0])  # type: ignore[arg-type]
         self.errors.pop(ref, None)
         return digest
 
@@ -1107,6 +1159,11 @@ class ContentOps(pyfuse3.Operations):
         if key not in self._labels(node):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         await self._change_label(node, key, "")
+
+
+@functools.cache
+def _hex_pattern(width: int) -> re.Pattern[str]:
+    return re.compile(f"[0-9a-f]{{{width}}}")
 
 
 def _hash_file(path: str) -> str:

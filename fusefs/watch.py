@@ -143,6 +143,7 @@ def _handle(ops: ContentOps, watches: dict[int, str], data: bytes,
         elif tag is not None and name:
             alg_ino = ops.nodes.alg_ino(tag)
             if alg_ino is not None:
+                ops.drop_listing(tag)
                 try:
                     ops.drop_blob_attr(view.hex_ino(name.decode()))
                 except ValueError:  # not a blob name
