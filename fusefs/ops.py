@@ -127,6 +127,7 @@ class BlobListing:
     width: int
     names: bytes
     inos: array.array[int]
+    keys: array.array[int]  # readdir cursors (``view.hex_key``: ascending like the names)
 
     def __len__(self) -> int:
         return len(self.inos)
@@ -134,9 +135,6 @@ class BlobListing:
     def name(self, j: int) -> bytes:
         return self.names[j * self.width:(j + 1) * self.width]
 
-    def key(self, j: int) -> int:
-        """The readdir cursor of entry ``j`` (``view.hex_key``: sorts like the names)."""
-        return int(self.names[j * self.width:j * self.width + 15], 16) + 1
 
 
 Handle = ReadHandle | WriteHandle | DirHandle
@@ -430,7 +428,8 @@ class ContentOps(pyfuse3.Operations):
         good = sorted(filter(_hex_pattern(width).fullmatch, names))
         del names
         listing = BlobListing(stamp, width, "".join(good).encode(),
-                              array.array("Q", map(view.hex_ino, good)))
+                              array.array("Q", map(view.hex_ino, good)),
+                              array.array("Q", map(view.hex_key, good)))
         if self._listing_gen.get(alg, 0) == gen:  # nothing dropped it meanwhile
             self._listings[alg] = listing
         return listing
@@ -473,34 +472,37 @@ class ContentOps(pyfuse3.Operations):
     def _readdir_blobs(self, alg: str, listing: BlobListing, start_id: int,
                        token: pyfuse3.ReaddirToken) -> None:
         """readdirplus of blobs/<alg>/ from cursor ``start_id``: attributes from
-        ``blob_attrs``, the missing ones read a batch at a time (one lstat each, one DB
-        query)."""
-        cache = self.blob_attrs
-        inos, width, names = listing.inos, listing.width, listing.names
-        get_node = self.nodes.get
+        ``blob_attrs``; on a miss, those of the next batch are read (one lstat each, one
+        DB query). The hot loop of ``ls -l``: keep it lean."""
+        cache_get = self.blob_attrs.get
+        inos, keys, width, names = listing.inos, listing.keys, listing.width, listing.names
+        node_get = self.nodes.table.get
+        blob_kind = Kind.BLOB
         reply = pyfuse3.readdir_reply
         n = len(inos)
-        i = bisect.bisect_left(range(n), start_id, key=listing.key)
+        i = bisect.bisect_left(keys, start_id)
+        filled = i  # entries before this were read into the cache by this call
         while i < n:
-            stop = min(i + _READDIR_BATCH, n)
-            missing = [j for j in range(i, stop) if inos[j] not in cache]
-            if missing:
-                self._fill_blob_attrs(alg, [listing.name(j).decode() for j in missing],
-                                      [inos[j] for j in missing])
-            for j in range(i, stop):
-                ino = inos[j]
-                entry = cache.get(ino)
-                if entry is None:  # deleted since opendir
+            ino = inos[i]
+            entry = cache_get(ino)
+            if entry is None:
+                if i >= filled:
+                    filled = min(i + _READDIR_BATCH, n)
+                    batch = [j for j in range(i, filled) if inos[j] not in self.blob_attrs]
+                    self._fill_blob_attrs(alg, [listing.name(j).decode() for j in batch],
+                                          [inos[j] for j in batch])
                     continue
-                off = j * width
-                name = names[off:off + width]
-                if not reply(token, name, entry, int(name[:15], 16) + 2):
-                    return
-                node = get_node(ino)
-                if node is None or node.kind is not Kind.BLOB:
-                    node = self.nodes.blob(f"{alg}:{name.decode()}")
-                node.lookups += 1
-            i = stop
+                i += 1  # deleted since opendir
+                continue
+            off = i * width
+            name = names[off:off + width]
+            if not reply(token, name, entry, keys[i] + 1):
+                return
+            node = node_get(ino)
+            if node is None or node.kind is not blob_kind:
+                node = self.nodes.blob(f"{alg}:{name.decode()}")
+            node.lookups += 1
+            i += 1
 
     def _fill_blob_attrs(self, alg: str, names: list[str], inos: list[int]) -> None:
         """Read the attributes of blobs ``names`` of ``alg`` into ``blob_attrs``; blobs

@@ -172,6 +172,11 @@ class NodeTable:
         for i, alg in enumerate(sorted(ALGORITHMS)):
             self._nodes[_ALG_BASE + i] = Node(_ALG_BASE + i, Kind.ALG, alg)
 
+    @property
+    def table(self) -> dict[int, Node]:
+        """The nodes by inode, for hot loops: read only."""
+        return self._nodes
+
     def get(self, ino: int) -> Node | None:
         return self._nodes.get(ino)
 
