@@ -306,17 +306,21 @@ class ContentOps(pyfuse3.Operations):
             return entry
         return self._entry(self._attr(node))
 
-    def relabelled(self) -> list[int]:
-        """Blobs relabelled since the last call, by any process (UpdatedAt moved): drop
-        their cached attributes; return the inodes the kernel holds among them."""
-        rows = self.store.db.blobs_updated_since(self._updated_mark - _UPDATED_SLACK_NS)
+    def updated_rows(self) -> list[tuple[str, int, int]]:
+        """Metadata rows whose UpdatedAt moved lately, for ``relabelled`` (a scan of the
+        blob table: call it from a worker thread)."""
+        return self.store.db.blobs_updated_since(self._updated_mark - _UPDATED_SLACK_NS)
+
+    def relabelled(self, rows: list[tuple[str, int, int]]) -> list[int]:
+        """Of ``updated_rows``, the blobs relabelled (by any process) since their
+        attributes were cached: drop those; return the inodes the kernel holds."""
         held = []
         for digest, created, updated in rows:
             self._updated_mark = max(self._updated_mark, updated)
             ino = view.blob_ino(digest)
             entry = self.blob_attrs.get(ino)
             if entry is not None and entry.st_ctime_ns != max(created, updated):
-                del self.blob_attrs[ino]
+                self.blob_attrs.pop(ino, None)
                 if ino in self.nodes:
                     held.append(ino)
         return held

@@ -155,7 +155,8 @@ def _handle(ops: ContentOps, watches: dict[int, str], data: bytes,
 async def _relabelled(ops: ContentOps) -> None:
     """Push label changes (ctime) made by any process into the kernel's attribute cache."""
     try:
-        held = ops.relabelled()
+        rows = await trio.to_thread.run_sync(ops.updated_rows)
+        held = ops.relabelled(rows)
     except StoreError as exc:  # e.g. a locked database: try at the next change
         log.warning("looking for relabelled blobs: %s", exc)
         return
