@@ -17,6 +17,7 @@ import time
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 from .errors import DataLoss, StoreError, Unavailable
 from .fsutil import ensure_dir
@@ -136,17 +137,13 @@ class MetadataDB:
     def get_blob_times(self, digests: list[str]) -> dict[str, tuple[int, int, int]]:
         """(size, created_ns, updated_ns) of those ``digests`` that have a row; no labels.
         For listings: one query per batch instead of one per blob."""
-        out: dict[str, tuple[int, int, int]] = {}
         with self._tx() as c:
-            for i in range(0, len(digests), 500):
-                chunk = digests[i : i + 500]
-                marks = ",".join("?" * len(chunk))
-                for d, size, cr, up in c.execute(
-                    "SELECT digest, size, created_ns, updated_ns FROM blobs"
-                    f" WHERE digest IN ({marks})", chunk
-                ):
-                    out[d] = (size, cr, up)
-        return out
+            return {
+                d: (size, cr, up)
+                for d, size, cr, up in _select_in(
+                    c, "SELECT digest, size, created_ns, updated_ns FROM blobs", digests
+                )
+            }
 
     def blobs_updated_since(self, ns: int) -> list[tuple[str, int, int]]:
         """(digest, created_ns, updated_ns) of blobs whose UpdatedAt is after ``ns``: what
@@ -158,35 +155,17 @@ class MetadataDB:
     def get_blobs(self, digests: list[str]) -> dict[str, BlobRow]:
         """Rows, with labels, of those ``digests`` that have one: a batch of a listing,
         so walking many blobs never holds every row at once."""
-        out: dict[str, BlobRow] = {}
         with self._tx() as c:
-            for i in range(0, len(digests), 500):
-                chunk = digests[i : i + 500]
-                marks = ",".join("?" * len(chunk))
-                for d, size, cr, up in c.execute(
-                    "SELECT digest, size, created_ns, updated_ns FROM blobs"
-                    f" WHERE digest IN ({marks})", chunk
-                ):
-                    out[d] = (size, cr, up, {})
-                for d, k, v in c.execute(
-                    f"SELECT digest, key, value FROM labels WHERE digest IN ({marks})", chunk
-                ):
-                    if d in out:
-                        out[d][3][k] = v
-        return out
-
-    def all_blobs(self) -> dict[str, BlobRow]:
-        with self._tx() as c:
-            rows: dict[str, BlobRow] = {
+            out: dict[str, BlobRow] = {
                 d: (size, cr, up, {})
-                for d, size, cr, up in c.execute(
-                    "SELECT digest, size, created_ns, updated_ns FROM blobs"
+                for d, size, cr, up in _select_in(
+                    c, "SELECT digest, size, created_ns, updated_ns FROM blobs", digests
                 )
             }
-            for d, k, v in c.execute("SELECT digest, key, value FROM labels"):
-                if d in rows:
-                    rows[d][3][k] = v
-        return rows
+            for d, k, v in _select_in(c, "SELECT digest, key, value FROM labels", digests):
+                if d in out:
+                    out[d][3][k] = v
+        return out
 
     def put_blob(self, digest: str, size: int, now_ns: int, labels: Mapping[str, str]) -> None:
         """Record a fresh commit: times = now, labels replace any stale ones."""
@@ -255,13 +234,6 @@ class MetadataDB:
             return None, {}
         return row[0], json.loads(row[1])
 
-    def all_ingests(self) -> dict[str, IngestRow]:
-        with self._tx() as c:
-            return {
-                ref: (exp, json.loads(lbl))
-                for ref, exp, lbl in c.execute("SELECT ref, expected, labels FROM ingests")
-            }
-
     def put_ingest(self, ref: str, expected: str | None, labels: Mapping[str, str]) -> None:
         with self._tx() as c:
             if expected is None and not labels:
@@ -280,3 +252,14 @@ class MetadataDB:
         with self._tx() as c:
             c.execute("DELETE FROM ingests WHERE ref = ?", (new,))
             c.execute("UPDATE ingests SET ref = ? WHERE ref = ?", (new, old))
+
+
+def _select_in(
+    c: sqlite3.Connection, select: str, digests: list[str], batch: int = 500
+) -> Iterator[tuple[Any, ...]]:
+    """Rows of ``select ... WHERE digest IN (...)`` over ``digests``, in batches that stay
+    under SQLite's limit on bound parameters."""
+    for i in range(0, len(digests), batch):
+        chunk = digests[i : i + batch]
+        marks = ",".join("?" * len(chunk))
+        yield from c.execute(f"{select} WHERE digest IN ({marks})", chunk)
