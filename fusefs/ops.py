@@ -670,13 +670,15 @@ class ContentOps(pyfuse3.Operations):
         self.errors.pop(ref, None)
         return self._add_handle(handle)
 
-    async def _acquire(self, ref: str, what: str) -> LocalWriter:
-        """Open the store writer for ``ref``, waiting up to BUSY_WAIT while it is held."""
+    async def _acquire(self, ref: str, what: str, *, create: bool = True) -> LocalWriter:
+        """Open the store writer for ``ref``, waiting up to BUSY_WAIT while it is held.
+        ``create=False`` only resumes an existing ingest (ENOENT if it is gone)."""
         deadline = trio.current_time() + BUSY_WAIT
+        open_writer = functools.partial(self.store.writer, ref, create=create)
         with fuse_errors(what):
             while True:
                 try:
-                    return await trio.to_thread.run_sync(self.store.writer, ref)
+                    return await trio.to_thread.run_sync(open_writer)
                 except Unavailable:
                     if trio.current_time() >= deadline:
                         raise
@@ -937,7 +939,8 @@ class ContentOps(pyfuse3.Operations):
         digest. Content that already exists is success. Failures are kept in
         ``errors[ref]`` for ``user.contentfs.error``."""
         what = f"commit ingest {ref}"
-        writer = await self._acquire(ref, what)
+        # never a fresh writer: an ingest aborted since is ENOENT, not the empty blob
+        writer = await self._acquire(ref, what, create=False)
         actual = writer.digest()
         try:
             digest: str = await trio.to_thread.run_sync(
@@ -1025,7 +1028,7 @@ class ContentOps(pyfuse3.Operations):
             self._truncate_writer(handle.writer, size)
             handle.dirty = True
             return
-        writer = await self._acquire(ref, f"truncate ingest {ref}")
+        writer = await self._acquire(ref, f"truncate ingest {ref}", create=False)
         try:
             self._truncate_writer(writer, size)
         finally:
