@@ -623,17 +623,12 @@ class ContentOps(pyfuse3.Operations):
         return self._add_handle(handle)
 
     async def _acquire(self, ref: str, what: str) -> LocalWriter:
-        """Open the store writer for ``ref``, waiting up to BUSY_WAIT while it is held."""
-        deadline = trio.current_time() + BUSY_WAIT
+        """Open the store writer for ``ref``, waiting (in a thread, by the store's own
+        wait) up to BUSY_WAIT while it is held."""
         with fuse_errors(what):
-            while True:
-                try:
-                    return await trio.to_thread.run_sync(self.store.writer, ref)
-                except Unavailable:
-                    if trio.current_time() >= deadline:
-                        raise
-                await trio.sleep(0.01)
-        raise AssertionError("unreachable")
+            return await trio.to_thread.run_sync(
+                functools.partial(self.store.writer, ref, wait=BUSY_WAIT)
+            )
 
     async def _retry_busy(self, fn: Callable[[], T], what: str) -> T:
         """Run ``fn`` in a thread, retrying for up to BUSY_WAIT while it is Unavailable."""

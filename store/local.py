@@ -22,7 +22,7 @@ from .errors import AlreadyExists, DataLoss, InvalidArgument, NotFound
 from .filters import Filter, parse_filters
 from .fsutil import ensure_dir, read_small, write_atomic
 from .layout import Layout
-from .locks import try_lock
+from .locks import DEFAULT_WAIT, take_lock, try_lock
 from .metadata import MetadataDB
 from .reader import FileReaderAt
 from .types import Info, Status, format_time, from_ns, parse_time
@@ -369,12 +369,20 @@ class LocalStore:
 
     # Ingester -------------------------------------------------------------------------
 
-    def writer(self, ref: str, *, total: int = 0, expected: str | None = None) -> LocalWriter:
+    def writer(
+        self,
+        ref: str,
+        *,
+        total: int = 0,
+        expected: str | None = None,
+        wait: float = DEFAULT_WAIT,
+    ) -> LocalWriter:
         """Open the writer for ``ref``: a fresh ingest, or resume an existing one.
 
         Raises InvalidArgument (empty ref, bad digest), AlreadyExists (``expected`` is
-        already committed), Unavailable (another writer, in any process, holds ``ref``:
-        never waits). A resumed writer starts at the ingest's offset with the digest of
+        already committed), Unavailable (another writer, in any process, still holds
+        ``ref`` after ``wait`` seconds, about 1 s by default as containerd 1.6; ``wait=0``
+        fails at once). A resumed writer starts at the ingest's offset with the digest of
         the bytes so far. An ingest that cannot be resumed (corrupt metadata, a
         different total) is restarted empty. The caller must ``close()`` or ``commit()``.
         """
@@ -387,7 +395,7 @@ class LocalStore:
         ensure_dir(self.layout.private, 0o700)
         ensure_dir(self.layout.locks, 0o700)
         ensure_dir(self.layout.ingest, 0o755)
-        lock = try_lock(self.layout.lock_path(ref), ref)
+        lock = take_lock(self.layout.lock_path(ref), ref, wait)
         try:
             algorithm = split_digest(exp)[0] if exp else CANONICAL
             path = self.layout.ingest_dir(ref)
