@@ -241,6 +241,10 @@ class LocalWriter:
                 # replaces a symlink planted at target, never follows it
                 os.rename(data, target)
             except FileNotFoundError:
+                try:
+                    store.db.delete_blob(dgst)  # the row just written has no blob
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("content %s: stale row not removed: %s", dgst, exc)
                 raise NotFound(f"ingest {self.ref} (aborted while open)") from None
             fsync_dir(blob_dir)
         self._remove_ingest()

@@ -34,7 +34,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from store.digest import Digest, parse_digest
 from store.errors import InvalidArgument, NotFound, StoreError
-from store.local import LocalStore
+from store.local import LocalStore, printable_ref
 from store.types import EPOCH, Info, Status, to_ns
 from store.writer import LocalWriter
 
@@ -119,7 +119,8 @@ def status_to_pb(st: Status) -> pb.Status:
     return pb.Status(
         started_at=timestamp(st.started_at),
         updated_at=timestamp(st.updated_at),
-        ref=st.ref,
+        # protobuf strings are UTF-8: a legacy ref that is not shows its bytes as \xNN
+        ref=printable_ref(st.ref),
         offset=st.offset,
         total=st.total,
         expected=st.expected or "",
