@@ -23,13 +23,13 @@ from .errors import AlreadyExists, DataLoss, InvalidArgument, NotFound, StoreErr
 from .filters import Filter, parse_filters
 from .fsutil import ensure_dir, read_small, write_atomic
 from .layout import Layout
-from .locks import try_lock
+from .locks import DEFAULT_WAIT, take_lock, try_lock
 from .metadata import MetadataDB
 from .reader import FileReaderAt
 from .types import Info, Status, format_time, from_ns, parse_time
 from .writer import LocalWriter, _ResumeState
 
-__all__ = ["MAX_LABEL_SIZE", "LocalStore", "validate_labels"]
+__all__ = ["MAX_LABEL_SIZE", "LocalStore", "is_text", "printable_ref", "validate_labels"]
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,37 @@ _WALK_BATCH = 256  # blobs per metadata query in walk
 _CHUNK = 1 << 20
 
 
+def is_text(text: str) -> bool:
+    """True if ``text`` is valid Unicode (no lone surrogates), so it encodes as UTF-8.
+
+    Names from FUSE and argv arrive as bytes decoded with ``surrogateescape``: bytes that
+    are not UTF-8 become lone surrogates, which protobuf and SQLite cannot carry.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable_ref(ref: str) -> str:
+    """``ref`` with bytes that are not UTF-8 shown as ``\\xNN`` (for messages and
+    listings; only a legacy ingest has such a ref, see ``LocalStore.writer``)."""
+    if is_text(ref):
+        return ref
+    return ref.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def validate_labels(labels: Mapping[str, str]) -> None:
-    """Raise InvalidArgument for an empty key or key plus value over 4096 UTF-8 bytes."""
+    """Raise InvalidArgument for an empty key, a key or value that is not valid UTF-8,
+    or key plus value over 4096 UTF-8 bytes."""
     for key, value in labels.items():
         if not key:
             raise InvalidArgument("label key must not be empty")
+        if not (is_text(key) and is_text(value)):
+            raise InvalidArgument(
+                f"label {printable_ref(key)[:64]}: key and value must be valid UTF-8"
+            )
         size = len(key.encode("utf-8", "surrogateescape")) + len(
             value.encode("utf-8", "surrogateescape")
         )
@@ -58,6 +84,8 @@ MAX_REF_SIZE = 4096
 
 
 def _check_ref(ref: str) -> None:
+    """Any ref an existing ingest may have: not empty, no NUL, at most 4096 bytes. New
+    ingests also need valid UTF-8 (``_check_new_ref``)."""
     if not isinstance(ref, str) or not ref:
         raise InvalidArgument("ref must not be empty")
     if "\0" in ref:
@@ -67,6 +95,18 @@ def _check_ref(ref: str) -> None:
         raise InvalidArgument(
             f"ref {ref[:64]!r}...: {size} bytes is longer than the maximum ({MAX_REF_SIZE})"
         )
+
+
+def _check_new_ref(ref: str) -> None:
+    """A ref a new ingest (or a rename, or a recorded hint) may take: valid UTF-8 text.
+
+    containerd's refs travel in protobuf ``string`` fields, which must be UTF-8, so no
+    containerd client can send anything else; from FUSE or argv such a name is refused
+    before anything is written. An ingest made by hand (or by an older release) with a
+    ref that is not UTF-8 still lists, resumes and aborts.
+    """
+    if not is_text(ref):
+        raise InvalidArgument(f"ref {printable_ref(ref)}: not valid UTF-8")
 
 
 def _is_dir(path: str) -> bool:
@@ -468,7 +508,13 @@ class LocalStore:
     # Ingester -------------------------------------------------------------------------
 
     def writer(
-        self, ref: str, *, total: int = 0, expected: str | None = None, create: bool = True
+        self,
+        ref: str,
+        *,
+        total: int = 0,
+        expected: str | None = None,
+        create: bool = True,
+        wait: float = DEFAULT_WAIT,
     ) -> LocalWriter:
         """Open the writer for ``ref``: a fresh ingest, or resume an existing one.
 
@@ -477,12 +523,15 @@ class LocalStore:
         that was aborted must not bring it back empty).
 
         Raises InvalidArgument (empty ref, bad digest), AlreadyExists (``expected`` is
-        already committed), Unavailable (another writer, in any process, holds ``ref``:
-        never waits). A resumed writer starts at the ingest's offset with the digest of
+        already committed), Unavailable (another writer, in any process, still holds
+        ``ref`` after ``wait`` seconds, about 1 s by default as containerd 1.6; ``wait=0``
+        fails at once). A resumed writer starts at the ingest's offset with the digest of
         the bytes so far. An ingest that cannot be resumed (corrupt metadata, a
         different total) is restarted empty. The caller must ``close()`` or ``commit()``.
         """
         _check_ref(ref)
+        if not is_text(ref) and not _is_dir(self.layout.ingest_dir(ref)):
+            _check_new_ref(ref)  # only an existing (legacy) ingest may have such a ref
         exp = parse_digest(expected) if expected else None
         if total < 0:
             raise InvalidArgument(f"ingest {ref}: negative total {total}")
@@ -491,7 +540,7 @@ class LocalStore:
         ensure_dir(self.layout.private, 0o700)
         ensure_dir(self.layout.locks, 0o700)
         ensure_dir(self.layout.ingest, 0o755)
-        lock = try_lock(self.layout.lock_path(ref), ref)
+        lock = take_lock(self.layout.lock_path(ref), ref, wait)
         try:
             algorithm = split_digest(exp)[0] if exp else CANONICAL
             path = self.layout.ingest_dir(ref)
@@ -556,6 +605,8 @@ class LocalStore:
     def _fresh(self, path: str, ref: str, total: int, algorithm: str) -> _ResumeState:
         """Create the ingest complete under a hidden name, then rename it into place,
         so no process ever sees an ingest directory without its ``ref`` file."""
+        if not _is_dir(path):
+            _check_new_ref(ref)  # (a legacy ingest that cannot resume restarts in place)
         key = self.layout.ref_key(ref)
         tmp = self._aside_name(key, ".new")
         os.mkdir(tmp, 0o755)
@@ -631,6 +682,8 @@ class LocalStore:
         path = self.layout.ingest_dir(ref)
         if self._read_status(path, ref) is None:
             raise NotFound(f"ingest {ref}")
+        if expected is not None or labels is not None:
+            _check_new_ref(ref)  # hints live in the metadata database: UTF-8 only
         old_expected, old_labels = self.db.get_ingest(ref)
         if expected is not None:
             old_expected = parse_digest(expected)
@@ -657,6 +710,7 @@ class LocalStore:
         """
         _check_ref(old)
         _check_ref(new)
+        _check_new_ref(new)
         if old == new:
             self.status(old)
             return
