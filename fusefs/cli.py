@@ -566,7 +566,9 @@ def verify_cmd(ctx: click.Context, digests: tuple[str, ...], cmd_root: str | Non
     """Rehash blobs (all when none given) and report those that no longer match their
     digest. Exits non-zero if any is corrupt or missing."""
     store = open_store(ctx, cmd_root, reading=True)
-    targets = list(digests) or [i.digest for i in store.list()]
+    # a full run also reports what sits at a blob's path without being one
+    targets = list(digests) or sorted(
+        [i.digest for i in store.list()] + list(store.stray_names()))
     sizes = {}
     for digest in targets:
         try:

@@ -671,19 +671,12 @@ class ContentOps(pyfuse3.Operations):
         return self._add_handle(handle)
 
     async def _acquire(self, ref: str, what: str, *, create: bool = True) -> LocalWriter:
-        """Open the store writer for ``ref``, waiting up to BUSY_WAIT while it is held.
-        ``create=False`` only resumes an existing ingest (ENOENT if it is gone)."""
-        deadline = trio.current_time() + BUSY_WAIT
-        open_writer = functools.partial(self.store.writer, ref, create=create)
+        """Open the store writer for ``ref``, waiting (in a thread, by the store's own
+        wait) up to BUSY_WAIT while it is held. ``create=False`` only resumes an existing
+        ingest (ENOENT if it is gone)."""
+        open_writer = functools.partial(self.store.writer, ref, create=create, wait=BUSY_WAIT)
         with fuse_errors(what):
-            while True:
-                try:
-                    return await trio.to_thread.run_sync(open_writer)
-                except Unavailable:
-                    if trio.current_time() >= deadline:
-                        raise
-                await trio.sleep(0.01)
-        raise AssertionError("unreachable")
+            return await trio.to_thread.run_sync(open_writer)
 
     async def _retry_busy(self, fn: Callable[[], T], what: str) -> T:
         """Run ``fn`` in a thread, retrying for up to BUSY_WAIT while it is Unavailable."""

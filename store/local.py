@@ -8,6 +8,7 @@ at a time (it serialises its own calls).
 from __future__ import annotations
 
 import builtins
+import errno
 import hashlib
 import logging
 import os
@@ -18,11 +19,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from .digest import ALGORITHMS, CANONICAL, Digest, parse_digest, split_digest
-from .errors import AlreadyExists, DataLoss, InvalidArgument, NotFound
+from .errors import AlreadyExists, DataLoss, InvalidArgument, NotFound, StoreError
 from .filters import Filter, parse_filters
 from .fsutil import ensure_dir, read_small, write_atomic
 from .layout import Layout
-from .locks import try_lock
+from .locks import DEFAULT_WAIT, take_lock, try_lock
 from .metadata import MetadataDB
 from .reader import FileReaderAt
 from .types import Info, Status, format_time, from_ns, parse_time
@@ -150,23 +151,47 @@ class LocalStore:
     # Provider -------------------------------------------------------------------------
 
     def reader_at(self, digest: str) -> FileReaderAt:
-        """Open a blob for positional reads. NotFound if it is not committed."""
+        """Open a blob for positional reads. NotFound if it is not committed (or not a
+        regular file: a symlink, directory or FIFO planted in its place is never opened
+        in a way that follows or blocks). DataLoss if the file's size differs from the
+        size recorded at commit."""
         dgst = parse_digest(digest)
         if not self._blob_dir_ok(dgst):
             raise NotFound(f"content {dgst}")
         try:
-            fd = os.open(self.layout.blob_path(dgst), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(
+                self.layout.blob_path(dgst),
+                os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+            )
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"content {dgst}") from None
         except OSError as exc:
-            if exc.errno == 40:  # ELOOP: a symlink planted in place of a blob
+            if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+                # a planted symlink; a FIFO or socket with no writer; a directory
                 raise NotFound(f"content {dgst} (not a regular file)") from None
             raise
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise NotFound(f"content {dgst} (not a regular file)")
+            self._check_size(dgst, st.st_size)
+        except BaseException:
             os.close(fd)
-            raise NotFound(f"content {dgst} (not a regular file)")
+            raise
         return FileReaderAt(fd, st.st_size, dgst)
+
+    def _check_size(self, dgst: Digest, size: int) -> None:
+        """DataLoss if the metadata records another size for ``dgst`` (bytes appended or
+        cut off on disk). A blob without a row, or an unreadable database, passes."""
+        try:
+            row = self.db.get_blob(dgst)
+        except StoreError as exc:
+            log.debug("content %s: size not checked: %s", dgst, exc)
+            return
+        if row is not None and row[0] != size:
+            raise DataLoss(
+                f"content {dgst}: file holds {size} bytes, {row[0]} were committed"
+            )
 
     # Manager --------------------------------------------------------------------------
 
@@ -190,7 +215,7 @@ class LocalStore:
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"content {dgst}") from None
         if not stat.S_ISREG(st.st_mode):
-            raise NotFound(f"content {dgst}")
+            raise NotFound(f"content {dgst} (not a regular file)")
         return st
 
     @staticmethod
@@ -300,6 +325,26 @@ class LocalStore:
                 continue
             if stat.S_ISREG(st.st_mode):
                 yield name, st
+
+    def stray_names(self) -> Iterator[Digest]:
+        """Digests whose blob path holds something other than a regular file (a symlink,
+        directory, FIFO...): never served nor listed, but reported by a full verify."""
+        for alg, want in ALGORITHMS.items():
+            blob_dir = self.layout.blob_dir(alg)
+            if not (_is_dir(self.layout.blobs) and _is_dir(blob_dir)):
+                continue
+            try:
+                names = sorted(os.listdir(blob_dir))
+            except OSError:
+                continue
+            for name in names:
+                if len(name) != want or name.strip("0123456789abcdef"):
+                    continue
+                try:
+                    if not stat.S_ISREG(os.lstat(os.path.join(blob_dir, name)).st_mode):
+                        yield Digest(f"{alg}:{name}")
+                except OSError:
+                    continue
 
     def blob_names(self, algorithm: str) -> Iterator[tuple[str, os.stat_result]]:
         """Stream (hex, stat) of the blobs of one algorithm, in name order."""
@@ -466,7 +511,13 @@ class LocalStore:
     # Ingester -------------------------------------------------------------------------
 
     def writer(
-        self, ref: str, *, total: int = 0, expected: str | None = None, create: bool = True
+        self,
+        ref: str,
+        *,
+        total: int = 0,
+        expected: str | None = None,
+        create: bool = True,
+        wait: float = DEFAULT_WAIT,
     ) -> LocalWriter:
         """Open the writer for ``ref``: a fresh ingest, or resume an existing one.
 
@@ -475,8 +526,9 @@ class LocalStore:
         that was aborted must not bring it back empty).
 
         Raises InvalidArgument (empty ref, bad digest), AlreadyExists (``expected`` is
-        already committed), Unavailable (another writer, in any process, holds ``ref``:
-        never waits). A resumed writer starts at the ingest's offset with the digest of
+        already committed), Unavailable (another writer, in any process, still holds
+        ``ref`` after ``wait`` seconds, about 1 s by default as containerd 1.6; ``wait=0``
+        fails at once). A resumed writer starts at the ingest's offset with the digest of
         the bytes so far. An ingest that cannot be resumed (corrupt metadata, a
         different total) is restarted empty. The caller must ``close()`` or ``commit()``.
         """
@@ -491,7 +543,7 @@ class LocalStore:
         ensure_dir(self.layout.private, 0o700)
         ensure_dir(self.layout.locks, 0o700)
         ensure_dir(self.layout.ingest, 0o755)
-        lock = try_lock(self.layout.lock_path(ref), ref)
+        lock = take_lock(self.layout.lock_path(ref), ref, wait)
         try:
             algorithm = split_digest(exp)[0] if exp else CANONICAL
             path = self.layout.ingest_dir(ref)

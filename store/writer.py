@@ -289,6 +289,14 @@ class LocalWriter:
             finally:
                 self._end()
 
+    def close_if_idle(self) -> None:
+        """``close()`` unless a call on this writer is in progress (its caller then sees
+        the end of the stream and closes it itself); never blocks."""
+        if not self._mutex.acquire(blocking=False):
+            return
+        self._mutex.release()
+        self.close()
+
     def __enter__(self) -> LocalWriter:
         return self
 
