@@ -652,6 +652,107 @@ def serve_cmd(ctx: click.Context, address: str | None, debug: bool, cmd_root: st
     store = open_store(ctx, cmd_root, create=True)
     sys.exit(serve_main(store, address, debug=debug))
 
+# registries: fetch, push, fetch-object, push-object (thin wrappers over store.registry) ---
+
+
+def registry_options(f: F) -> F:
+    """The connection options ctr's registry commands take."""
+    f = click.option("--plain-http", is_flag=True,
+                     help="Talk HTTP, not HTTPS (a local or test registry).")(f)
+    f = click.option("-k", "--skip-verify", is_flag=True,
+                     help="Do not verify the registry's TLS certificate.")(f)
+    f = click.option("-u", "--user", metavar="USER[:PASSWORD]", default=None,
+                     help="Credentials (the password is asked for, or read from a"
+                          " non-terminal stdin, when not given); default: the auths of"
+                          " ~/.docker/config.json.")(f)
+    return f
+
+
+def _registry_client(ref_text: str, plain_http: bool, skip_verify: bool, user: str | None,
+                     connections: int = 8) -> tuple[Any, Any]:
+    from store.registry import (
+        Credentials,
+        RegistryClient,
+        docker_config_credentials,
+        parse_reference,
+    )
+
+    ref = parse_reference(ref_text)
+    creds = None
+    if user is not None:
+        name, sep, password = user.partition(":")
+        if not sep and sys.stdin.isatty():
+            password = click.prompt(f"password for {name}@{ref.host}", hide_input=True,
+                                    err=True)
+        elif not sep:  # as `docker login --password-stdin`
+            password = sys.stdin.readline().rstrip("\n")
+        creds = Credentials(name, password)
+    else:
+        creds = docker_config_credentials(ref.host)
+    client = RegistryClient(ref.api_host, plain_http=plain_http, skip_verify=skip_verify,
+                            credentials=creds, connections=connections)
+    return ref, client
+
+
+def _transfer_progress(as_json: bool) -> Any:
+    import contextlib
+
+    from store.registry import TerminalProgress
+
+    if as_json or not sys.stderr.isatty():
+        return contextlib.nullcontext(None)
+    return TerminalProgress(sys.stderr)
+
+
+@cli.command("fetch")
+@click.argument("ref")
+@click.option("--platform", "platforms", metavar="OS/ARCH[/VARIANT]", multiple=True,
+              help="Fetch only the manifests of this platform (repeatable); default: all.")
+@click.option("--all-platforms", is_flag=True, help="Fetch every platform (the default).")
+@click.option("--concurrency", type=click.IntRange(1, 64), default=3, show_default=True,
+              help="Blobs downloaded at once.")
+@registry_options
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+@root_option
+@click.pass_context
+def fetch_cmd(
+    ctx: click.Context, ref: str, platforms: tuple[str, ...], all_platforms: bool,
+    concurrency: int, plain_http: bool, skip_verify: bool, user: str | None, as_json: bool,
+    cmd_root: str | None,
+) -> None:
+    """Fetch the image REF (index, manifests, configs, layers) into the store, with the
+    labels `ctr content fetch` writes plus containerd.io/gc.root on REF's object; print
+    its digest. Interrupted downloads resume; blobs already stored are not downloaded."""
+    from store.registry import fetch_image
+
+    if all_platforms and platforms:
+        raise click.UsageError("--all-platforms and --platform exclude each other")
+    store = open_store(ctx, cmd_root, create=True)
+    parsed, client = _registry_client(ref, plain_http, skip_verify, user, concurrency + 2)
+    with client, _transfer_progress(as_json) as progress:
+        result = fetch_image(store, client, parsed, platforms=platforms,
+                             concurrency=concurrency, progress=progress)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        click.echo(result.digest)
+
+
+@cli.command("fetch-object")
+@click.argument("ref")
+@click.argument("obj", metavar="[OBJECT]", required=False)
+@registry_options
+def fetch_object_cmd(ref: str, obj: str | None, plain_http: bool, skip_verify: bool,
+                     user: str | None) -> None:
+    """Write one object of REF's repository to standard output, as `ctr content
+    fetch-object`: REF's manifest or index, or OBJECT (a digest). Stores nothing."""
+    from store.registry import fetch_object
+
+    parsed, client = _registry_client(ref, plain_http, skip_verify, user)
+    with client:
+        out = sys.stdout.buffer
+        fetch_object(client, parsed, obj, out)
+        out.flush()
 
 
 def main(argv: list[str] | None = None) -> None:
