@@ -15,7 +15,7 @@ from .errors import (
     Unavailable,
 )
 from .filters import Filter, parse_filters
-from .local import MAX_LABEL_SIZE, LocalStore, validate_labels
+from .local import MAX_LABEL_SIZE, LocalStore, prepare_root, validate_labels
 from .reader import FileReaderAt
 from .types import Info, Status
 from .writer import LocalWriter
@@ -41,5 +41,6 @@ __all__ = [
     "digest_of",
     "parse_digest",
     "parse_filters",
+    "prepare_root",
     "validate_labels",
 ]
