@@ -294,7 +294,7 @@ def info_cmd(ctx: click.Context, digest: str, as_json: bool, cmd_root: str | Non
     click.echo(f"created_at: {rfc3339(info.created_at)}")
     click.echo(f"updated_at: {rfc3339(info.updated_at)}")
     for k, v in sorted(info.labels.items()):
-        click.echo(f"label:      {k}={v}")
+        click.echo(f"label:      {printable(k)}={printable(v)}")
 
 
 @cli.command("get")
@@ -528,7 +528,7 @@ def rm_cmd(ctx: click.Context, digests: tuple[str, ...], cmd_root: str | None) -
         try:
             store.delete(digest)
         except StoreError as exc:
-            click.echo(f"contentfs: {exc}", err=True)
+            click.echo(f"contentfs: {printable(str(exc))}", err=True)
             first_error = first_error or exc
             continue
         click.echo(digest)
