@@ -1,4 +1,4 @@
-"""containerd's Content service (1.6 server behaviour) over a LocalStore, free of any
+"""containerd's Content service (1.6 server behaviour) over any store, free of any
 server framework: each RPC is a plain method taking decoded requests and returning (or
 yielding) responses, raising StoreError or GrpcError. ``server`` binds them to grpcio.
 
@@ -28,11 +28,10 @@ from typing import cast
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from store.api import InfoIterator, Store, Writer
 from store.digest import Digest, parse_digest
 from store.errors import InvalidArgument, NotFound, StoreError
-from store.local import LocalStore
 from store.types import EPOCH, Info, Status, to_ns
-from store.writer import LocalWriter
 
 from .errors import GrpcError
 from .pb import content_pb2 as pb
@@ -137,7 +136,7 @@ class ContentService:
     checked for the namespace where containerd's store would check it (after the
     server's own argument checks)."""
 
-    def __init__(self, store: LocalStore) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
 
     def info(self, req: pb.InfoRequest, metadata: Sequence[tuple[str, str]]) -> pb.InfoResponse:
@@ -158,7 +157,13 @@ class ContentService:
         self, req: pb.ListContentRequest, metadata: Sequence[tuple[str, str]]
     ) -> Iterator[pb.ListContentResponse]:
         check_namespace(metadata)
-        infos = self.store.iter_infos(*req.filters)  # streamed: flat memory for any count
+        infos: Iterator[Info]
+        if isinstance(self.store, InfoIterator):  # streamed: flat memory for any count
+            infos = self.store.iter_infos(*req.filters)
+        else:
+            found: list[Info] = []
+            self.store.walk(found.append, *req.filters)
+            infos = iter(found)
         while batch := list(itertools.islice(infos, LIST_BATCH)):
             yield pb.ListContentResponse(info=[info_to_pb(i) for i in batch])
 
@@ -289,7 +294,7 @@ class ContentService:
 
     @staticmethod
     def _write(
-        writer: LocalWriter, req: WriteRequest, msg: pb.WriteContentResponse
+        writer: Writer, req: WriteRequest, msg: pb.WriteContentResponse
     ) -> None:
         current = writer.offset
         if req.offset > 0 and req.offset != current:
