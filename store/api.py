@@ -46,8 +46,9 @@ signatures). An adapter degrades when a store lacks one, as its docstring says:
   path for attributes and reads);
 * :class:`FileReader`     a ReaderAt over a local file descriptor (``fileno``), which an
   adapter may ``pread`` itself;
-* :class:`SyncWriter`, :class:`TotalWriter`: a Writer that can make its bytes durable
-  before commit, or change its expected total.
+* :class:`SyncWriter`, :class:`TotalWriter`, :class:`IdleCloser`: a Writer that can make
+  its bytes durable before commit, change its expected total, or be closed from another
+  thread when no call on it is in progress.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ __all__ = [
     "ChangeKind",
     "Changes",
     "FileReader",
+    "IdleCloser",
     "InfoIterator",
     "InfoProvider",
     "IngestHints",
@@ -412,6 +414,17 @@ class TotalWriter(Protocol):
     """A Writer whose expected total can change while it is open (0: unknown)."""
 
     def set_total(self, total: int) -> None: ...
+
+
+@runtime_checkable
+class IdleCloser(Protocol):
+    """A Writer that another thread may close when no call on it is in progress (the gRPC
+    service closes the writer of a stream that ended while its handler waits). Without
+    it, such a writer is closed when its handler is collected."""
+
+    def close_if_idle(self) -> None:
+        """``close()`` unless a call on this writer is in progress; never blocks."""
+        ...
 
 
 def blob_times_of(

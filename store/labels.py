@@ -1,10 +1,11 @@
-"""Label rules shared by every face: containerd's limit on a label's size."""
+"""Label rules shared by every face: containerd's limit on a label's size, and UTF-8."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
 from .errors import InvalidArgument
+from .text import is_text, printable_ref
 
 __all__ = ["MAX_LABEL_SIZE", "label_size", "validate_labels"]
 
@@ -20,10 +21,15 @@ def label_size(key: str, value: str) -> int:
 
 
 def validate_labels(labels: Mapping[str, str]) -> None:
-    """Raise InvalidArgument for an empty key or key plus value over 4096 UTF-8 bytes."""
+    """Raise InvalidArgument for an empty key, a key or value that is not valid UTF-8,
+    or key plus value over 4096 UTF-8 bytes."""
     for key, value in labels.items():
         if not key:
             raise InvalidArgument("label key must not be empty")
+        if not (is_text(key) and is_text(value)):
+            raise InvalidArgument(
+                f"label {printable_ref(key)[:64]}: key and value must be valid UTF-8"
+            )
         size = label_size(key, value)
         if size > MAX_LABEL_SIZE:
             raise InvalidArgument(

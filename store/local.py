@@ -29,13 +29,13 @@ from .digest import (
     parse_digest,
     split_digest,
 )
-from .errors import AlreadyExists, DataLoss, InvalidArgument, NotFound
+from .errors import AlreadyExists, DataLoss, InvalidArgument, NotFound, StoreError
 from .filters import Filter, parse_filters
 from .fsutil import ensure_dir, read_small, write_atomic
 from .hashcache import HashCache
 from .labels import validate_labels
 from .layout import Layout
-from .locks import try_lock
+from .locks import DEFAULT_WAIT, take_lock, try_lock
 from .metadata import MetadataDB
 from .ondisk import (
     blob_dir_ok,
@@ -47,23 +47,25 @@ from .ondisk import (
     write_total,
 )
 from .reader import FileReaderAt
+from .text import is_text, printable_ref
 from .types import Info, Status, format_time, from_ns
 from .writer import IngestState, LocalWriter
 
-__all__ = ["MAX_REF_SIZE", "LocalStore", "check_ref"]
+__all__ = ["MAX_REF_SIZE", "LocalStore"]
 
 log = logging.getLogger(__name__)
 
 _WALK_BATCH = 256  # blobs per metadata query in walk
 _CHUNK = 1 << 20
 
+
 #: Longest ref in UTF-8 bytes (the ingest's ``ref`` file is read back whole).
 MAX_REF_SIZE = 4096
 
 
-def check_ref(ref: str) -> None:
-    """InvalidArgument unless ``ref`` is a usable ingest ref: non-empty, no NUL, at most
-    MAX_REF_SIZE UTF-8 bytes."""
+def _check_ref(ref: str) -> None:
+    """Any ref an existing ingest may have: not empty, no NUL, at most 4096 bytes. New
+    ingests also need valid UTF-8 (``_check_new_ref``)."""
     if not isinstance(ref, str) or not ref:
         raise InvalidArgument("ref must not be empty")
     if "\0" in ref:
@@ -73,6 +75,18 @@ def check_ref(ref: str) -> None:
         raise InvalidArgument(
             f"ref {ref[:64]!r}...: {size} bytes is longer than the maximum ({MAX_REF_SIZE})"
         )
+
+
+def _check_new_ref(ref: str) -> None:
+    """A ref a new ingest (or a rename, or a recorded hint) may take: valid UTF-8 text.
+
+    containerd's refs travel in protobuf ``string`` fields, which must be UTF-8, so no
+    containerd client can send anything else; from FUSE or argv such a name is refused
+    before anything is written. An ingest made by hand (or by an older release) with a
+    ref that is not UTF-8 still lists, resumes and aborts.
+    """
+    if not is_text(ref):
+        raise InvalidArgument(f"ref {printable_ref(ref)}: not valid UTF-8")
 
 
 class LocalStore:
@@ -91,6 +105,7 @@ class LocalStore:
         self.db = MetadataDB(self.layout.db, readonly=readonly)
         if not readonly:  # as containerd 1.6: ingest/ exists once the store is open
             os.makedirs(self.layout.ingest, mode=0o755, exist_ok=True)
+            self._sweep_ingest_root()
         # lets a writer closed in this process resume without rehashing its data
         self._hashes = HashCache()
 
@@ -106,23 +121,47 @@ class LocalStore:
     # Provider -------------------------------------------------------------------------
 
     def reader_at(self, digest: str) -> FileReaderAt:
-        """Open a blob for positional reads. NotFound if it is not committed."""
+        """Open a blob for positional reads. NotFound if it is not committed (or not a
+        regular file: a symlink, directory or FIFO planted in its place is never opened
+        in a way that follows or blocks). DataLoss if the file's size differs from the
+        size recorded at commit."""
         dgst = parse_digest(digest)
         if not blob_dir_ok(self.layout, dgst):
             raise NotFound(f"content {dgst}")
         try:
-            fd = os.open(self.layout.blob_path(dgst), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(
+                self.layout.blob_path(dgst),
+                os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+            )
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"content {dgst}") from None
         except OSError as exc:
-            if exc.errno == errno.ELOOP:  # a symlink planted in place of a blob
+            if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+                # a planted symlink; a FIFO or socket with no writer; a directory
                 raise NotFound(f"content {dgst} (not a regular file)") from None
             raise
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise NotFound(f"content {dgst} (not a regular file)")
+            self._check_size(dgst, st.st_size)
+        except BaseException:
             os.close(fd)
-            raise NotFound(f"content {dgst} (not a regular file)")
+            raise
         return FileReaderAt(fd, st.st_size, dgst)
+
+    def _check_size(self, dgst: Digest, size: int) -> None:
+        """DataLoss if the metadata records another size for ``dgst`` (bytes appended or
+        cut off on disk). A blob without a row, or an unreadable database, passes."""
+        try:
+            row = self.db.get_blob(dgst)
+        except StoreError as exc:
+            log.debug("content %s: size not checked: %s", dgst, exc)
+            return
+        if row is not None and row[0] != size:
+            raise DataLoss(
+                f"content {dgst}: file holds {size} bytes, {row[0]} were committed"
+            )
 
     # Manager --------------------------------------------------------------------------
 
@@ -140,7 +179,7 @@ class LocalStore:
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"content {dgst}") from None
         if not stat.S_ISREG(st.st_mode):
-            raise NotFound(f"content {dgst}")
+            raise NotFound(f"content {dgst} (not a regular file)")
         return st
 
     @staticmethod
@@ -250,6 +289,26 @@ class LocalStore:
             if stat.S_ISREG(st.st_mode):
                 yield name, st
 
+    def stray_names(self) -> Iterator[Digest]:
+        """Digests whose blob path holds something other than a regular file (a symlink,
+        directory, FIFO...): never served nor listed, but reported by a full verify."""
+        for alg in ALGORITHMS:
+            blob_dir = self.layout.blob_dir(alg)
+            if not (is_dir(self.layout.blobs) and is_dir(blob_dir)):
+                continue
+            try:
+                names = sorted(os.listdir(blob_dir))
+            except OSError:
+                continue
+            for name in names:
+                if not is_hex_name(alg, name):
+                    continue
+                try:
+                    if not stat.S_ISREG(os.lstat(os.path.join(blob_dir, name)).st_mode):
+                        yield Digest(f"{alg}:{name}")
+                except OSError:
+                    continue
+
     # BlobNames ---------------------------------------------------------------------
 
     def blob_names(self, algorithm: str) -> builtins.list[str]:
@@ -320,7 +379,7 @@ class LocalStore:
 
     def status(self, ref: str) -> Status:
         """Status of an active ingest; NotFound if there is none for ``ref``."""
-        check_ref(ref)
+        _check_ref(ref)
         st = self._read_status(self.layout.ingest_dir(ref), ref)
         if st is None:
             raise NotFound(f"ingest {ref}")
@@ -370,32 +429,99 @@ class LocalStore:
         except (FileNotFoundError, NotADirectoryError):
             return
         for name in names:
+            if name.startswith("."):  # being created or removed (see _aside_name)
+                continue
             st = self._read_status(os.path.join(self.layout.ingest, name), None)
             if st is not None:
                 yield st
 
     def abort(self, ref: str) -> None:
-        """Remove an active ingest. NotFound if there is none. Does not wait for writers."""
-        check_ref(ref)
+        """Remove an active ingest. NotFound if there is none. Does not wait for writers.
+
+        The directory is first renamed aside, so a concurrent commit of the same ingest
+        either moved its data out before (the abort is NotFound) or fails NotFound
+        itself; never both succeed. A directory for ``ref`` whose ``ref`` file is
+        missing or empty (a creation or removal cut short) is removed too."""
+        _check_ref(ref)
         path = self.layout.ingest_dir(ref)
-        if self._read_status(path, ref) is None:
+        if not (is_dir(self.layout.ingest) and is_dir(path)):
             raise NotFound(f"ingest {ref}")
-        shutil.rmtree(path, ignore_errors=True)
-        self.db.delete_ingest(ref)
+        try:
+            stored = read_small(os.path.join(path, "ref")).decode("utf-8", "surrogateescape")
+        except (FileNotFoundError, NotADirectoryError):
+            stored = ""
+        except OSError as exc:
+            log.warning("ingest %s unreadable: %s", path, exc)
+            raise NotFound(f"ingest {ref}") from None
+        if stored and stored != ref:
+            raise NotFound(f"ingest {ref}")
+        aside = self._aside_name(self.layout.ref_key(ref), ".gone")
+        try:
+            os.rename(path, aside)
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(f"ingest {ref}") from None
+        try:
+            had_data = stat.S_ISREG(os.lstat(os.path.join(aside, "data")).st_mode)
+        except OSError:
+            had_data = False
+        shutil.rmtree(aside, ignore_errors=True)
         self._hashes.drop(ref)
+        if not had_data:  # committed (or never complete) before we moved it
+            raise NotFound(f"ingest {ref}")
+        self.db.delete_ingest(ref)
+
+    def _aside_name(self, key: str, kind: str) -> str:
+        """A hidden name under ingest/ for a directory being created or removed: never
+        listed as an ingest; left over by a crash, it is removed at the next open."""
+        return os.path.join(self.layout.ingest, f"{kind}-{key}-{os.getpid()}-{time.time_ns()}")
+
+    def _sweep_ingest_root(self) -> None:
+        """Remove directories that creations and aborts cut short by a crash left under
+        hidden names (a creation's only after a minute: it may be under way)."""
+        try:
+            names = os.listdir(self.layout.ingest)
+        except OSError:
+            return
+        now = time.time()
+        for name in names:
+            if not name.startswith((".gone-", ".new-")):
+                continue
+            path = os.path.join(self.layout.ingest, name)
+            try:
+                if name.startswith(".new-") and now - os.lstat(path).st_mtime < 60:
+                    continue
+            except OSError:
+                continue
+            log.info("removing %s (left by an interrupted ingest creation or abort)", path)
+            shutil.rmtree(path, ignore_errors=True)
 
     # Ingester -------------------------------------------------------------------------
 
-    def writer(self, ref: str, *, total: int = 0, expected: str | None = None) -> LocalWriter:
+    def writer(
+        self,
+        ref: str,
+        *,
+        total: int = 0,
+        expected: str | None = None,
+        create: bool = True,
+        wait: float = DEFAULT_WAIT,
+    ) -> LocalWriter:
         """Open the writer for ``ref``: a fresh ingest, or resume an existing one.
 
+        ``create=False`` only resumes: NotFound when there is no ingest for ``ref`` (or
+        none that can be resumed), never a fresh one (a commit or truncate of an ingest
+        that was aborted must not bring it back empty).
+
         Raises InvalidArgument (empty ref, bad digest), AlreadyExists (``expected`` is
-        already committed), Unavailable (another writer, in any process, holds ``ref``:
-        never waits). A resumed writer starts at the ingest's offset with the digest of
+        already committed), Unavailable (another writer, in any process, still holds
+        ``ref`` after ``wait`` seconds, about 1 s by default as containerd 1.6; ``wait=0``
+        fails at once). A resumed writer starts at the ingest's offset with the digest of
         the bytes so far. An ingest that cannot be resumed (corrupt metadata, a
         different total) is restarted empty. The caller must ``close()`` or ``commit()``.
         """
-        check_ref(ref)
+        _check_ref(ref)
+        if not is_text(ref) and not is_dir(self.layout.ingest_dir(ref)):
+            _check_new_ref(ref)  # only an existing (legacy) ingest may have such a ref
         exp = parse_digest(expected) if expected else None
         if total < 0:
             raise InvalidArgument(f"ingest {ref}: negative total {total}")
@@ -404,12 +530,14 @@ class LocalStore:
         ensure_dir(self.layout.private, 0o700)
         ensure_dir(self.layout.locks, 0o700)
         ensure_dir(self.layout.ingest, 0o755)
-        lock = try_lock(self.layout.lock_path(ref), ref)
+        lock = take_lock(self.layout.lock_path(ref), ref, wait)
         try:
             algorithm = split_digest(exp)[0] if exp else CANONICAL
             path = self.layout.ingest_dir(ref)
             state = self._resume(path, ref, total, algorithm)
             if state is None:
+                if not create:
+                    raise NotFound(f"ingest {ref}")
                 state = self._fresh(path, ref, total, algorithm)
             return LocalWriter(self.layout, self.db, self._hashes, ref, lock, state, exp)
         except BaseException:
@@ -457,20 +585,38 @@ class LocalStore:
             raise
 
     def _fresh(self, path: str, ref: str, total: int, algorithm: str) -> IngestState:
-        if os.path.lexists(path) and not is_dir(path):
-            os.unlink(path)
-        os.makedirs(path, mode=0o755, exist_ok=True)
-        now = time.time_ns()
-        write_atomic(os.path.join(path, "ref"), ref.encode("utf-8", "surrogateescape"), sync=False)
-        write_atomic(os.path.join(path, "startedat"), format_time(now).encode(), sync=False)
-        write_atomic(os.path.join(path, "updatedat"), format_time(now).encode(), sync=False)
-        write_total(os.path.join(path, "total"), total)
-        data = os.path.join(path, "data")
-        if os.path.islink(data):
-            os.unlink(data)
-        fd = os.open(
-            data, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
-        )
+        """Create the ingest complete under a hidden name, then rename it into place,
+        so no process ever sees an ingest directory without its ``ref`` file."""
+        if not is_dir(path):
+            _check_new_ref(ref)  # (a legacy ingest that cannot resume restarts in place)
+        key = self.layout.ref_key(ref)
+        tmp = self._aside_name(key, ".new")
+        os.mkdir(tmp, 0o755)
+        try:
+            now = time.time_ns()
+            ref_bytes = ref.encode("utf-8", "surrogateescape")
+            write_atomic(os.path.join(tmp, "ref"), ref_bytes, sync=False)
+            write_atomic(os.path.join(tmp, "startedat"), format_time(now).encode(), sync=False)
+            write_atomic(os.path.join(tmp, "updatedat"), format_time(now).encode(), sync=False)
+            if total > 0:
+                write_atomic(os.path.join(tmp, "total"), str(total).encode(), sync=False)
+            fd = os.open(
+                os.path.join(tmp, "data"),
+                os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o644,
+            )
+            try:
+                if os.path.lexists(path):  # an ingest that cannot be resumed: replace it
+                    old = self._aside_name(key, ".gone")
+                    os.rename(path, old)
+                    shutil.rmtree(old, ignore_errors=True)
+                os.rename(tmp, path)
+            except BaseException:
+                os.close(fd)
+                raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         self._hashes.drop(ref)
         self.db.delete_ingest(ref)  # hints of an earlier ingest of this ref do not carry over
         return IngestState(fd, hashlib.new(algorithm), 0, total, now, now)
@@ -493,10 +639,12 @@ class LocalStore:
     ) -> None:
         """Record hints for an active ingest (NotFound if none): an expected digest,
         labels for the blob (replacing earlier ones) and/or the expected total size."""
-        check_ref(ref)
+        _check_ref(ref)
         path = self.layout.ingest_dir(ref)
         if self._read_status(path, ref) is None:
             raise NotFound(f"ingest {ref}")
+        if expected is not None or labels is not None:
+            _check_new_ref(ref)  # hints live in the metadata database: UTF-8 only
         old_expected, old_labels = self.db.get_ingest(ref)
         if expected is not None:
             old_expected = parse_digest(expected)
@@ -517,8 +665,9 @@ class LocalStore:
 
         Unavailable if either ref is held by a writer; NotFound if ``old`` is not active.
         """
-        check_ref(old)
-        check_ref(new)
+        _check_ref(old)
+        _check_ref(new)
+        _check_new_ref(new)
         if old == new:
             self.status(old)
             return
@@ -551,7 +700,7 @@ class LocalStore:
     def ingest_reader_at(self, ref: str) -> FileReaderAt:
         """A reader of the bytes written so far to ingest ``ref`` (it sees later
         appends). NotFound if there is no such ingest."""
-        check_ref(ref)
+        _check_ref(ref)
         try:
             fd = os.open(self.ingest_data_path(ref), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
@@ -610,5 +759,6 @@ if TYPE_CHECKING:  # mypy checks that LocalStore has the interface and its capab
         store: api.Store = s
         caps: tuple[api.InfoIterator, api.IngestReader, api.IngestHints, api.IngestRenamer,
                     api.ChangeFeed, api.BlobNames, api.BlobFiles] = (s, s, s, s, s, s, s)
-        writer: tuple[api.Writer, api.SyncWriter, api.TotalWriter] = (w, w, w)
+        writer: tuple[api.Writer, api.SyncWriter, api.TotalWriter, api.IdleCloser] = (
+            w, w, w, w)
         del store, caps, writer
