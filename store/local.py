@@ -357,8 +357,9 @@ class LocalStore:
             raise NotFound(f"content {dgst}") from None
         self.db.delete_blob(dgst)
 
-    def verify(self, digest: str) -> Info:
-        """Rehash a blob. DataLoss if its bytes no longer match its digest."""
+    def verify(self, digest: str, progress: Callable[[int], object] | None = None) -> Info:
+        """Rehash a blob. DataLoss if its bytes no longer match its digest. ``progress``
+        is called with the size of each chunk hashed."""
         dgst = parse_digest(digest)
         info = self.info(dgst)
         alg, want = split_digest(dgst)
@@ -369,6 +370,8 @@ class LocalStore:
             while chunk := os.pread(fd, _CHUNK, offset):
                 hasher.update(chunk)
                 offset += len(chunk)
+                if progress is not None:
+                    progress(len(chunk))
         if hasher.hexdigest() != want:
             raise DataLoss(
                 f"content {dgst}: bytes on disk hash to {alg}:{hasher.hexdigest()}"
