@@ -13,6 +13,7 @@ from .errors import (
     NotImplemented,
     StoreError,
     Unavailable,
+    Unreachable,
 )
 from .filters import Filter, parse_filters
 from .local import MAX_LABEL_SIZE, LocalStore, validate_labels
@@ -38,6 +39,7 @@ __all__ = [
     "Status",
     "StoreError",
     "Unavailable",
+    "Unreachable",
     "digest_of",
     "parse_digest",
     "parse_filters",
