@@ -734,8 +734,8 @@ def verify_cmd(ctx: click.Context, digests: tuple[str, ...], cmd_root: str | Non
     digest. Exits non-zero if any is corrupt or missing."""
     store = open_store(ctx, cmd_root, reading=True)
     # a full run also reports what sits at a blob's path without being one
-    targets = list(digests) or sorted(
-        [i.digest for i in store.list()] + list(store.stray_names()))
+    strays = list(store.stray_names()) if isinstance(store, LocalStore) else []
+    targets = list(digests) or sorted([i.digest for i in store.list()] + strays)
     bad = 0
     code = 0
     for digest in targets:
