@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.field_mask_pb2 import FieldMask
@@ -348,8 +348,11 @@ class RemoteStore:
             fn(info)
 
     def list(self, *filters: str) -> list[Info]:
-        """Every blob matching ``filters``; each batch of the stream within the deadline."""
-        out: list[Info] = []
+        return builtins.list(self.iter_infos(*filters))
+
+    def iter_infos(self, *filters: str) -> Iterator[Info]:
+        """The List stream, decoded as it arrives (flat memory for any count); each batch
+        within the deadline."""
         call = self._list(pb.ListContentRequest(filters=filters), metadata=self._md)
         alarm = self._watchdog.arm(call, self.timeout)
         try:
@@ -358,10 +361,10 @@ class RemoteStore:
                     batch = self._next(call, alarm)
                 except StopIteration:
                     break
-                out.extend(_info(i) for i in batch.info)
+                yield from (_info(i) for i in batch.info)
         finally:
             self._watchdog.disarm(alarm)
-        return out
+            call.cancel()  # a consumer that stopped early ends the stream
 
     def delete(self, digest: str) -> None:
         """Delete a blob (NotFound if absent); it also leaves the lease."""
@@ -401,14 +404,17 @@ class RemoteStore:
             offset += len(data)
             yield data
 
-    def verify(self, digest: str) -> Info:
-        """Read a blob back and rehash it. DataLoss if its bytes do not match its digest."""
+    def verify(self, digest: str, progress: Callable[[int], object] | None = None) -> Info:
+        """Read a blob back and rehash it. DataLoss if its bytes do not match its digest.
+        ``progress`` is called with the size of each chunk hashed."""
         dgst = parse_digest(digest)
         info = self.info(dgst)
         alg, want = split_digest(dgst)
         hasher = hashlib.new(alg)
         for data in self.read_chunks(dgst):
             hasher.update(data)
+            if progress is not None:
+                progress(len(data))
         if hasher.hexdigest() != want:
             raise DataLoss(f"content {dgst}: bytes read hash to {alg}:{hasher.hexdigest()}")
         return info
@@ -617,3 +623,12 @@ class RemoteWriter:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"offset={self._offset}"
         return f"<RemoteWriter ref={self.ref!r} {state}>"
+
+
+if TYPE_CHECKING:  # mypy checks that RemoteStore has the store interface
+
+    def _conforms(s: RemoteStore, w: RemoteWriter, r: RemoteReaderAt) -> None:
+        from store import api
+
+        checked: tuple[api.Store, api.InfoIterator, api.Writer, api.ReaderAt] = (s, s, w, r)
+        del checked
