@@ -83,7 +83,8 @@ class RegistryClient:
 
     # errors -----------------------------------------------------------------------
 
-    def _unavailable(self, what: str, detail: str) -> Unavailable:
+    def unavailable(self, what: str, detail: str) -> Unavailable:
+        """The error for a registry that cannot be reached or answered badly."""
         return Unavailable(f"registry {self.host}: {what}: {detail}")
 
     def _check(self, resp: httpx.Response, what: str) -> None:
@@ -100,7 +101,7 @@ class RegistryClient:
         if code == 404:
             raise NotFound(f"{what} on registry {self.host}")
         if code in _RETRY_STATUS or code >= 500:
-            raise self._unavailable(what, f"HTTP {code}{': ' + detail if detail else ''}")
+            raise self.unavailable(what, f"HTTP {code}{': ' + detail if detail else ''}")
         raise InvalidArgument(f"registry {self.host}: {what}: HTTP {code}"
                               f"{': ' + detail if detail else ''}")
 
@@ -136,7 +137,7 @@ class RegistryClient:
                 raise self._auth_failed(exc, what) from None
             except httpx.TransportError as exc:
                 if last:
-                    raise self._unavailable(what, _transport_detail(exc)) from None
+                    raise self.unavailable(what, _transport_detail(exc)) from None
                 log.info("registry %s: %s: %s; retrying", self.host, what, exc)
                 time.sleep(delay)
                 delay *= 2
@@ -171,7 +172,7 @@ class RegistryClient:
                         raise InvalidArgument(f"{what}: larger than {limit} bytes")
                     chunks.append(chunk)
             except httpx.TransportError as exc:
-                raise self._unavailable(what, _transport_detail(exc)) from None
+                raise self.unavailable(what, _transport_detail(exc)) from None
             return b"".join(chunks), resp.headers
 
     def exists(self, path: str, what: str) -> bool:
@@ -193,7 +194,7 @@ class RegistryClient:
         except AuthFailed as exc:
             raise self._auth_failed(exc, what) from None
         except httpx.TransportError as exc:
-            raise self._unavailable(what, _transport_detail(exc)) from None
+            raise self.unavailable(what, _transport_detail(exc)) from None
         self._check(resp, what)
         return resp
 
