@@ -254,6 +254,18 @@ def open_store(
     return store
 
 
+def open_local(
+    ctx: click.Context, cmd_root: str | None, command: str, *, create: bool = False,
+    reading: bool = False,
+) -> LocalStore:
+    """``open_store`` for commands that need a root: NotImplemented for ``--address``."""
+    store = open_store(ctx, cmd_root, create=create, reading=reading)
+    if not isinstance(store, LocalStore):
+        raise NotImplemented(  # noqa: F901 - the store's error class, not the constant
+            f"{command} with a remote store (--address): not supported yet")
+    return store
+
+
 _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
@@ -399,7 +411,7 @@ def info_cmd(ctx: click.Context, digest: str, as_json: bool, cmd_root: str | Non
     click.echo(f"created_at: {rfc3339(info.created_at)}")
     click.echo(f"updated_at: {rfc3339(info.updated_at)}")
     for k, v in sorted(info.labels.items()):
-        click.echo(f"label:      {k}={v}")
+        click.echo(f"label:      {printable(k)}={printable(v)}")
 
 
 @cli.command("get")
@@ -698,7 +710,7 @@ def rm_cmd(ctx: click.Context, digests: tuple[str, ...], cmd_root: str | None) -
         try:
             store.delete(digest)
         except StoreError as exc:
-            click.echo(f"contentfs: {exc}", err=True)
+            click.echo(f"contentfs: {printable(str(exc))}", err=True)
             first_error = first_error or exc
             continue
         click.echo(digest)
@@ -904,9 +916,7 @@ def fetch_cmd(
 
     if all_platforms and platforms:
         raise click.UsageError("--all-platforms and --platform exclude each other")
-    store = open_store(ctx, cmd_root, create=True)
-    if not isinstance(store, LocalStore):
-        raise NotImplemented("fetch into a remote store (--address): not supported yet")  # noqa: F901
+    store = open_local(ctx, cmd_root, "fetch", create=True)
     parsed, client = _registry_client(ref, plain_http, skip_verify, user, concurrency + 2)
     with client, _transfer_progress(as_json) as progress:
         result = fetch_image(store, client, parsed, platforms=platforms,
@@ -955,7 +965,7 @@ def push_cmd(
     tagged REF's tag. Prints DIGEST."""
     from store.registry import push_image
 
-    store = open_store(ctx, cmd_root, reading=True)
+    store = open_local(ctx, cmd_root, "push", reading=True)
     dgst = parse_digest(digest)
     parsed, client = _registry_client(ref, plain_http, skip_verify, user, concurrency + 2)
     with client, _transfer_progress(as_json) as progress:
@@ -982,7 +992,7 @@ def push_object_cmd(ctx: click.Context, ref: str, digest: str, media_type: str,
     as a blob."""
     from store.registry import push_object
 
-    store = open_store(ctx, cmd_root, reading=True)
+    store = open_local(ctx, cmd_root, "push-object", reading=True)
     dgst = parse_digest(digest)
     parsed, client = _registry_client(ref, plain_http, skip_verify, user)
     with client:
