@@ -1,239 +1,359 @@
-"""Registry helpers for tests and the bench: a local OCI registry (Debian's
-``docker-registry``, on 127.0.0.1 with filesystem storage in a directory of the caller),
-images built with ``umoci`` and pushed with ``skopeo``, and what a pull of them fetches.
+"""Test helpers for registries: a real Debian ``docker-registry`` (distribution 2.8) on
+127.0.0.1 with filesystem storage in a temp dir (optionally htpasswd basic auth), images
+built with umoci, multi-platform indexes crafted on top, and skopeo to push them.
 
-Usage::
-
-    with Registry(tmp_path / "registry") as reg:
-        image = build_image(tmp_path / "oci", [{"a.txt": b"hello"}, random_layer(3 << 20)])
-        ref = push_image(image, reg, "test/app:v1")   # '127.0.0.1:PORT/test/app:v1'
-        blobs = reg.blobs_of("test/app", "v1")        # manifest, config, layers
-
-containerd on top: ``Containerd(base)`` (its own store) or ``Containerd(base,
-content_proxy=SOCKET)`` (a Content server such as ``contentfs serve`` as its store) and
-``ctr(address, "images", "pull", "--plain-http", ref)``, re-exported from grpc_util.
-
-Every process a helper starts is stopped by the helper's ``stop()`` / context exit.
-Missing tools are a clear ``pytest.fail`` (Debian packages docker-registry, umoci, skopeo).
+Every registry a test starts is stopped by the fixture that started it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
-import random
 import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
-from types import TracebackType
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pytest
 
-from .grpc_util import Containerd, ServeProcess, ctr
-
-__all__ = [
-    "Blob", "Containerd", "OciImage", "Registry", "ServeProcess", "build_image", "ctr",
-    "free_port", "push_image", "random_layer", "require_tool",
-]
-
 REGISTRY = shutil.which("docker-registry") or "/usr/bin/docker-registry"
-UMOCI = shutil.which("umoci") or "/usr/bin/umoci"
 SKOPEO = shutil.which("skopeo") or "/usr/bin/skopeo"
-
-MANIFEST_TYPES = (
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-)
+UMOCI = shutil.which("umoci") or "/usr/bin/umoci"
+HTPASSWD = shutil.which("htpasswd") or "/usr/bin/htpasswd"
 
 
-def require_tool(path: str, package: str) -> None:
-    """Fail (never skip) when a tool is missing."""
+def require(path: str, what: str) -> None:
     if not os.access(path, os.X_OK):
-        pytest.fail(f"{path} not found: install the Debian package {package}")
+        pytest.fail(f"{what} not found at {path} (scripts/setup installs it)")
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-@dataclasses.dataclass(frozen=True)
-class Blob:
-    """One object of an image as a registry serves it."""
-
-    digest: str
-    size: int
-    media_type: str
+        return int(s.getsockname()[1])
 
 
 class Registry:
-    """``docker-registry serve`` on 127.0.0.1:PORT, storage under ``base/storage``,
-    deletes enabled, no auth. Ready (``GET /v2/`` answers 200) when the constructor
-    returns. ``host`` is ``127.0.0.1:PORT`` (plain HTTP: pull with ``--plain-http``)."""
+    """``docker-registry serve`` on 127.0.0.1:PORT, storage under ``base``/data.
 
-    def __init__(self, base: str | os.PathLike[str]) -> None:
-        require_tool(REGISTRY, "docker-registry")
-        self.base = os.fspath(base)
-        os.makedirs(os.path.join(self.base, "storage"), exist_ok=True)
-        self.port = free_port()
-        self.host = f"127.0.0.1:{self.port}"
-        config = os.path.join(self.base, "config.yml")
-        with open(config, "w") as f:
-            f.write(
-                "version: 0.1\n"
-                "log:\n  level: warn\n"
-                "storage:\n"
-                f"  filesystem:\n    rootdirectory: {self.base}/storage\n"
-                "  delete:\n    enabled: true\n"
-                f"http:\n  addr: {self.host}\n"
-            )
-        self.log_path = os.path.join(self.base, "registry.log")
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [REGISTRY, "serve", config], stdout=self._log, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + 60
+    ``users`` turns on htpasswd basic auth with those user -> password pairs.
+    """
+
+    def __init__(self, base: str, *, users: dict[str, str] | None = None,
+                 port: int | None = None) -> None:
+        require(REGISTRY, "docker-registry")
+        os.makedirs(base, exist_ok=True)
+        self.base = base
+        self.data = os.path.join(base, "data")
+        self.port = port or free_port()
+        self.users = users
+        self.config = os.path.join(base, "config.yml")
+        lines = [
+            "version: 0.1",
+            "log:",
+            "  level: info",
+            "  accesslog:",
+            "    disabled: false",
+            "storage:",
+            "  filesystem:",
+            f"    rootdirectory: {self.data}",
+            "  delete:",
+            "    enabled: true",
+            "  maintenance:",
+            "    uploadpurging:",
+            "      enabled: false",
+            "http:",
+            f"  addr: 127.0.0.1:{self.port}",
+        ]
+        if users:
+            require(HTPASSWD, "htpasswd (apache2-utils)")
+            htfile = os.path.join(base, "htpasswd")
+            with open(htfile, "w") as f:
+                for user, password in users.items():
+                    out = subprocess.run([HTPASSWD, "-Bbn", user, password], check=True,
+                                         capture_output=True, text=True).stdout
+                    f.write(out.strip() + "\n")
+            lines += ["auth:", "  htpasswd:", "    realm: contentfs-test",
+                      f"    path: {htfile}"]
+        with open(self.config, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        self.log_path = os.path.join(base, "registry.log")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            self.proc = subprocess.Popen([REGISTRY, "serve", self.config], stdout=log,
+                                         stderr=subprocess.STDOUT)
+        finally:
+            log.close()
+        deadline = time.monotonic() + 30
         while True:
             if self.proc.poll() is not None:
-                self._log.close()
-                pytest.fail(f"docker-registry exited with {self.proc.returncode}: {self.log()}")
+                pytest.fail(f"docker-registry exited {self.proc.returncode}: {self.log()}")
             try:
-                with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
+                urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2).close()
+                return
+            except urllib.error.HTTPError:
+                return  # 401 with auth: it answers
+            except OSError:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                pytest.fail(f"docker-registry did not answer on {self.host}: {self.log()}")
-            time.sleep(0.1)
+                pytest.fail(f"docker-registry did not start: {self.log()}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
     def log(self) -> str:
         with open(self.log_path, "rb") as f:
-            return f.read().decode(errors="replace")[-3000:]
+            return f.read().decode(errors="replace")[-4000:]
 
-    def get(self, path: str, accept: Sequence[str] = MANIFEST_TYPES) -> tuple[bytes, str]:
-        """GET ``/v2/<path>``: the body and its Content-Type."""
-        req = urllib.request.Request(
-            f"http://{self.host}/v2/{path}", headers={"Accept": ", ".join(accept)}
-        )
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.read(), r.headers.get("Content-Type", "")
+    def blob_path(self, digest: str) -> str:
+        """Where the registry keeps a blob's bytes on disk (distribution's layout)."""
+        alg, hexpart = digest.split(":", 1)
+        return os.path.join(self.data, "docker/registry/v2/blobs", alg, hexpart[:2], hexpart,
+                            "data")
 
-    def blobs_of(self, repo: str, tag: str) -> list[Blob]:
-        """Every object a pull of ``repo:tag`` fetches: the manifest (or index and each
-        manifest), each config and each layer, as the registry serves them."""
-        out: list[Blob] = []
-
-        def walk(reference: str) -> None:
-            body, media_type = self.get(f"{repo}/manifests/{reference}")
-            out.append(Blob(_digest(body), len(body), media_type))
-            doc = json.loads(body)
-            for m in doc.get("manifests", []):
-                walk(m["digest"])
-            if "config" in doc:
-                c = doc["config"]
-                out.append(Blob(c["digest"], c["size"], c["mediaType"]))
-            for layer in doc.get("layers", []):
-                out.append(Blob(layer["digest"], layer["size"], layer["mediaType"]))
-
-        walk(tag)
+    def blob_gets(self, digest: str) -> list[tuple[int, int]]:
+        """(status, bytes sent) of every access-log line for GET of this blob."""
+        out = []
+        with open(self.log_path, errors="replace") as f:
+            for line in f:
+                if "GET /v2/" not in line or f"/blobs/{digest} " not in line:
+                    continue
+                # combined log format: "GET ... HTTP/1.1" STATUS BYTES
+                tail = line.split('HTTP/1.1" ', 1)
+                if len(tail) != 2:
+                    continue
+                fields = tail[1].split()
+                out.append((int(fields[0]), int(fields[1]) if fields[1].isdigit() else 0))
         return out
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if not self._log.closed:
-            self._log.close()
 
-    def __enter__(self) -> Registry:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
+def registry_fixture(tmp_path: Any, **kwargs: Any) -> Iterator[Registry]:
+    reg = Registry(os.path.join(tmp_path, f"registry-{free_port()}"), **kwargs)
+    try:
+        yield reg
+    finally:
+        reg.stop()
 
 
-def random_layer(size: int, name: str = "random.bin", seed: int = 0) -> dict[str, bytes]:
-    """A layer of one file of ``size`` incompressible bytes (the same for the same seed)."""
-    return {name: random.Random(seed).randbytes(size)}
+# images ------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class OciImage:
-    """An OCI image layout made by :func:`build_image`: ``layout`` dir and ``tag``."""
+def run(*cmd: str, timeout: float = 300, env: dict[str, str] | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout,
+                          env=env, check=False)
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr[-2000:]}")
+    return proc
 
-    layout: str
-    tag: str
+
+def build_image(layout: str, tag: str, files: Sequence[tuple[str, int]], *,
+                arch: str = "amd64", seed: int = 0) -> str:
+    """Build an image with umoci in the OCI layout ``layout``: one layer per (path, size)
+    of random bytes. Returns the manifest digest."""
+    require(UMOCI, "umoci")
+    if not os.path.exists(os.path.join(layout, "oci-layout")):
+        run(UMOCI, "init", "--layout", layout)
+    run(UMOCI, "new", "--image", f"{layout}:{tag}")
+    work = layout + f".files-{tag}"
+    os.makedirs(work, exist_ok=True)
+    for i, (path, size) in enumerate(files):
+        src = os.path.join(work, f"f{i}")
+        with open(src, "wb") as f:
+            f.write(os.urandom(size))
+        run(UMOCI, "insert", "--image", f"{layout}:{tag}", src, path)
+    run(UMOCI, "config", "--image", f"{layout}:{tag}", "--os", "linux",
+        "--architecture", arch)
+    shutil.rmtree(work)
+    return manifest_of(layout, tag)["digest"]
+
+
+def read_index(layout: str) -> dict[str, Any]:
+    with open(os.path.join(layout, "index.json")) as f:
+        return json.load(f)  # type: ignore[no-any-return]
+
+
+def manifest_of(layout: str, tag: str) -> dict[str, Any]:
+    for desc in read_index(layout)["manifests"]:
+        if desc.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag:
+            return desc  # type: ignore[no-any-return]
+    raise KeyError(tag)
+
+
+def read_blob(layout: str, digest: str) -> bytes:
+    alg, hexpart = digest.split(":", 1)
+    with open(os.path.join(layout, "blobs", alg, hexpart), "rb") as f:
+        return f.read()
+
+
+def add_blob(layout: str, data: bytes) -> str:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    path = os.path.join(layout, "blobs", "sha256", digest.split(":", 1)[1])
+    with open(path, "wb") as f:
+        f.write(data)
+    return digest
+
+
+def build_index(layout: str, tag: str, platforms: dict[str, str]) -> str:
+    """Craft an OCI image index tagged ``tag`` over the manifests tagged by ``platforms``'
+    values (``{"linux/amd64": "amd", ...}``). Returns the index digest."""
+    manifests = []
+    for platform, mtag in platforms.items():
+        desc = dict(manifest_of(layout, mtag))
+        desc.pop("annotations", None)
+        os_, arch = platform.split("/", 1)
+        desc["platform"] = {"architecture": arch, "os": os_}
+        manifests.append(desc)
+    body = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                       "manifests": manifests}, indent=None).encode()
+    digest = add_blob(layout, body)
+    index = read_index(layout)
+    index["manifests"].append({
+        "mediaType": "application/vnd.oci.image.index.v1+json", "digest": digest,
+        "size": len(body), "annotations": {"org.opencontainers.image.ref.name": tag}})
+    with open(os.path.join(layout, "index.json"), "w") as f:
+        json.dump(index, f)
+    return digest
+
+
+def skopeo_copy(src: str, dst: str, *extra: str, timeout: float = 300) -> None:
+    """``skopeo copy`` with TLS checks off for the local plain-HTTP registries."""
+    require(SKOPEO, "skopeo")
+    args = [SKOPEO, "--insecure-policy", "copy"]
+    if src.startswith("docker://"):
+        args.append("--src-tls-verify=false")
+    if dst.startswith("docker://"):
+        args.append("--dest-tls-verify=false")
+    if "--all" not in extra and "--multi-arch" not in " ".join(extra):
+        args.append("--all")
+    run(*args, *extra, src, dst, timeout=timeout)
+
+
+class CountingProxy:
+    """A tiny HTTP reverse proxy in front of a registry (a thread per connection): it
+    records each request's method, path, Range header and the body bytes it passed on,
+    and can throttle bodies (``rate`` bytes per second) so a test can act mid-transfer."""
+
+    def __init__(self, upstream: str, rate: float | None = None) -> None:
+        import http.server
+        import threading
+
+        proxy = self
+        self.upstream = upstream
+        self.rate = rate
+        self.requests: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+            def _forward(self) -> None:
+                import http.client
+
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "connection")}
+                record = {"method": self.command, "path": self.path,
+                          "range": self.headers.get("Range"), "sent": 0, "status": 0}
+                with proxy._lock:
+                    proxy.requests.append(record)
+                try:
+                    conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                except OSError:
+                    self.close_connection = True
+                    return  # the client sees the connection close
+                record["status"] = resp.status
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("connection", "transfer-encoding"):
+                        self.send_header(k, v)
+                chunked = resp.getheader("Content-Length") is None and self.command != "HEAD"
+                if chunked:
+                    self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                if self.command == "HEAD":
+                    conn.close()
+                    return
+                started = time.monotonic()
+                expected = resp.getheader("Content-Length")
+                try:
+                    while True:
+                        try:
+                            chunk = resp.read1(64 << 10)
+                        except Exception:  # noqa: BLE001 - upstream died mid-body
+                            chunk = b""
+                        if not chunk:
+                            if expected is not None and record["sent"] < int(expected):
+                                # cut short upstream: cut the client off too, as a
+                                # registry that stops does
+                                self.close_connection = True
+                                self.connection.shutdown(socket.SHUT_RDWR)
+                                return
+                            break
+                        if chunked:
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        else:
+                            self.wfile.write(chunk)
+                        record["sent"] += len(chunk)
+                        if proxy.rate:
+                            ahead = record["sent"] / proxy.rate - (time.monotonic() - started)
+                            if ahead > 0:
+                                time.sleep(ahead)
+                    if chunked:
+                        self.wfile.write(b"0\r\n\r\n")
+                except OSError:
+                    self.close_connection = True
+                finally:
+                    conn.close()
+
+            do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
 
     @property
-    def ref(self) -> str:
-        return f"oci:{self.layout}:{self.tag}"
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
+    def blob_requests(self, digest: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [r for r in self.requests
+                    if r["method"] == "GET" and r["path"].endswith(f"/blobs/{digest}")]
 
-def build_image(
-    layout: str | os.PathLike[str],
-    layers: Sequence[Mapping[str, bytes]],
-    tag: str = "latest",
-) -> OciImage:
-    """An OCI image layout at ``layout`` (created) with one layer per mapping of file
-    name -> content (each file goes to ``/<name>`` in the image), built by umoci."""
-    require_tool(UMOCI, "umoci")
-    layout = os.fspath(layout)
-    _run([UMOCI, "init", "--layout", layout])
-    _run([UMOCI, "new", "--image", f"{layout}:{tag}"])
-    with tempfile.TemporaryDirectory(prefix="umoci-layer-") as tmp:
-        for i, files in enumerate(layers):
-            src = os.path.join(tmp, f"layer{i}")
-            os.mkdir(src)
-            for name, data in files.items():
-                path = os.path.join(src, name)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "wb") as f:
-                    f.write(data)
-            _run([UMOCI, "insert", "--image", f"{layout}:{tag}", src, f"/layer{i}"])
-    _run([UMOCI, "config", "--image", f"{layout}:{tag}", "--config.cmd", "/bin/true"])
-    return OciImage(layout, tag)
-
-
-def push_image(image: OciImage, registry: Registry, name: str) -> str:
-    """Push ``image`` to ``registry`` as ``name`` (``repo:tag``) with skopeo, unchanged
-    (no conversion: the registry serves the layout's manifest and blobs byte for byte).
-    Returns the pull reference ``127.0.0.1:PORT/repo:tag``."""
-    require_tool(SKOPEO, "skopeo")
-    _run([
-        SKOPEO, "copy", "--quiet", "--insecure-policy", "--dest-tls-verify=false",
-        image.ref, f"docker://{registry.host}/{name}",
-    ])
-    return f"{registry.host}/{name}"
-
-
-def _run(cmd: Sequence[str]) -> None:
-    p = subprocess.run(cmd, capture_output=True, timeout=600, check=False)
-    if p.returncode != 0:
-        pytest.fail(
-            f"{' '.join(cmd)}: exit {p.returncode}: {p.stderr.decode(errors='replace')[-2000:]}"
-        )
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(timeout=10)

@@ -4,6 +4,7 @@ tampering on disk (issue 15): each test failed before its fix."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import subprocess
@@ -149,3 +150,174 @@ def test_mount_commit_races_abort(mounter: MountFactory, tmp_path: Any, how: str
     print(f"{how}: {sum(c for c, _ in outcomes)} commits won, "
           f"{sum(a for _, a in outcomes)} aborts won of {rounds}")
     mnt.allowed_log.append(r"ingest race\d+")
+
+
+# 5. a FIFO under blobs/, and blob files changed on disk ----------------------------------
+
+def _faces(tmp_path: Any, mounter: MountFactory) -> tuple[Any, ServeProcess]:
+    mnt = mounter()
+    return mnt, ServeProcess(mnt.root, os.path.join(tmp_path, "s.sock"))
+
+
+def test_fifo_under_blobs_is_not_found_on_every_face(
+        mounter: MountFactory, tmp_path: Any) -> None:
+    from tests.grpc_util import ctr
+    mnt, srv = _faces(tmp_path, mounter)
+    try:
+        hexd = "ab" * 32
+        os.makedirs(os.path.join(mnt.root, "blobs", "sha256"), exist_ok=True)
+        os.mkfifo(os.path.join(mnt.root, "blobs", "sha256", hexd))
+        p = cli(mnt.root, "get", f"sha256:{hexd}", timeout=20)  # hung before
+        assert p.returncode == 4 and b"not found" in p.stderr, p
+        p = ctr(srv.address, "content", "get", f"sha256:{hexd}", timeout=20)
+        assert p.returncode != 0 and b"not found" in p.stderr, p
+        assert errno_of(lambda: open(mnt.blob(hexd), "rb").close()) == errno.ENOENT
+        p = cli(mnt.root, "verify", timeout=20)
+        assert p.returncode == 4 and f"sha256:{hexd}: FAILED".encode() in p.stdout, p
+    finally:
+        assert srv.stop() == 0, srv.stderr
+
+
+def test_full_verify_lists_what_is_not_a_blob(store: LocalStore) -> None:
+    good = digest_of(b"good")
+    with store.writer("g") as w:
+        w.write(b"good")
+        w.commit()
+    blob_dir = os.path.join(store.root, "blobs", "sha256")
+    strays = {"link": "11" * 32, "dir": "22" * 32, "fifo": "33" * 32}
+    os.symlink("/etc/passwd", os.path.join(blob_dir, strays["link"]))
+    os.mkdir(os.path.join(blob_dir, strays["dir"]))
+    os.mkfifo(os.path.join(blob_dir, strays["fifo"]))
+    p = cli(store.root, "verify", timeout=20)
+    assert p.returncode == 4, p
+    out = p.stdout.decode()
+    assert f"{good}: OK" in out
+    for hexd in strays.values():
+        assert f"sha256:{hexd}: FAILED" in out and "not a regular file" in out, out
+    assert b"3 of 4 blobs failed" in p.stderr
+
+
+def test_blob_file_of_another_size_is_data_loss_on_every_face(
+        mounter: MountFactory, tmp_path: Any) -> None:
+    from tests.grpc_util import ctr
+    mnt, srv = _faces(tmp_path, mounter)
+    try:
+        data = b"committed bytes\n"
+        dgst = digest_of(data)
+        assert cli(mnt.root, "ingest", "r", data=data).returncode == 0
+        path = os.path.join(mnt.root, "blobs", "sha256", dgst.split(":")[1])
+        os.chmod(path, 0o644)
+        with open(path, "ab") as f:
+            f.write(b"!")
+        p = cli(mnt.root, "get", dgst)
+        assert p.returncode == 8 and b"data loss" in p.stderr and not p.stdout, p
+        p = ctr(srv.address, "content", "get", dgst)
+        assert p.returncode != 0 and b"data loss" in p.stderr, p
+        assert errno_of(lambda: open(mnt.blob(dgst.split(":")[1]), "rb").close()) == errno.EIO
+        p = cli(mnt.root, "verify", dgst)
+        assert p.returncode == 8, p
+        mnt.allowed_log.append(r"data loss")
+    finally:
+        assert srv.stop() == 0, srv.stderr
+
+
+# 2. the metadata database replaced under live processes ----------------------------------
+
+def _remove_db(root: str) -> None:
+    db = os.path.join(root, ".contentfs", "meta.db")
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(db + suffix):
+            os.unlink(db + suffix)
+
+
+def _truncate_db(db: str) -> None:
+    """Cut the database to 100 bytes, its pages checkpointed out of the log first (else
+    the log alone still holds a whole database)."""
+    import sqlite3
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    conn.close()
+    os.truncate(db, 100)
+
+
+def test_store_reopens_a_database_removed_or_moved_under_it(store: LocalStore) -> None:
+    with store.writer("a") as w:
+        w.write(b"a")
+        da = w.commit()
+    _remove_db(store.root)
+    store.update(store.info(da).__class__(da, 1, store.info(da).created_at,
+                                          store.info(da).updated_at, {"k": "v"}))
+    with LocalStore(store.root) as other:  # a CLI: it sees what the daemon acknowledged
+        assert other.info(da).labels == {"k": "v"}
+    # truncated: the next process moves it aside and rebuilds; the daemon follows
+    db = os.path.join(store.root, ".contentfs", "meta.db")
+    _truncate_db(db)
+    with LocalStore(store.root) as other:
+        assert other.info(da).labels == {}
+    assert any(n.startswith("meta.db.corrupt-") for n in os.listdir(os.path.dirname(db)))
+    with store.writer("b") as w:
+        w.write(b"b")
+        db_ = w.commit(labels={"x": "y"})
+    with LocalStore(store.root) as other:
+        assert other.info(db_).labels == {"x": "y"}
+
+
+def test_daemons_follow_a_replaced_database(mounter: MountFactory, tmp_path: Any) -> None:
+    """Delete meta.db under a mount and a server: labels set through both afterwards are
+    seen by the CLI and survive a restart. Truncate it: after the CLI rebuilds it, ingests
+    through the mount and ctr go on working."""
+    from tests.grpc_util import ctr
+    mnt, srv = _faces(tmp_path, mounter)
+    try:
+        data = b"labelled after the database went\n"
+        dgst = digest_of(data)
+        hexd = dgst.split(":")[1]
+        assert cli(mnt.root, "ingest", "r", data=data).returncode == 0
+        _remove_db(mnt.root)
+        run("setfattr", "-n", "user.by-mount", "-v", "1", mnt.blob(hexd))
+        p = ctr(srv.address, "content", "label", dgst, "by-ctr=2")
+        assert p.returncode == 0, p.stderr
+        p = cli(mnt.root, "info", dgst, "--json")
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["labels"] == {"by-mount": "1", "by-ctr": "2"}, p.stdout
+
+        db = os.path.join(mnt.root, ".contentfs", "meta.db")
+        _truncate_db(db)
+        p = cli(mnt.root, "ls", "-q")  # moves it aside, rebuilds
+        assert p.returncode == 0 and b"moved to" in p.stderr, p
+        with open(mnt.ingest("after"), "wb") as f:
+            f.write(b"through the mount\n")
+        run("setfattr", "-n", "user.k", "-v", "m", mnt.ingest("after"))
+        run("setfattr", "-n", "user.contentfs.commit", mnt.ingest("after"))
+        p = ctr(srv.address, "content", "ingest", "after-ctr", input=b"through ctr\n")
+        assert p.returncode == 0, p.stderr
+        p = ctr(srv.address, "content", "label", digest_of(b"through ctr\n"), "k=c")
+        assert p.returncode == 0, p.stderr
+    finally:
+        assert srv.stop() == 0, srv.stderr
+    mnt.allowed_log.append(r"meta\.db")
+    mnt.unmount()
+    labels = {i["digest"]: i["labels"] for i in json.loads(cli(mnt.root, "ls", "--json").stdout)}
+    assert labels[dgst] == {}, labels  # the rebuild lost them, as it says
+    assert labels[digest_of(b"through the mount\n")] == {"k": "m"}
+    assert labels[digest_of(b"through ctr\n")] == {"k": "c"}
+
+
+def test_immutable_database_is_an_io_error_not_busy(store_root: str) -> None:
+    """``chattr +i`` on meta.db: a change fails at once with its own message (EROFS/EIO,
+    exit 1), not as a busy lock (exit 7, after a 10 s wait)."""
+    with LocalStore(store_root) as s, s.writer("r") as w:
+        w.write(b"x")
+        dgst = w.commit()
+    db = os.path.join(store_root, ".contentfs", "meta.db")
+    p = run("chattr", "+i", db, check=False)
+    assert p.returncode == 0, f"chattr +i needs an ext4-like filesystem: {p.stderr!r}"
+    try:
+        p = cli(store_root, "label", dgst, "a=b", timeout=60)
+        err = p.stderr.decode()
+        assert p.returncode == 1, p
+        assert "cannot be written" in err and "unavailable" not in err, err
+        assert "Traceback" not in err
+    finally:
+        run("chattr", "-i", db)
+    assert cli(store_root, "label", dgst, "a=b").returncode == 0
