@@ -146,6 +146,14 @@ def test_fuse_refuses_non_utf8_name_and_survives(mounter: fuse_util.MountFactory
     with pytest.raises(OSError) as exc:
         os.rename(m.ingest("ok"), ingest + BAD)
     assert exc.value.errno == errno.EINVAL
+    # labels are UTF-8 text too (they are protobuf strings as well)
+    for name, value in ((b"user." + BAD, b"v"), (b"user.k", BAD)):
+        with pytest.raises(OSError) as exc:
+            os.setxattr(m.ingest("ok"), name, value)
+        assert exc.value.errno == errno.EINVAL
+        proc = subprocess.run([b"setfattr", b"-n", name, b"-v", value,
+                               os.fsencode(m.ingest("ok"))], capture_output=True)
+        assert proc.returncode == 1 and b"Invalid argument" in proc.stderr, proc.stderr
     assert os.listdir(m.ingest("")) == ["ok"]  # the mount is alive
     assert _ingest_dirs(m.root) == [hashlib.sha256(b"ok").hexdigest()]
     assert _ingest_rows(m.root) == 0
