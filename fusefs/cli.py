@@ -826,9 +826,14 @@ def umount_cmd(mountpoint: str, lazy: bool) -> None:
               help="unix:///PATH (default: a socket in the user's runtime dir) "
                    "or tcp://127.0.0.1:PORT.")
 @click.option("--debug", is_flag=True, help="Log every call.")
+@click.option("--write-idle-timeout", metavar="SECONDS", type=click.FloatRange(min=0),
+              default=60.0, show_default=True,
+              help="Cancel a Write stream whose client sends nothing for this long (its"
+                   " ingest stays, resumable); 0 never does.")
 @local_root_option
 @click.pass_context
-def serve_cmd(ctx: click.Context, address: str | None, debug: bool, cmd_root: str | None) -> None:
+def serve_cmd(ctx: click.Context, address: str | None, debug: bool,
+              write_idle_timeout: float, cmd_root: str | None) -> None:
     """Serve the store over containerd's gRPC Content API (for `ctr -a SOCKET content ...`)."""
     from store.grpc.server import serve_main
 
@@ -838,7 +843,7 @@ def serve_cmd(ctx: click.Context, address: str | None, debug: bool, cmd_root: st
             " command", ctx)
     store = open_store(ctx, cmd_root, create=True)
     assert isinstance(store, LocalStore)
-    sys.exit(serve_main(store, address, debug=debug))
+    sys.exit(serve_main(store, address, debug=debug, write_idle_timeout=write_idle_timeout))
 
 # registries: fetch, push, fetch-object, push-object (thin wrappers over store.registry) ---
 
