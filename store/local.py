@@ -8,80 +8,57 @@ at a time (it serialises its own calls).
 from __future__ import annotations
 
 import builtins
-import collections
-import concurrent.futures
 import contextlib
 import errno
-import functools
 import hashlib
 import logging
 import os
 import shutil
 import stat
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from .digest import ALGORITHMS, CANONICAL, Digest, parse_digest, split_digest
+from .api import Changes
+from .changes import InotifyChanges
+from .digest import (
+    ALGORITHMS,
+    CANONICAL,
+    Digest,
+    hex_pattern,
+    is_hex_name,
+    parse_digest,
+    split_digest,
+)
 from .errors import AlreadyExists, DataLoss, InvalidArgument, NotFound, StoreError
 from .filters import Filter, parse_filters
 from .fsutil import ensure_dir, read_small, write_atomic
+from .hashcache import HashCache
+from .labels import validate_labels
 from .layout import Layout
 from .locks import DEFAULT_WAIT, take_lock, try_lock
 from .metadata import MetadataDB
+from .ondisk import (
+    blob_dir_ok,
+    blob_exists,
+    is_dir,
+    parse_time_file,
+    read_time,
+    read_total,
+    write_total,
+)
 from .reader import FileReaderAt
-from .types import Info, Status, format_time, from_ns, parse_time
-from .writer import LocalWriter, _ResumeState
+from .text import is_text, printable_ref
+from .types import Info, Status, format_time, from_ns
+from .writer import IngestState, LocalWriter
 
-__all__ = ["MAX_LABEL_SIZE", "LocalStore", "is_text", "printable_ref", "validate_labels"]
+__all__ = ["MAX_REF_SIZE", "ROOT_MODE", "LocalStore", "NoStore", "prepare_root"]
 
 log = logging.getLogger(__name__)
 
-MAX_LABEL_SIZE = 4096
 _WALK_BATCH = 256  # blobs per metadata query in walk
 _CHUNK = 1 << 20
 _VERIFY_CHUNK = 4 << 20  # large reads: fewer syscalls, and hashlib drops the GIL per call
-
-
-def is_text(text: str) -> bool:
-    """True if ``text`` is valid Unicode (no lone surrogates), so it encodes as UTF-8.
-
-    Names from FUSE and argv arrive as bytes decoded with ``surrogateescape``: bytes that
-    are not UTF-8 become lone surrogates, which protobuf and SQLite cannot carry.
-    """
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def printable_ref(ref: str) -> str:
-    """``ref`` with bytes that are not UTF-8 shown as ``\\xNN`` (for messages and
-    listings; only a legacy ingest has such a ref, see ``LocalStore.writer``)."""
-    if is_text(ref):
-        return ref
-    return ref.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def validate_labels(labels: Mapping[str, str]) -> None:
-    """Raise InvalidArgument for an empty key, a key or value that is not valid UTF-8,
-    or key plus value over 4096 UTF-8 bytes."""
-    for key, value in labels.items():
-        if not key:
-            raise InvalidArgument("label key must not be empty")
-        if not (is_text(key) and is_text(value)):
-            raise InvalidArgument(
-                f"label {printable_ref(key)[:64]}: key and value must be valid UTF-8"
-            )
-        size = len(key.encode("utf-8", "surrogateescape")) + len(
-            value.encode("utf-8", "surrogateescape")
-        )
-        if size > MAX_LABEL_SIZE:
-            raise InvalidArgument(
-                f"label key and value length ({size} bytes) greater than maximum size"
-                f" ({MAX_LABEL_SIZE} bytes), key: {key[:64]}"
-            )
 
 
 #: Longest ref in UTF-8 bytes (the ingest's ``ref`` file is read back whole).
@@ -114,12 +91,41 @@ def _check_new_ref(ref: str) -> None:
         raise InvalidArgument(f"ref {printable_ref(ref)}: not valid UTF-8")
 
 
-def _is_dir(path: str) -> bool:
-    """True for a real directory (a symlink planted in its place does not count)."""
+#: Mode of a store root that contentfs creates (parents too), as containerd's 0755 dirs.
+ROOT_MODE = 0o755
+
+
+class NoStore(NotFound):
+    """NotFound for a store root that is missing or no directory. Its message is said
+    as it is, without the ``: not found`` suffix (it names the problem already)."""
+
+    def __init__(self, message: str) -> None:
+        Exception.__init__(self, message)
+
+
+def prepare_root(root: str, *, create: bool) -> str:
+    """Check (``create``: make, parents too) the store directory ``root``; return it.
+
+    One wording for every face (CLI, mount, serve): a missing root is NotFound
+    ``no store at ROOT`` unless ``create`` (commands that write make it, as containerd
+    makes its root); a path that exists but is no directory is NotFound ``store root
+    ROOT: not a directory``.
+    """
+    if os.path.isdir(root):
+        return root
+    if os.path.lexists(root):
+        raise NoStore(f"store root {root}: not a directory")
+    if not create:
+        raise NoStore(f"no store at {root}")
     try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except OSError:
-        return False
+        os.makedirs(root, mode=ROOT_MODE, exist_ok=True)
+    except NotADirectoryError:  # a parent is a file
+        raise NoStore(f"store root {root}: not a directory") from None
+    except FileExistsError:  # a parent is a dangling symlink, or a race made a file
+        raise NoStore(f"store root {root}: not a directory") from None
+    if not os.path.isdir(root):
+        raise NoStore(f"store root {root}: not a directory")
+    return root
 
 
 class LocalStore:
@@ -132,17 +138,14 @@ class LocalStore:
     def __init__(self, root: str, *, readonly: bool = False) -> None:
         self.layout = Layout(root)
         self.root = self.layout.root
-        if not os.path.isdir(self.root):
-            raise NotFound(f"store root {self.root}")
+        prepare_root(self.root, create=False)
         self.readonly = readonly
         self.db = MetadataDB(self.layout.db, readonly=readonly)
         if not readonly:  # as containerd 1.6: ingest/ exists once the store is open
             os.makedirs(self.layout.ingest, mode=0o755, exist_ok=True)
             self._sweep_ingest_root()
-        self._cache_lock = threading.Lock()
-        # ref -> (st_ino, st_size, st_mtime_ns, hasher): lets a writer closed in this
-        # process resume without rehashing its data.
-        self._hash_cache: dict[str, tuple[int, int, int, hashlib._Hash]] = {}
+        # lets a writer closed in this process resume without rehashing its data
+        self._hashes = HashCache()
 
     def close(self) -> None:
         self.db.close()
@@ -161,7 +164,7 @@ class LocalStore:
         in a way that follows or blocks). DataLoss if the file's size differs from the
         size recorded at commit."""
         dgst = parse_digest(digest)
-        if not self._blob_dir_ok(dgst):
+        if not blob_dir_ok(self.layout, dgst):
             raise NotFound(f"content {dgst}")
         try:
             fd = os.open(
@@ -190,7 +193,7 @@ class LocalStore:
         cut off on disk). A blob without a row, or an unreadable database, passes."""
         try:
             row = self.db.get_blob(dgst)
-        except StoreError as exc:
+        except (StoreError, OSError) as exc:
             log.debug("content %s: size not checked: %s", dgst, exc)
             return
         if row is not None and row[0] != size:
@@ -206,14 +209,8 @@ class LocalStore:
         st = self._stat_blob(dgst)
         return self._info(dgst, st, self.db.get_blob(dgst))
 
-    def _blob_dir_ok(self, dgst: Digest) -> bool:
-        """``blobs/`` and ``blobs/<alg>/`` are real directories, not planted symlinks."""
-        return _is_dir(self.layout.blobs) and _is_dir(
-            self.layout.blob_dir(split_digest(dgst)[0])
-        )
-
     def _stat_blob(self, dgst: Digest) -> os.stat_result:
-        if not self._blob_dir_ok(dgst):
+        if not blob_dir_ok(self.layout, dgst):
             raise NotFound(f"content {dgst}")
         try:
             st = os.lstat(self.layout.blob_path(dgst))
@@ -302,17 +299,16 @@ class LocalStore:
 
     def algorithms(self) -> builtins.list[str]:
         """Algorithm directories present under ``blobs/``."""
-        if not _is_dir(self.layout.blobs):
+        if not is_dir(self.layout.blobs):
             return []
         try:
             names = os.listdir(self.layout.blobs)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        return [n for n in names if n in ALGORITHMS and _is_dir(self.layout.blob_dir(n))]
+        return [n for n in names if n in ALGORITHMS and is_dir(self.layout.blob_dir(n))]
 
     def _scan_blobs(self, alg: str) -> Iterator[tuple[str, os.stat_result]]:
-        want = ALGORITHMS[alg]
-        if not (_is_dir(self.layout.blobs) and _is_dir(self.layout.blob_dir(alg))):
+        if not (is_dir(self.layout.blobs) and is_dir(self.layout.blob_dir(alg))):
             return
         blob_dir = self.layout.blob_dir(alg)
         try:
@@ -321,7 +317,7 @@ class LocalStore:
         except (FileNotFoundError, NotADirectoryError):
             return
         for name in names:
-            if len(name) != want or name.strip("0123456789abcdef"):
+            if not is_hex_name(alg, name):
                 log.debug("skipping %s/%s: not a digest", blob_dir, name)
                 continue
             try:
@@ -334,16 +330,16 @@ class LocalStore:
     def stray_names(self) -> Iterator[Digest]:
         """Digests whose blob path holds something other than a regular file (a symlink,
         directory, FIFO...): never served nor listed, but reported by a full verify."""
-        for alg, want in ALGORITHMS.items():
+        for alg in ALGORITHMS:
             blob_dir = self.layout.blob_dir(alg)
-            if not (_is_dir(self.layout.blobs) and _is_dir(blob_dir)):
+            if not (is_dir(self.layout.blobs) and is_dir(blob_dir)):
                 continue
             try:
                 names = sorted(os.listdir(blob_dir))
             except OSError:
                 continue
             for name in names:
-                if len(name) != want or name.strip("0123456789abcdef"):
+                if not is_hex_name(alg, name):
                     continue
                 try:
                     if not stat.S_ISREG(os.lstat(os.path.join(blob_dir, name)).st_mode):
@@ -351,17 +347,45 @@ class LocalStore:
                 except OSError:
                     continue
 
-    def blob_names(self, algorithm: str) -> Iterator[tuple[str, os.stat_result]]:
-        """Stream (hex, stat) of the blobs of one algorithm, in name order."""
-        if algorithm not in ALGORITHMS:
-            return iter(())
-        return self._scan_blobs(algorithm)
+    # BlobNames ---------------------------------------------------------------------
+
+    def blob_names(self, algorithm: str) -> builtins.list[str]:
+        """The well-formed hex names in ``blobs/<algorithm>/``, unsorted, one listdir
+        (no stat: a name may still be something other than a regular file)."""
+        if algorithm not in ALGORITHMS or not is_dir(self.layout.blobs):
+            return []
+        try:
+            names = os.listdir(self.layout.blob_dir(algorithm))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return builtins.list(filter(hex_pattern(algorithm).fullmatch, names))
+
+    def blob_names_stamp(self, algorithm: str) -> object:
+        """``(st_ino, st_mtime_ns, st_ctime_ns)`` of ``blobs/<algorithm>/`` (zeros when
+        it is missing): every blob added or removed there changes it."""
+        try:
+            st = os.stat(self.layout.blob_dir(algorithm))
+        except (FileNotFoundError, NotADirectoryError):
+            return (0, 0, 0)
+        return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+
+    # BlobFiles -----------------------------------------------------------------------
+
+    def blob_path(self, digest: str) -> str:
+        """The path of a blob's file (it may be absent, or not a regular file)."""
+        return self.layout.blob_path(Digest(digest))
+
+    def blob_times(self, digests: Sequence[str]) -> dict[Digest, tuple[int, int, int]]:
+        """``(size, created_ns, updated_ns)`` recorded for those of ``digests`` that have
+        metadata, in one query (see :func:`store.api.blob_times_of`)."""
+        rows = self.db.get_blob_times(builtins.list(digests))
+        return {Digest(d): row for d, row in rows.items()}
 
     def delete(self, digest: str) -> None:
         """Delete a committed blob. NotFound if absent. Open readers keep reading."""
         dgst = parse_digest(digest)
         path = self.layout.blob_path(dgst)
-        if not self._blob_dir_ok(dgst):
+        if not blob_dir_ok(self.layout, dgst):
             raise NotFound(f"content {dgst}")
         try:
             if stat.S_ISDIR(os.lstat(path).st_mode):
@@ -398,44 +422,6 @@ class LocalStore:
             )
         return info
 
-    def verify_many(
-        self, digests: Iterable[str], *, workers: int | None = None,
-        progress: Callable[[str, int], object] | None = None,
-    ) -> Iterator[tuple[str, Info | StoreError]]:
-        """Verify blobs on ``workers`` threads (default: one per CPU); yield ``(digest,
-        Info or the StoreError)`` in the order of ``digests``. At most a few blobs per
-        worker are in flight, so a million digests cost no more memory than a hundred.
-        ``progress(digest, n)`` is called from the worker threads (it must be
-        thread-safe) after each chunk of a blob is hashed."""
-        n = workers or os.cpu_count() or 1
-
-        def one(d: str) -> Info | StoreError:
-            try:
-                return self.verify(d, None if progress is None
-                                   else functools.partial(progress, d))
-            except StoreError as exc:
-                return exc
-
-        if n <= 1:
-            for d in digests:
-                yield d, one(d)
-            return
-        with concurrent.futures.ThreadPoolExecutor(n, "contentfs-verify") as pool:
-            window: collections.deque[tuple[str, concurrent.futures.Future[Info | StoreError]]]
-            window = collections.deque()
-            try:
-                for d in digests:
-                    window.append((d, pool.submit(one, d)))
-                    if len(window) >= 4 * n:
-                        d0, f0 = window.popleft()
-                        yield d0, f0.result()
-                while window:
-                    d0, f0 = window.popleft()
-                    yield d0, f0.result()
-            finally:
-                for _, f in window:
-                    f.cancel()
-
     # IngestManager --------------------------------------------------------------------
 
     def status(self, ref: str) -> Status:
@@ -448,7 +434,7 @@ class LocalStore:
 
     def _read_status(self, path: str, ref: str | None) -> Status | None:
         """Status from an ingest directory, or None if it is missing or not an ingest."""
-        if not (_is_dir(self.layout.ingest) and _is_dir(path)):
+        if not (is_dir(self.layout.ingest) and is_dir(path)):
             return None
         try:
             data_st = os.lstat(os.path.join(path, "data"))
@@ -462,9 +448,9 @@ class LocalStore:
             return None
         if ref is not None and stored_ref != ref:
             return None
-        started = _read_time(os.path.join(path, "startedat"))
-        updated = max(_read_time(os.path.join(path, "updatedat")), data_st.st_mtime_ns)
-        total = _read_total(os.path.join(path, "total"))
+        started = read_time(os.path.join(path, "startedat"))
+        updated = max(read_time(os.path.join(path, "updatedat")), data_st.st_mtime_ns)
+        total = read_total(os.path.join(path, "total"))
         expected, _ = self.db.get_ingest(stored_ref)
         return Status(
             stored_ref,
@@ -505,7 +491,7 @@ class LocalStore:
         missing or empty (a creation or removal cut short) is removed too."""
         _check_ref(ref)
         path = self.layout.ingest_dir(ref)
-        if not (_is_dir(self.layout.ingest) and _is_dir(path)):
+        if not (is_dir(self.layout.ingest) and is_dir(path)):
             raise NotFound(f"ingest {ref}")
         try:
             stored = read_small(os.path.join(path, "ref")).decode("utf-8", "surrogateescape")
@@ -526,8 +512,7 @@ class LocalStore:
         except OSError:
             had_data = False
         shutil.rmtree(aside, ignore_errors=True)
-        with self._cache_lock:
-            self._hash_cache.pop(ref, None)
+        self._hashes.drop(ref)
         if not had_data:  # committed (or never complete) before we moved it
             raise NotFound(f"ingest {ref}")
         self.db.delete_ingest(ref)
@@ -582,12 +567,12 @@ class LocalStore:
         different total) is restarted empty. The caller must ``close()`` or ``commit()``.
         """
         _check_ref(ref)
-        if not is_text(ref) and not _is_dir(self.layout.ingest_dir(ref)):
+        if not is_text(ref) and not is_dir(self.layout.ingest_dir(ref)):
             _check_new_ref(ref)  # only an existing (legacy) ingest may have such a ref
         exp = parse_digest(expected) if expected else None
         if total < 0:
             raise InvalidArgument(f"ingest {ref}: negative total {total}")
-        if exp is not None and self._exists(exp):
+        if exp is not None and blob_exists(self.layout, exp):
             raise AlreadyExists(f"content {exp}")
         ensure_dir(self.layout.private, 0o700)
         ensure_dir(self.layout.locks, 0o700)
@@ -601,20 +586,12 @@ class LocalStore:
                 if not create:
                     raise NotFound(f"ingest {ref}")
                 state = self._fresh(path, ref, total, algorithm)
-            return LocalWriter(self, ref, lock, path, state, exp)
+            return LocalWriter(self.layout, self.db, self._hashes, ref, lock, state, exp)
         except BaseException:
             lock.release()
             raise
 
-    def _exists(self, dgst: Digest) -> bool:
-        if not self._blob_dir_ok(dgst):
-            return False
-        try:
-            return stat.S_ISREG(os.lstat(self.layout.blob_path(dgst)).st_mode)
-        except OSError:
-            return False
-
-    def _resume(self, path: str, ref: str, total: int, algorithm: str) -> _ResumeState | None:
+    def _resume(self, path: str, ref: str, total: int, algorithm: str) -> IngestState | None:
         try:
             if os.path.islink(path):
                 os.unlink(path)
@@ -624,9 +601,9 @@ class LocalStore:
             stored_ref = read_small(os.path.join(path, "ref")).decode("utf-8", "surrogateescape")
             if stored_ref != ref:
                 raise ValueError(f"ref file holds {stored_ref!r}")
-            started = _parse_time_file(os.path.join(path, "startedat"))
-            updated = _parse_time_file(os.path.join(path, "updatedat"))
-            stored_total = _read_total(os.path.join(path, "total"))
+            started = parse_time_file(os.path.join(path, "startedat"))
+            updated = parse_time_file(os.path.join(path, "updatedat"))
+            stored_total = read_total(os.path.join(path, "total"))
             if total and stored_total and total != stored_total:
                 raise ValueError(f"provided total {total} differs from status {stored_total}")
             fd = os.open(
@@ -637,7 +614,7 @@ class LocalStore:
             return None
         try:
             st = os.fstat(fd)
-            hasher = self._cached_hasher(ref, st, algorithm)
+            hasher = self._hashes.take(ref, st, algorithm)
             if hasher is None:
                 hasher = hashlib.new(algorithm)
                 offset = 0
@@ -646,7 +623,7 @@ class LocalStore:
                     offset += len(chunk)
             if stored_total == 0 and total > 0:
                 write_atomic(os.path.join(path, "total"), str(total).encode(), sync=False)
-            return _ResumeState(
+            return IngestState(
                 fd, hasher, st.st_size, total or stored_total, started,
                 max(updated, st.st_mtime_ns),
             )
@@ -654,10 +631,10 @@ class LocalStore:
             os.close(fd)
             raise
 
-    def _fresh(self, path: str, ref: str, total: int, algorithm: str) -> _ResumeState:
+    def _fresh(self, path: str, ref: str, total: int, algorithm: str) -> IngestState:
         """Create the ingest complete under a hidden name, then rename it into place,
         so no process ever sees an ingest directory without its ``ref`` file."""
-        if not _is_dir(path):
+        if not is_dir(path):
             _check_new_ref(ref)  # (a legacy ingest that cannot resume restarts in place)
         key = self.layout.ref_key(ref)
         tmp = self._aside_name(key, ".new")
@@ -687,30 +664,9 @@ class LocalStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        with self._cache_lock:
-            self._hash_cache.pop(ref, None)
+        self._hashes.drop(ref)
         self.db.delete_ingest(ref)  # hints of an earlier ingest of this ref do not carry over
-        return _ResumeState(fd, hashlib.new(algorithm), 0, total, now, now)
-
-    def _cached_hasher(
-        self, ref: str, st: os.stat_result, algorithm: str
-    ) -> hashlib._Hash | None:
-        with self._cache_lock:
-            cached = self._hash_cache.pop(ref, None)
-        if cached is None:
-            return None
-        ino, size, mtime, hasher = cached
-        if (ino, size, mtime) != (st.st_ino, st.st_size, st.st_mtime_ns):
-            return None
-        if hasher.name != algorithm:
-            return None
-        return hasher
-
-    def _remember_hasher(self, ref: str, st: os.stat_result, hasher: hashlib._Hash) -> None:
-        with self._cache_lock:
-            if len(self._hash_cache) > 1024:
-                self._hash_cache.clear()
-            self._hash_cache[ref] = (st.st_ino, st.st_size, st.st_mtime_ns, hasher.copy())
+        return IngestState(fd, hashlib.new(algorithm), 0, total, now, now)
 
     # Extensions beyond containerd ----------------------------------------------------
 
@@ -749,11 +705,7 @@ class LocalStore:
         if total is not None:
             if total < 0:
                 raise InvalidArgument(f"ingest {ref}: negative total {total}")
-            total_path = os.path.join(path, "total")
-            if total > 0:
-                write_atomic(total_path, str(total).encode(), sync=False)
-            elif os.path.lexists(total_path):
-                os.unlink(total_path)
+            write_total(os.path.join(path, "total"), total)
 
     def rename_ingest(self, old: str, new: str) -> None:
         """Give ingest ``old`` the ref ``new``, replacing an ingest already named ``new``.
@@ -782,11 +734,7 @@ class LocalStore:
                 write_atomic(os.path.join(src, "ref"), new.encode("utf-8", "surrogateescape"))
                 os.rename(src, dst)
                 self.db.rename_ingest(old, new)
-                with self._cache_lock:
-                    cached = self._hash_cache.pop(old, None)
-                    self._hash_cache.pop(new, None)
-                    if cached is not None:
-                        self._hash_cache[new] = cached
+                self._hashes.rename(old, new)
             finally:
                 lock_new.release()
         finally:
@@ -795,6 +743,36 @@ class LocalStore:
     def ingest_data_path(self, ref: str) -> str:
         """Path of an ingest's data file (for read-only access by adapters)."""
         return os.path.join(self.layout.ingest_dir(ref), "data")
+
+    def ingest_reader_at(self, ref: str) -> FileReaderAt:
+        """A reader of the bytes written so far to ingest ``ref`` (it sees later
+        appends). NotFound if there is no such ingest."""
+        _check_ref(ref)
+        try:
+            fd = os.open(self.ingest_data_path(ref), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(f"ingest {ref}") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise NotFound(f"ingest {ref} (not a regular file)") from None
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise NotFound(f"ingest {ref} (not a regular file)")
+        return FileReaderAt(fd, st.st_size)
+
+    # ChangeFeed ----------------------------------------------------------------------
+
+    def updated_since(self, since_ns: int) -> builtins.list[tuple[Digest, int, int]]:
+        """``(digest, created_ns, updated_ns)`` of blobs whose UpdatedAt is after
+        ``since_ns``: a scan of the metadata (call it from a worker thread)."""
+        return [(Digest(d), c, u) for d, c, u in self.db.blobs_updated_since(since_ns)]
+
+    def open_changes(self) -> Changes:
+        """Watch this root with inotify: blobs added or removed in ``blobs/<alg>/`` and
+        changes to the metadata database (labels). OSError if inotify is unavailable."""
+        return InotifyChanges(self.layout)
 
 
 def _info_adaptor(info: Info) -> Callable[[Sequence[str]], tuple[str, bool]]:
@@ -820,19 +798,14 @@ def _ref_adaptor(ref: str) -> Callable[[Sequence[str]], tuple[str, bool]]:
     return adapt
 
 
-def _parse_time_file(path: str) -> int:
-    return parse_time(read_small(path, 128).decode())
+if TYPE_CHECKING:  # mypy checks that LocalStore has the interface and its capabilities
 
+    def _conforms(s: LocalStore, w: LocalWriter) -> None:
+        from . import api
 
-def _read_time(path: str) -> int:
-    try:
-        return _parse_time_file(path)
-    except (OSError, ValueError, UnicodeDecodeError):
-        return 0
-
-
-def _read_total(path: str) -> int:
-    try:
-        return max(0, int(read_small(path, 64).decode().strip() or 0))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return 0
+        store: api.Store = s
+        caps: tuple[api.InfoIterator, api.IngestReader, api.IngestHints, api.IngestRenamer,
+                    api.ChangeFeed, api.BlobNames, api.BlobFiles] = (s, s, s, s, s, s, s)
+        writer: tuple[api.Writer, api.SyncWriter, api.TotalWriter, api.IdleCloser] = (
+            w, w, w, w)
+        del store, caps, writer

@@ -11,24 +11,28 @@ import threading
 import time
 from collections.abc import Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING
 
 from .digest import Digest, parse_digest, split_digest
 from .errors import AlreadyExists, FailedPrecondition, NotFound, NotImplemented  # noqa: A004
 from .fsutil import ensure_dir, fsync_dir, write_atomic
+from .hashcache import HashCache
+from .labels import validate_labels
+from .layout import Layout
 from .locks import RefLock, hold_lock
+from .metadata import MetadataDB
+from .ondisk import blob_exists, write_total
 from .types import Status, format_time, from_ns
 
-if TYPE_CHECKING:
-    from .local import LocalStore
-
-__all__ = ["LocalWriter"]
+__all__ = ["IngestState", "LocalWriter"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class _ResumeState:
+class IngestState:
+    """Where an opened ingest stands: its data file (open read-write), the digest state
+    of its bytes, their count, the expected total and its times (ns)."""
+
     fd: int
     hasher: hashlib._Hash
     offset: int
@@ -47,15 +51,19 @@ class LocalWriter:
 
     def __init__(
         self,
-        store: LocalStore,
+        layout: Layout,
+        db: MetadataDB,
+        hashes: HashCache,
         ref: str,
         lock: RefLock,
-        path: str,
-        state: _ResumeState,
+        state: IngestState,
         expected: Digest | None,
     ) -> None:
-        self._store = store
+        self._layout = layout
+        self._db = db
+        self._hashes = hashes
         self.ref = ref
+        path = layout.ingest_dir(ref)
         self._lock = lock
         self._path = path
         self._fd = state.fd
@@ -100,7 +108,7 @@ class LocalWriter:
         with self._mutex:
             self._check_open()
             self._total = max(0, total)
-            self._store.set_ingest_hints(self.ref, total=self._total)
+            write_total(os.path.join(self._path, "total"), self._total)
 
     # changes ------------------------------------------------------------------------
 
@@ -170,14 +178,12 @@ class LocalWriter:
         AlreadyExists and removes the ingest. Data and the blob directory are fsynced
         before this returns. The writer is closed afterwards in every case.
         """
-        from .local import validate_labels
-
         with self._mutex:
             if self._closed:
                 raise FailedPrecondition("cannot commit on closed writer")
-            store = self._store
             try:
-                hint_expected, hint_labels = store.ingest_hints(self.ref)
+                hint, hint_labels = self._db.get_ingest(self.ref)
+                hint_expected = Digest(hint) if hint else None
                 all_labels = {**hint_labels, **(labels or {})}
                 validate_labels(all_labels)
                 want = parse_digest(expected) if expected else hint_expected
@@ -212,8 +218,7 @@ class LocalWriter:
         return Digest(f"{algorithm}:{hasher.hexdigest()}")
 
     def _publish(self, dgst: Digest, size: int, labels: Mapping[str, str]) -> Digest:
-        store = self._store
-        layout = store.layout
+        layout = self._layout
         alg, _ = split_digest(dgst)
         blob_dir = layout.blob_dir(alg)
         ensure_dir(layout.blobs, 0o755)  # real directories: never a planted symlink
@@ -225,7 +230,7 @@ class LocalWriter:
         ensure_dir(layout.private, 0o700)
         ensure_dir(layout.locks, 0o700)
         with hold_lock(layout.lock_path(f"\0commit {dgst}")):
-            if store._exists(dgst):
+            if blob_exists(layout, dgst):
                 self._remove_ingest()
                 raise AlreadyExists(f"content {dgst}")
             data = os.path.join(self._path, "data")
@@ -233,7 +238,7 @@ class LocalWriter:
             # The row goes in before the rename, so a crash never leaves a blob without
             # its labels (a row without a blob file is ignored); a busy database fails
             # the commit (Unavailable) with the ingest kept.
-            store.db.put_blob(dgst, size, now, labels)
+            self._db.put_blob(dgst, size, now, labels)
             mode = os.fstat(self._fd).st_mode & 0o777 & ~0o333
             os.fchmod(self._fd, mode or 0o400)
             os.utime(self._fd, ns=(now, now))
@@ -242,7 +247,7 @@ class LocalWriter:
                 os.rename(data, target)
             except FileNotFoundError:
                 try:
-                    store.db.delete_blob(dgst)  # the row just written has no blob
+                    self._db.delete_blob(dgst)  # the row just written has no blob
                 except Exception as exc:  # noqa: BLE001
                     log.warning("content %s: stale row not removed: %s", dgst, exc)
                 raise NotFound(f"ingest {self.ref} (aborted while open)") from None
@@ -253,7 +258,7 @@ class LocalWriter:
     def _remove_ingest(self) -> None:
         shutil.rmtree(self._path, ignore_errors=True)
         try:
-            self._store.db.delete_ingest(self.ref)
+            self._db.delete_ingest(self.ref)
         except Exception as exc:  # noqa: BLE001
             log.error("ingest %s: hints not removed: %s", self.ref, exc)
 
@@ -275,7 +280,7 @@ class LocalWriter:
                     os.fsync(self._fd)
                 st = os.fstat(self._fd)
                 if st.st_nlink:
-                    self._store._remember_hasher(self.ref, st, self._hasher)
+                    self._hashes.remember(self.ref, st, self._hasher)
                     try:
                         write_atomic(
                             os.path.join(self._path, "updatedat"),
