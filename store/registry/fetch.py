@@ -28,10 +28,9 @@ from typing import BinaryIO
 
 import httpx
 
+from ..api import Store, Writer
 from ..digest import Digest, digest_of, split_digest
 from ..errors import AlreadyExists, DataLoss, FailedPrecondition, NotFound
-from ..local import LocalStore
-from ..writer import LocalWriter
 from .client import MANIFEST_ACCEPT, RegistryClient
 from .images import (
     GC_ROOT,
@@ -126,7 +125,7 @@ class _Node:
 
 
 class _Fetch:
-    def __init__(self, store: LocalStore, client: RegistryClient, ref: Reference,
+    def __init__(self, store: Store, client: RegistryClient, ref: Reference,
                  progress: Progress) -> None:
         self.store = store
         self.client = client
@@ -235,7 +234,7 @@ class _Fetch:
         except NotFound:
             pass
 
-    def _download(self, desc: Descriptor, writer: LocalWriter, what: str,
+    def _download(self, desc: Descriptor, writer: Writer, what: str,
                   stop: threading.Event) -> int:
         offset = writer.offset
         headers = {"Range": f"bytes={offset}-"} if offset else None
@@ -294,7 +293,7 @@ class _Fetch:
 
 
 def fetch_image(
-    store: LocalStore,
+    store: Store,
     client: RegistryClient,
     ref: Reference,
     *,
