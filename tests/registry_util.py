@@ -46,7 +46,7 @@ class Registry:
     """
 
     def __init__(self, base: str, *, users: dict[str, str] | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, tls: bool = False) -> None:
         require(REGISTRY, "docker-registry")
         os.makedirs(base, exist_ok=True)
         self.base = base
@@ -71,6 +71,15 @@ class Registry:
             "http:",
             f"  addr: 127.0.0.1:{self.port}",
         ]
+        self.tls = tls
+        self.cert = os.path.join(base, "cert.pem")
+        if tls:  # a self-signed certificate for 127.0.0.1
+            key = os.path.join(base, "key.pem")
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                            "-keyout", key, "-out", self.cert, "-days", "2",
+                            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                           check=True, capture_output=True)
+            lines += ["  tls:", f"    certificate: {self.cert}", f"    key: {key}"]
         if users:
             require(HTPASSWD, "htpasswd (apache2-utils)")
             htfile = os.path.join(base, "htpasswd")
@@ -103,7 +112,14 @@ class Registry:
             if self.proc.poll() is not None:
                 pytest.fail(f"docker-registry exited {self.proc.returncode}: {self.log()}")
             try:
-                urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2).close()
+                if self.tls:
+                    import ssl
+
+                    ctx = ssl.create_default_context(cafile=self.cert)
+                    urllib.request.urlopen(f"https://{self.host}/v2/", timeout=2,
+                                           context=ctx).close()
+                else:
+                    urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2).close()
                 return
             except urllib.error.HTTPError:
                 return  # 401 with auth: it answers
