@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import pyfuse3
 import trio
 
-from store import LocalStore, StoreError
+from store import LocalStore, StoreError, prepare_root
 
 from .ops import ContentOps
 
@@ -42,6 +42,9 @@ GENERIC_OPTIONS = frozenset({
 })
 GENERIC_PREFIXES = ("x-", "comment=", "setuid=", "fsname=", "subtype=")
 #: FUSE options passed to the kernel/libfuse as given.
+#: Exit status for a store root that is missing (read-only mount) or no directory: the
+#: CLI's code for NotFound.
+EXIT_NO_STORE = 4
 FUSE_OPTIONS = frozenset({"allow_other", "allow_root", "default_permissions", "ro"})
 
 
@@ -111,13 +114,20 @@ def _clear_dead_mount(mountpoint: str) -> None:
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
             raise
-        log.warning("%s: clearing a dead mount left by a previous daemon", mountpoint)
+        _tell(f"{mountpoint}: clearing a dead mount left by a previous daemon")
         subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if _mount_entry(mountpoint) is not None:
             subprocess.run(["umount", "-l", mountpoint], check=False)
         return
-    raise RuntimeError(f"{mountpoint}: already a mount point")
+    raise RuntimeError(f"{mountpoint} is already a mount point"
+                       f" (unmount it first: contentfs umount {mountpoint})")
+
+
+def _tell(message: str) -> None:
+    """A user-facing line on stderr, plain as the CLI's (no log format): before the
+    mount answers, the daemon's stderr is still the caller's terminal."""
+    print(f"contentfs: {message}", file=sys.stderr, flush=True)
 
 
 def _raise_readahead(mountpoint: str) -> None:
@@ -159,7 +169,8 @@ def mount_main(
 ) -> int:
     """Mount store ``root`` at ``mountpoint``; see the module docstring. Returns the exit
     status: 0 after a clean unmount (or, in the parent, once the daemon answers), 1 on a
-    failure, 2 on bad options."""
+    failure, 2 on bad options, 4 for no store at ``root`` (read-only) or a root that is
+    no directory. A read-write mount makes a missing root, parents too."""
     _setup_logging(debug, quiet=not foreground)
     try:
         opts = parse_options(options)
@@ -168,14 +179,15 @@ def mount_main(
         return 2
     root = os.path.abspath(root)
     mountpoint = os.path.abspath(mountpoint)
-    for path, what in ((root, "store root"), (mountpoint, "mount point")):
-        try:
-            isdir = os.path.isdir(path)
-        except OSError:
-            isdir = True  # e.g. a dead mount: handled below
-        if not isdir and not _mount_entry(path):
-            print(f"contentfs: {what} {path}: not a directory", file=sys.stderr)
-            return 1
+    if not _mount_entry(root):
+        try:  # a read-write mount makes a missing root, as the CLI's writing commands
+            prepare_root(root, create=not opts.readonly)
+        except StoreError as exc:
+            print(f"contentfs: {exc}", file=sys.stderr)
+            return EXIT_NO_STORE
+    if not os.path.isdir(mountpoint) and not _mount_entry(mountpoint):
+        print(f"contentfs: mount point {mountpoint}: not a directory", file=sys.stderr)
+        return 1
     ready_r, ready_w = os.pipe()
     if not foreground:
         pid = os.fork()
@@ -212,8 +224,11 @@ def _run(root: str, mountpoint: str, opts: MountOptions, *, debug: bool, ready_f
     try:
         _clear_dead_mount(mountpoint)
         store = LocalStore(root, readonly=opts.readonly)
-    except (OSError, RuntimeError, StoreError) as exc:
-        log.error("cannot mount %s at %s: %s", root, mountpoint, exc)
+    except RuntimeError as exc:
+        _tell(f"cannot mount {root}: {exc}")
+        return 1
+    except (OSError, StoreError) as exc:
+        _tell(f"cannot mount {root} at {mountpoint}: {exc}")
         return 1
     lock_fd = _take_pidfile(mountpoint)
     ops = ContentOps(store, readonly=opts.readonly)
@@ -226,7 +241,7 @@ def _run(root: str, mountpoint: str, opts: MountOptions, *, debug: bool, ready_f
     try:
         pyfuse3.init(ops, mountpoint, fuse_options)
     except RuntimeError as exc:
-        log.error("cannot mount %s at %s: %s", root, mountpoint, exc)
+        _tell(f"cannot mount {root} at {mountpoint}: {exc}")
         store.close()
         return 1
     log.info("mounted %s at %s (%s)", root, mountpoint, ",".join(sorted(fuse_options)))

@@ -13,10 +13,11 @@ from .errors import (
     NotImplemented,
     StoreError,
     Unavailable,
+    Unreachable,
 )
 from .filters import Filter, parse_filters
 from .labels import MAX_LABEL_SIZE, validate_labels
-from .local import LocalStore
+from .local import LocalStore, prepare_root
 from .reader import FileReaderAt
 from .types import Info, Status
 from .writer import LocalWriter
@@ -39,8 +40,10 @@ __all__ = [
     "Status",
     "StoreError",
     "Unavailable",
+    "Unreachable",
     "digest_of",
     "parse_digest",
     "parse_filters",
+    "prepare_root",
     "validate_labels",
 ]
