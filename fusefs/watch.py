@@ -85,7 +85,7 @@ async def _relabelled(blobs: BlobCache) -> None:
     try:
         rows = await trio.to_thread.run_sync(blobs.updated_rows)
         held = blobs.relabelled(rows)
-    except StoreError as exc:  # e.g. a locked database: try at the next change
+    except (StoreError, OSError) as exc:  # e.g. a locked database: try at the next change
         log.warning("looking for relabelled blobs: %s", exc)
         return
 

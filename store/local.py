@@ -155,7 +155,7 @@ class LocalStore:
         cut off on disk). A blob without a row, or an unreadable database, passes."""
         try:
             row = self.db.get_blob(dgst)
-        except StoreError as exc:
+        except (StoreError, OSError) as exc:
             log.debug("content %s: size not checked: %s", dgst, exc)
             return
         if row is not None and row[0] != size:

@@ -4,6 +4,7 @@ tampering on disk (issue 15): each test failed before its fix."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import subprocess
@@ -218,3 +219,195 @@ def test_blob_file_of_another_size_is_data_loss_on_every_face(
         mnt.allowed_log.append(r"data loss")
     finally:
         assert srv.stop() == 0, srv.stderr
+
+
+# 2. the metadata database replaced under live processes ----------------------------------
+
+def _remove_db(root: str) -> None:
+    db = os.path.join(root, ".contentfs", "meta.db")
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(db + suffix):
+            os.unlink(db + suffix)
+
+
+def _truncate_db(db: str) -> None:
+    """Cut the database to 100 bytes, its pages checkpointed out of the log first (else
+    the log alone still holds a whole database)."""
+    import sqlite3
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    conn.close()
+    os.truncate(db, 100)
+
+
+def test_store_reopens_a_database_removed_or_moved_under_it(store: LocalStore) -> None:
+    with store.writer("a") as w:
+        w.write(b"a")
+        da = w.commit()
+    _remove_db(store.root)
+    store.update(store.info(da).__class__(da, 1, store.info(da).created_at,
+                                          store.info(da).updated_at, {"k": "v"}))
+    with LocalStore(store.root) as other:  # a CLI: it sees what the daemon acknowledged
+        assert other.info(da).labels == {"k": "v"}
+    # truncated: the next process moves it aside and rebuilds; the daemon follows
+    db = os.path.join(store.root, ".contentfs", "meta.db")
+    _truncate_db(db)
+    with LocalStore(store.root) as other:
+        assert other.info(da).labels == {}
+    assert any(n.startswith("meta.db.corrupt-") for n in os.listdir(os.path.dirname(db)))
+    with store.writer("b") as w:
+        w.write(b"b")
+        db_ = w.commit(labels={"x": "y"})
+    with LocalStore(store.root) as other:
+        assert other.info(db_).labels == {"x": "y"}
+
+
+def test_daemons_follow_a_replaced_database(mounter: MountFactory, tmp_path: Any) -> None:
+    """Delete meta.db under a mount and a server: labels set through both afterwards are
+    seen by the CLI and survive a restart. Truncate it: after the CLI rebuilds it, ingests
+    through the mount and ctr go on working."""
+    from tests.grpc_util import ctr
+    mnt, srv = _faces(tmp_path, mounter)
+    try:
+        data = b"labelled after the database went\n"
+        dgst = digest_of(data)
+        hexd = dgst.split(":")[1]
+        assert cli(mnt.root, "ingest", "r", data=data).returncode == 0
+        _remove_db(mnt.root)
+        run("setfattr", "-n", "user.by-mount", "-v", "1", mnt.blob(hexd))
+        p = ctr(srv.address, "content", "label", dgst, "by-ctr=2")
+        assert p.returncode == 0, p.stderr
+        p = cli(mnt.root, "info", dgst, "--json")
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["labels"] == {"by-mount": "1", "by-ctr": "2"}, p.stdout
+
+        db = os.path.join(mnt.root, ".contentfs", "meta.db")
+        _truncate_db(db)
+        p = cli(mnt.root, "ls", "-q")  # moves it aside, rebuilds
+        assert p.returncode == 0 and b"moved to" in p.stderr, p
+        with open(mnt.ingest("after"), "wb") as f:
+            f.write(b"through the mount\n")
+        run("setfattr", "-n", "user.k", "-v", "m", mnt.ingest("after"))
+        run("setfattr", "-n", "user.contentfs.commit", mnt.ingest("after"))
+        p = ctr(srv.address, "content", "ingest", "after-ctr", input=b"through ctr\n")
+        assert p.returncode == 0, p.stderr
+        p = ctr(srv.address, "content", "label", digest_of(b"through ctr\n"), "k=c")
+        assert p.returncode == 0, p.stderr
+    finally:
+        assert srv.stop() == 0, srv.stderr
+    mnt.allowed_log.append(r"meta\.db")
+    mnt.unmount()
+    labels = {i["digest"]: i["labels"] for i in json.loads(cli(mnt.root, "ls", "--json").stdout)}
+    assert labels[dgst] == {}, labels  # the rebuild lost them, as it says
+    assert labels[digest_of(b"through the mount\n")] == {"k": "m"}
+    assert labels[digest_of(b"through ctr\n")] == {"k": "c"}
+
+
+def test_immutable_database_is_an_io_error_not_busy(store_root: str) -> None:
+    """``chattr +i`` on meta.db: a change fails at once with its own message (EROFS/EIO,
+    exit 1), not as a busy lock (exit 7, after a 10 s wait)."""
+    with LocalStore(store_root) as s, s.writer("r") as w:
+        w.write(b"x")
+        dgst = w.commit()
+    db = os.path.join(store_root, ".contentfs", "meta.db")
+    p = run("chattr", "+i", db, check=False)
+    assert p.returncode == 0, f"chattr +i needs an ext4-like filesystem: {p.stderr!r}"
+    try:
+        p = cli(store_root, "label", dgst, "a=b", timeout=60)
+        err = p.stderr.decode()
+        assert p.returncode == 1, p
+        assert "cannot be written" in err and "unavailable" not in err, err
+        assert "Traceback" not in err
+    finally:
+        run("chattr", "-i", db)
+    assert cli(store_root, "label", dgst, "a=b").returncode == 0
+
+
+# 3. idle Write streams must not starve other calls ----------------------------------------
+
+class _StalledWriters:
+    """``count`` Write streams over ``channels`` connections, each sending one chunk and
+    then nothing until ``release()``."""
+
+    def __init__(self, address: str, count: int, channels: int = 4) -> None:
+        sock = address[len("unix://"):]
+        # own subchannel pools: otherwise grpc shares one connection between the channels
+        self.channels = [grpc.insecure_channel(f"unix:{sock}",
+                                               options=[("grpc.use_local_subchannel_pool", 1)])
+                         for _ in range(channels)]
+        self.gate = threading.Event()
+        self.calls: list[Any] = []
+        for i in range(count):
+            ch = self.channels[i % channels]
+            write = ch.stream_stream(
+                "/containerd.services.content.v1.Content/Write",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=pb.WriteContentResponse.FromString)
+            self.calls.append(write(self._requests(f"stall{i}"),
+                                    metadata=(("containerd-namespace", "default"),)))
+
+    def _requests(self, ref: str) -> Any:
+        yield pb.WriteContentRequest(action=pb.WRITE, ref=ref, data=b"first chunk")
+        self.gate.wait(120)
+
+    def release(self) -> None:
+        self.gate.set()
+        for call in self.calls:
+            call.cancel()
+        for ch in self.channels:
+            ch.close()
+
+
+def test_stalled_writers_do_not_starve_other_calls(tmp_path: Any) -> None:
+    import time
+
+    from tests.grpc_util import ctr
+    root = os.path.join(tmp_path, "root")
+    os.mkdir(root)
+    data = b"a blob to get\n"
+    assert cli(root, "ingest", "g", data=data).returncode == 0
+    srv = ServeProcess(root, os.path.join(tmp_path, "s.sock"), "--write-idle-timeout", "4")
+    stalled = None
+    try:
+        stalled = _StalledWriters(srv.address, 200)
+        # every stream has its first chunk on disk
+        deadline = time.monotonic() + 60
+        while len(cli(root, "active", "--json").stdout.split(b'"ref"')) - 1 < 200:
+            assert time.monotonic() < deadline, "the 200 writers did not all start"
+            time.sleep(0.2)
+        t0 = time.monotonic()
+        p = ctr(srv.address, "content", "ls", timeout=10)
+        t_ls = time.monotonic() - t0
+        assert p.returncode == 0 and digest_of(data).encode() in p.stdout, p
+        t0 = time.monotonic()
+        p = ctr(srv.address, "content", "get", digest_of(data), timeout=10)
+        t_get = time.monotonic() - t0
+        assert p.returncode == 0 and p.stdout == data, p
+        p = ctr(srv.address, "content", "active", timeout=10)
+        assert p.returncode == 0 and p.stdout.count(b"stall") == 200, p
+        print(f"with 200 stalled writers: ctr content ls {t_ls:.2f} s, get {t_get:.2f} s")
+        # idle streams are cancelled: their refs are free again, the ingests resumable
+        raw = RawContent(srv.address)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                r = raw.write([pb.WriteContentRequest(action=pb.STAT, ref="stall7")])
+                if r.code == grpc.StatusCode.OK:
+                    break
+                assert r.code == grpc.StatusCode.UNAVAILABLE, r
+                assert time.monotonic() < deadline, "the idle stream kept its ref lock"
+                time.sleep(0.5)
+            assert r.responses[0].offset == len(b"first chunk")
+            more = b"first chunk, then the rest"
+            r = raw.write([pb.WriteContentRequest(action=pb.COMMIT, ref="stall7",
+                                                  offset=len(b"first chunk"),
+                                                  data=more[len(b"first chunk"):])])
+            assert r.code == grpc.StatusCode.OK, r
+            assert r.responses[-1].digest == digest_of(more)
+        finally:
+            raw.close()
+    finally:
+        if stalled is not None:
+            stalled.release()
+        assert srv.stop() == 0, srv.stderr
+    assert "sent nothing for 4 s: cancelled" in srv.stderr

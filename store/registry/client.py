@@ -99,7 +99,7 @@ class RegistryClient:
                 f" (HTTP {code}{': ' + detail if detail else ''}); give credentials with"
                 " --user USER[:PASSWORD] or in ~/.docker/config.json")
         if code == 404:
-            raise NotFound(f"{what} on registry {self.host}")
+            raise NotFound(f"{what} on registry {self.host}{' (' + detail + ')' if detail else ''}")
         if code in _RETRY_STATUS or code >= 500:
             raise self.unavailable(what, f"HTTP {code}{': ' + detail if detail else ''}")
         raise InvalidArgument(f"registry {self.host}: {what}: HTTP {code}"
@@ -175,9 +175,10 @@ class RegistryClient:
                 raise self.unavailable(what, _transport_detail(exc)) from None
             return b"".join(chunks), resp.headers
 
-    def exists(self, path: str, what: str) -> bool:
+    def exists(self, path: str, what: str, *, accept: str | None = None) -> bool:
         """HEAD: True for 2xx, False for 404."""
-        with self.open("HEAD", path, what, ok_missing=True) as resp:
+        headers = {"Accept": accept} if accept else None
+        with self.open("HEAD", path, what, headers=headers, ok_missing=True) as resp:
             return resp.status_code != 404
 
     def send(
