@@ -917,6 +917,7 @@ def _transfer_progress(as_json: bool) -> Any:
 @registry_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @root_option
+@namespace_option
 @click.pass_context
 def fetch_cmd(
     ctx: click.Context, ref: str, platforms: tuple[str, ...], all_platforms: bool,
@@ -930,7 +931,7 @@ def fetch_cmd(
 
     if all_platforms and platforms:
         raise click.UsageError("--all-platforms and --platform exclude each other")
-    store = open_local(ctx, cmd_root, "fetch", create=True)
+    store = open_store(ctx, cmd_root, create=True)
     parsed, client = _registry_client(ref, plain_http, skip_verify, user, concurrency + 2)
     with client, _transfer_progress(as_json) as progress:
         result = fetch_image(store, client, parsed, platforms=platforms,
@@ -968,6 +969,7 @@ def fetch_object_cmd(ref: str, obj: str | None, plain_http: bool, skip_verify: b
 @registry_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @root_option
+@namespace_option
 @click.pass_context
 def push_cmd(
     ctx: click.Context, ref: str, digest: str, platforms: tuple[str, ...], concurrency: int,
@@ -979,7 +981,7 @@ def push_cmd(
     tagged REF's tag. Prints DIGEST."""
     from store.registry import push_image
 
-    store = open_local(ctx, cmd_root, "push", reading=True)
+    store = open_store(ctx, cmd_root, reading=True)
     dgst = parse_digest(digest)
     parsed, client = _registry_client(ref, plain_http, skip_verify, user, concurrency + 2)
     with client, _transfer_progress(as_json) as progress:
@@ -997,6 +999,7 @@ def push_cmd(
 @click.argument("media_type", metavar="MEDIATYPE")
 @registry_options
 @root_option
+@namespace_option
 @click.pass_context
 def push_object_cmd(ctx: click.Context, ref: str, digest: str, media_type: str,
                     plain_http: bool, skip_verify: bool, user: str | None,
@@ -1006,7 +1009,7 @@ def push_object_cmd(ctx: click.Context, ref: str, digest: str, media_type: str,
     as a blob."""
     from store.registry import push_object
 
-    store = open_local(ctx, cmd_root, "push-object", reading=True)
+    store = open_store(ctx, cmd_root, reading=True)
     dgst = parse_digest(digest)
     parsed, client = _registry_client(ref, plain_http, skip_verify, user)
     with client:
