@@ -15,6 +15,7 @@ import os
 import re
 import stat
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, TYPE_CHECKING, Any, NoReturn, TypeAlias, TypeVar
@@ -39,6 +40,7 @@ from store import (
     prepare_root,
 )
 from store.digest import split_digest
+from store.verify import verify_many
 
 from .progress import Progress
 
@@ -762,21 +764,29 @@ def verify_cmd(ctx: click.Context, digests: tuple[str, ...], cmd_root: str | Non
     code = 0
     # the bar shares the terminal with the results: it is erased before each line
     shared = sys.stdout.isatty()
+    lock = threading.Lock()  # workers advance the bar; the main thread prints
+    hashed: dict[str, int] = {}
     with Progress("verifying", sum(sizes.values())) as progress:
-        for digest in targets:
-            before = progress.done
-            try:
-                store.verify(digest, progress=progress.advance)
-            except StoreError as exc:
+
+        def advance(digest: str, n: int) -> None:
+            with lock:
+                hashed[digest] = hashed.get(digest, 0) + n
+                progress.advance(n)
+
+        # blobs are hashed on every core; results are printed in the order of targets
+        for digest, result in verify_many(store, targets, progress=advance):
+            with lock:  # a blob that failed part-way counts as done
+                progress.advance(max(0, sizes[digest] - hashed.pop(digest, 0)))
+            if isinstance(result, StoreError):
                 bad += 1
-                code = code or exit_code(exc)
-                line = f"{digest}: FAILED ({printable(str(exc))})"
+                code = code or exit_code(result)
+                line = f"{digest}: FAILED ({printable(str(result))})"
             else:
                 line = f"{digest}: OK"
-            if shared:
-                progress.clear()
-            click.echo(line)
-            progress.advance(max(0, before + sizes[digest] - progress.done))
+            with lock:
+                if shared:
+                    progress.clear()
+                click.echo(line)
     if bad:
         click.echo(f"contentfs: {bad} of {len(targets)} blobs failed verification", err=True)
         sys.exit(code)
