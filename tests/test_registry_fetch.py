@@ -329,7 +329,7 @@ def test_unknown_tag_is_not_found(images: Images, tmp_path: Any) -> None:
 def test_basic_auth_with_user_and_docker_config(images: Images, tmp_path: Any) -> None:
     reg = Registry(str(tmp_path / "reg"), users={"alice": "s3cret"})
     try:
-        skopeo_copy(f"oci:{images.layout}:amd", f"docker://{reg.host}/priv/img:v1",
+        skopeo_copy(f"oci:{images.layout}:arm", f"docker://{reg.host}/priv/img:v1",
                     "--dest-creds", "alice:s3cret")
         ref = f"{reg.host}/priv/img:v1"
         home = tmp_path / "home"
@@ -344,7 +344,7 @@ def test_basic_auth_with_user_and_docker_config(images: Images, tmp_path: Any) -
         ok = contentfs("--root", str(tmp_path / "b"), "fetch", "--plain-http",
                        "--user", "alice:s3cret", ref, env=env)
         assert ok.returncode == 0, ok.stderr
-        assert ok.stdout.decode().strip() == images.amd
+        assert ok.stdout.decode().strip() == images.arm
         prompted = contentfs("fetch-object", "--plain-http", "--user", "alice", ref,
                              env=env, input=b"s3cret\n")
         assert prompted.returncode == 0, prompted.stderr
