@@ -34,6 +34,7 @@ from store import (
     Unavailable,
     parse_digest,
 )
+from store.identifiers import DEFAULT_NAMESPACE, validate_identifier
 
 #: Exit status per store error class; stable for scripts (documented in the README).
 EXIT_CODES: dict[type[StoreError], int] = {
@@ -103,11 +104,44 @@ def root_option(f: F) -> F:
     )(f)
 
 
+def namespace_option(f: F) -> F:
+    """``-n/--namespace NS``, before the command (``contentfs -n NS ls``) or after it
+    (``contentfs ls -n NS``); else ``$CONTENTFS_NAMESPACE``, else ``default``. The one
+    definition for every command that works in a namespace, local or remote."""
+
+    def remember(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        if value is not None:
+            ctx.ensure_object(dict)["namespace"] = value
+
+    return click.option(
+        "-n",
+        "--namespace",
+        metavar="NS",
+        default=None,
+        expose_value=False,
+        callback=remember,
+        help="Namespace (default: $CONTENTFS_NAMESPACE, else 'default').",
+    )(f)
+
+
+def chosen_namespace(ctx: click.Context) -> str:
+    """The namespace of this invocation, validated as containerd's identifiers."""
+    ns = (
+        (ctx.obj or {}).get("namespace")
+        or os.environ.get("CONTENTFS_NAMESPACE")
+        or DEFAULT_NAMESPACE
+    )
+    return validate_identifier("namespace", ns)
+
+
 def open_store(
-    ctx: click.Context, cmd_root: str | None, *, create: bool = False, reading: bool = False
+    ctx: click.Context, cmd_root: str | None, *, create: bool = False, reading: bool = False,
+    raw: bool = False,
 ) -> LocalStore:
-    """Open the chosen store. ``reading`` commands fall back to a read-only open when the
-    root cannot be written (read-only media, another user's store)."""
+    """Open the chosen store, as the view of the chosen namespace (``raw``: the raw
+    store). ``reading`` commands fall back to a read-only open when the root cannot be
+    written (read-only media, another user's store)."""
+    ns = None if raw else chosen_namespace(ctx)
     root = cmd_root or ctx.obj.get("root") or default_root()
     explicit = bool(cmd_root or ctx.obj.get("root") or os.environ.get("CONTENTFS_ROOT"))
     if not os.path.isdir(root):
@@ -122,7 +156,7 @@ def open_store(
             raise
         store = LocalStore(root, readonly=True)
     ctx.call_on_close(store.close)
-    return store
+    return store.namespace(ns)
 
 
 _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
@@ -187,9 +221,16 @@ def parse_pairs(pairs: Iterable[str]) -> dict[str, str]:
     default=None,
     help="Store directory (default: $CONTENTFS_ROOT, else a per-user data directory).",
 )
+@click.option(
+    "-n",
+    "--namespace",
+    metavar="NS",
+    default=None,
+    help="Namespace (default: $CONTENTFS_NAMESPACE, else 'default').",
+)
 @click.version_option(package_name="contentfs")
 @click.pass_context
-def cli(ctx: click.Context, root: str | None) -> None:
+def cli(ctx: click.Context, root: str | None, namespace: str | None) -> None:
     """A content-addressed blob store with containerd's semantics.
 
     A store is a directory in containerd's layout (blobs/<alg>/<hex>, ingest/); a
@@ -199,6 +240,7 @@ def cli(ctx: click.Context, root: str | None) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj["root"] = root
+    ctx.obj["namespace"] = namespace
 
 
 @cli.command("ls")
@@ -206,6 +248,7 @@ def cli(ctx: click.Context, root: str | None) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print only the digests.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of blobs.")
 @root_option
+@namespace_option
 @click.pass_context
 def ls_cmd(
     ctx: click.Context, filters: tuple[str, ...], quiet: bool, as_json: bool, cmd_root: str | None
@@ -243,6 +286,7 @@ def _table(rows: Sequence[Sequence[str]]) -> None:
 @click.argument("digest")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @root_option
+@namespace_option
 @click.pass_context
 def info_cmd(ctx: click.Context, digest: str, as_json: bool, cmd_root: str | None) -> None:
     """Show one blob's size, times and labels."""
@@ -261,6 +305,7 @@ def info_cmd(ctx: click.Context, digest: str, as_json: bool, cmd_root: str | Non
 @cli.command("get")
 @click.argument("digest")
 @root_option
+@namespace_option
 @click.pass_context
 def get_cmd(ctx: click.Context, digest: str, cmd_root: str | None) -> None:
     """Write a blob's bytes to standard output."""
@@ -302,6 +347,7 @@ def _copy_out(src: int, dst: int, size: int) -> None:
 @click.option("--label", "labels", metavar="KEY=VALUE", multiple=True,
               help="Label for the committed blob (repeatable).")
 @root_option
+@namespace_option
 @click.pass_context
 def ingest_cmd(
     ctx: click.Context,
@@ -459,6 +505,7 @@ class _progress:
 @click.argument("filters", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of ingests.")
 @root_option
+@namespace_option
 @click.pass_context
 def active_cmd(
     ctx: click.Context, filters: tuple[str, ...], as_json: bool, cmd_root: str | None
@@ -478,6 +525,7 @@ def active_cmd(
 @cli.command("abort")
 @click.argument("refs", nargs=-1, required=True)
 @root_option
+@namespace_option
 @click.pass_context
 def abort_cmd(ctx: click.Context, refs: tuple[str, ...], cmd_root: str | None) -> None:
     """Abort active ingests, discarding their data."""
@@ -489,6 +537,7 @@ def abort_cmd(ctx: click.Context, refs: tuple[str, ...], cmd_root: str | None) -
 @cli.command("rm")
 @click.argument("digests", nargs=-1, required=True)
 @root_option
+@namespace_option
 @click.pass_context
 def rm_cmd(ctx: click.Context, digests: tuple[str, ...], cmd_root: str | None) -> None:
     """Delete blobs; print each digest deleted. A missing blob is an error."""
@@ -510,6 +559,7 @@ def rm_cmd(ctx: click.Context, digests: tuple[str, ...], cmd_root: str | None) -
 @click.argument("digest")
 @click.argument("pairs", nargs=-1)
 @root_option
+@namespace_option
 @click.pass_context
 def label_cmd(
     ctx: click.Context, digest: str, pairs: tuple[str, ...], cmd_root: str | None
@@ -531,6 +581,7 @@ def label_cmd(
 @cli.command("verify")
 @click.argument("digests", nargs=-1)
 @root_option
+@namespace_option
 @click.pass_context
 def verify_cmd(ctx: click.Context, digests: tuple[str, ...], cmd_root: str | None) -> None:
     """Rehash blobs (all when none given) and report those that no longer match their
@@ -603,8 +654,24 @@ def serve_cmd(ctx: click.Context, address: str | None, debug: bool, cmd_root: st
     """Serve the store over containerd's gRPC Content API (for `ctr -a SOCKET content ...`)."""
     from store.grpc.server import serve_main
 
-    store = open_store(ctx, cmd_root, create=True)
+    store = open_store(ctx, cmd_root, create=True, raw=True)
     sys.exit(serve_main(store, address, debug=debug))
+
+
+@cli.command("namespaces")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the names (the default).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of names.")
+@root_option
+@click.pass_context
+def namespaces_cmd(ctx: click.Context, quiet: bool, as_json: bool, cmd_root: str | None) -> None:
+    """List the namespaces of the store: those holding blobs, leases or ingests, and
+    always `default`."""
+    names = open_store(ctx, cmd_root, reading=True, raw=True).namespaces()
+    if as_json:
+        click.echo(json.dumps(names))
+        return
+    for name in names:
+        click.echo(name)
 
 
 

@@ -8,6 +8,7 @@ at a time (it serialises its own calls).
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import hashlib
 import logging
 import os
@@ -21,9 +22,10 @@ from .digest import ALGORITHMS, CANONICAL, Digest, parse_digest, split_digest
 from .errors import AlreadyExists, DataLoss, InvalidArgument, NotFound
 from .filters import Filter, parse_filters
 from .fsutil import ensure_dir, read_small, write_atomic
+from .identifiers import DEFAULT_NAMESPACE, validate_identifier
 from .layout import Layout
-from .locks import try_lock
-from .metadata import MetadataDB
+from .locks import hold_lock, try_lock
+from .metadata import RAW, MetadataDB, NsMetadata
 from .reader import FileReaderAt
 from .types import Info, Status, format_time, from_ns, parse_time
 from .writer import LocalWriter, _ResumeState
@@ -79,26 +81,67 @@ def _is_dir(path: str) -> bool:
 class LocalStore:
     """A content store rooted at a directory in containerd's local layout.
 
+    Every instance is a view of one containerd namespace (DESIGN §6): its own blob
+    records, labels, times, ingests and leases over bytes stored once.
+    ``LocalStore(root)`` is namespace ``default`` (what the CLI and a mount show without
+    ``-n``); ``namespace=None`` or ``.namespace(None)`` is the **raw** store: every blob
+    file, the raw store's own labels (they claim nothing for any namespace), the
+    ingests of ``default``: what a gRPC request without a namespace sees, as
+    containerd's bare local store. ``.namespace(ns)`` returns another view over the same
+    directory and database handle: close the store that opened it.
+
     ``readonly`` opens the metadata database read-only and refuses nothing else by
     itself: the adapters refuse changes on read-only mounts.
     """
 
-    def __init__(self, root: str, *, readonly: bool = False) -> None:
+    def __init__(
+        self, root: str, *, readonly: bool = False, namespace: str | None = DEFAULT_NAMESPACE
+    ) -> None:
         self.layout = Layout(root)
         self.root = self.layout.root
         if not os.path.isdir(self.root):
             raise NotFound(f"store root {self.root}")
         self.readonly = readonly
-        self.db = MetadataDB(self.layout.db, readonly=readonly)
+        if namespace is not None:
+            validate_identifier("namespace", namespace)
+        self.meta = MetadataDB(self.layout.db, readonly=readonly)
         if not readonly:  # as containerd 1.6: ingest/ exists once the store is open
             os.makedirs(self.layout.ingest, mode=0o755, exist_ok=True)
         self._cache_lock = threading.Lock()
-        # ref -> (st_ino, st_size, st_mtime_ns, hasher): lets a writer closed in this
-        # process resume without rehashing its data.
+        # backend ref -> (st_ino, st_size, st_mtime_ns, hasher): lets a writer closed in
+        # this process resume without rehashing its data.
         self._hash_cache: dict[str, tuple[int, int, int, hashlib._Hash]] = {}
+        self._bind(namespace, None)
+
+    def _bind(self, namespace: str | None, lease: str | None) -> None:
+        #: The namespace of this view; None for the raw store.
+        self.ns = namespace
+        #: Writes of this view are held by this lease (containerd's ``containerd-lease``).
+        self.lease = lease
+        self._key = RAW if namespace is None else namespace
+        self.db = NsMetadata(self.meta, self._key)
+
+    def namespace(self, ns: str | None, *, lease: str | None = None) -> LocalStore:
+        """The view of namespace ``ns`` (None: the raw store) over the same root and
+        database; with ``lease``, its writes and commits are held by that lease.
+        InvalidArgument for a malformed namespace or lease id."""
+        if ns is not None:
+            validate_identifier("namespace", ns)
+        if lease is not None:
+            if ns is None:
+                raise InvalidArgument("a lease needs a namespace")
+            validate_identifier("lease", lease)
+        view = object.__new__(LocalStore)
+        view.__dict__.update(self.__dict__)
+        view._bind(ns, lease)
+        return view
+
+    @property
+    def is_raw(self) -> bool:
+        return self.ns is None
 
     def close(self) -> None:
-        self.db.close()
+        self.meta.close()
 
     def __enter__(self) -> LocalStore:
         return self
@@ -125,6 +168,9 @@ class LocalStore:
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise NotFound(f"content {dgst} (not a regular file)")
+        if self.ns is not None and not self._visible(dgst, self.db.get_blob(dgst)):
+            os.close(fd)
+            raise NotFound(f"content {dgst}")
         return FileReaderAt(fd, st.st_size, dgst)
 
     # Manager --------------------------------------------------------------------------
@@ -133,7 +179,22 @@ class LocalStore:
         """Info of a committed blob. InvalidArgument for a bad digest, NotFound if absent."""
         dgst = parse_digest(digest)
         st = self._stat_blob(dgst)
-        return self._info(dgst, st, self.db.get_blob(dgst))
+        row = self.db.get_blob(dgst)
+        if not self._visible(dgst, row):
+            raise NotFound(f"content {dgst}")
+        return self._info(dgst, st, row)
+
+    def _visible(self, dgst: Digest, row: object) -> bool:
+        """A blob file is in this view: the raw store sees every file, a namespace its
+        records, and ``default`` also the unclaimed files (no record in any namespace)."""
+        if row is not None or self.ns is None:
+            return True
+        return self.ns == DEFAULT_NAMESPACE and not self.meta.claimed([dgst])
+
+    def holds(self, digest: str) -> bool:
+        """True if this view has ``digest`` (a blob file it sees)."""
+        dgst = parse_digest(digest)
+        return self._exists(dgst) and self._visible(dgst, self.db.get_blob(dgst))
 
     def _blob_dir_ok(self, dgst: Digest) -> bool:
         """``blobs/`` and ``blobs/<alg>/`` are real directories, not planted symlinks."""
@@ -182,6 +243,8 @@ class LocalStore:
         validate_labels({k: v for k, v in {**(replace or {}), **changes}.items() if v})
         st = self._stat_blob(dgst)
         row = self.db.get_blob(dgst)
+        if not self._visible(dgst, row):
+            raise NotFound(f"content {dgst}")
         created = row[1] if row is not None and row[0] == st.st_size else st.st_mtime_ns
         new = self.db.update_labels(dgst, st.st_size, created, time.time_ns(), replace, changes)
         return self._info(dgst, st, new)
@@ -218,8 +281,16 @@ class LocalStore:
         if not batch:
             return
         rows = self.db.get_blobs([d for d, _ in batch])
+        claimed: set[str] = set()
+        if self.ns == DEFAULT_NAMESPACE:
+            claimed = self.meta.claimed([d for d, _ in batch if d not in rows])
         for dgst, st in batch:
-            info = self._info(dgst, st, rows.get(dgst))
+            row = rows.get(dgst)
+            if row is None and self.ns is not None and (
+                self.ns != DEFAULT_NAMESPACE or dgst in claimed
+            ):
+                continue
+            info = self._info(dgst, st, row)
             if flt.match(_info_adaptor(info)):
                 yield info
 
@@ -267,18 +338,47 @@ class LocalStore:
         return self._scan_blobs(algorithm)
 
     def delete(self, digest: str) -> None:
-        """Delete a committed blob. NotFound if absent. Open readers keep reading."""
+        """Delete a committed blob from this view (DESIGN §6): its record goes at once,
+        and the file too when no namespace holds it any longer (else it stays for the
+        others). NotFound if this view does not have it. Open readers keep reading."""
         dgst = parse_digest(digest)
         path = self.layout.blob_path(dgst)
         if not self._blob_dir_ok(dgst):
             raise NotFound(f"content {dgst}")
-        try:
-            if stat.S_ISDIR(os.lstat(path).st_mode):
+        self._ensure_private()
+        with hold_lock(self._commit_lock(dgst)):  # not while a commit claims it
+            try:
+                if not stat.S_ISREG(os.lstat(path).st_mode):
+                    raise NotFound(f"content {dgst}")
+            except (FileNotFoundError, NotADirectoryError):
+                raise NotFound(f"content {dgst}") from None
+            if not self._visible(dgst, self.db.get_blob(dgst)):
                 raise NotFound(f"content {dgst}")
-            os.unlink(path)
-        except (FileNotFoundError, NotADirectoryError):
-            raise NotFound(f"content {dgst}") from None
-        self.db.delete_blob(dgst)
+            holders = self.meta.delete_blob(self._key, dgst, lease=self.lease)
+            if any(h != RAW for h in holders):
+                return
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def _ensure_private(self) -> None:
+        ensure_dir(self.layout.private, 0o700)
+        ensure_dir(self.layout.locks, 0o700)
+
+    def _commit_lock(self, dgst: Digest) -> str:
+        """The lock that serialises the commits, deletes and gc unlinks of one digest
+        (any thread or process). NUL cannot occur in a ref."""
+        return self.layout.lock_path(f"\0commit {dgst}")
+
+    def namespaces(self) -> builtins.list[str]:
+        """Namespaces that hold blobs, leases or ingests, and always ``default``."""
+        names = self.meta.namespaces()
+        names.add(DEFAULT_NAMESPACE)
+        for st in self._all_statuses_raw():
+            if "\0" in st.ref:
+                names.add(st.ref.split("\0", 1)[0])
+        return sorted(names)
 
     def verify(self, digest: str) -> Info:
         """Rehash a blob. DataLoss if its bytes no longer match its digest."""
@@ -300,13 +400,28 @@ class LocalStore:
 
     # IngestManager --------------------------------------------------------------------
 
+    def _bref(self, ref: str) -> str:
+        """The backend ref of this view's ``ref``: itself in ``default`` and the raw
+        store (so ingests made before namespaces stay where they were), else
+        ``<ns>\\0<ref>`` (NUL never occurs in a ref)."""
+        if self.ns is None or self.ns == DEFAULT_NAMESPACE:
+            return ref
+        return f"{self.ns}\0{ref}"
+
+    def _client_ref(self, bref: str) -> str | None:
+        """``bref``'s ref in this view, or None if it belongs to another namespace."""
+        ns, sep, ref = bref.rpartition("\0")
+        if not sep:
+            return bref if self.ns is None or self.ns == DEFAULT_NAMESPACE else None
+        return ref if ns == self.ns else None
+
     def status(self, ref: str) -> Status:
         """Status of an active ingest; NotFound if there is none for ``ref``."""
         _check_ref(ref)
-        st = self._read_status(self.layout.ingest_dir(ref), ref)
+        st = self._read_status(self.layout.ingest_dir(self._bref(ref)), self._bref(ref))
         if st is None:
             raise NotFound(f"ingest {ref}")
-        return st
+        return dataclasses.replace(st, ref=ref)
 
     def _read_status(self, path: str, ref: str | None) -> Status | None:
         """Status from an ingest directory, or None if it is missing or not an ingest."""
@@ -341,12 +456,14 @@ class LocalStore:
         """Statuses of active ingests matching any filter (field ``ref``), sorted by ref."""
         flt = parse_filters(*filters)
         out = []
-        for st in self._all_statuses():
-            if flt.match(_ref_adaptor(st.ref)):
-                out.append(st)
+        for st in self._all_statuses_raw():
+            ref = self._client_ref(st.ref)
+            if ref is not None and flt.match(_ref_adaptor(ref)):
+                out.append(dataclasses.replace(st, ref=ref))
         return sorted(out, key=lambda s: s.ref)
 
-    def _all_statuses(self) -> Iterator[Status]:
+    def _all_statuses_raw(self) -> Iterator[Status]:
+        """Every ingest of the root, with its backend ref."""
         try:
             names = os.listdir(self.layout.ingest)
         except (FileNotFoundError, NotADirectoryError):
@@ -359,13 +476,16 @@ class LocalStore:
     def abort(self, ref: str) -> None:
         """Remove an active ingest. NotFound if there is none. Does not wait for writers."""
         _check_ref(ref)
-        path = self.layout.ingest_dir(ref)
-        if self._read_status(path, ref) is None:
+        bref = self._bref(ref)
+        path = self.layout.ingest_dir(bref)
+        if self._read_status(path, bref) is None:
             raise NotFound(f"ingest {ref}")
         shutil.rmtree(path, ignore_errors=True)
-        self.db.delete_ingest(ref)
+        self.db.delete_ingest(bref)
+        if self.ns is not None:
+            self.meta.drop_lease_ingest(self.ns, ref)
         with self._cache_lock:
-            self._hash_cache.pop(ref, None)
+            self._hash_cache.pop(bref, None)
 
     # Ingester -------------------------------------------------------------------------
 
@@ -382,22 +502,49 @@ class LocalStore:
         exp = parse_digest(expected) if expected else None
         if total < 0:
             raise InvalidArgument(f"ingest {ref}: negative total {total}")
-        if exp is not None and self._exists(exp):
+        if self.lease is not None and self.ns is not None and (
+            self.meta.get_lease(self.ns, self.lease) is None
+        ):
+            raise NotFound(f"lease {self.lease}: lease does not exist")
+        if exp is not None and self._exists(exp) and self._visible(exp, self.db.get_blob(exp)):
+            if self.lease is not None and self.ns is not None:
+                self.meta.add_lease_resource(self.ns, self.lease, "content", exp)
             raise AlreadyExists(f"content {exp}")
-        ensure_dir(self.layout.private, 0o700)
-        ensure_dir(self.layout.locks, 0o700)
+        self._ensure_private()
         ensure_dir(self.layout.ingest, 0o755)
-        lock = try_lock(self.layout.lock_path(ref), ref)
+        bref = self._bref(ref)
+        lock = try_lock(self.layout.lock_path(bref), ref)
         try:
             algorithm = split_digest(exp)[0] if exp else CANONICAL
-            path = self.layout.ingest_dir(ref)
-            state = self._resume(path, ref, total, algorithm)
+            path = self.layout.ingest_dir(bref)
+            state = self._resume(path, bref, total, algorithm)
             if state is None:
-                state = self._fresh(path, ref, total, algorithm)
-            return LocalWriter(self, ref, lock, path, state, exp)
+                state = self._fresh(path, bref, total, algorithm)
+            if self.lease is not None and self.ns is not None:
+                self.meta.add_lease_resource(self.ns, self.lease, "ingests", ref)
+            writer = LocalWriter(self, ref, lock, path, state, exp, bref=bref)
+            if exp is not None and state.offset == 0 and self.ns is not None:
+                self._try_share(writer, exp, total)
+            return writer
         except BaseException:
             lock.release()
             raise
+
+    def _try_share(self, writer: LocalWriter, exp: Digest, total: int) -> None:
+        """The ``shared`` policy (reference §5.3): ``exp`` is in the store but not in
+        this namespace, so the writer starts complete, and a commit without new bytes
+        only records the blob here. The expected digest is recorded first, under the
+        digest's commit lock, so a gc running now either sees it as a root or has
+        already removed the file (then the writer is an ordinary empty one)."""
+        with hold_lock(self._commit_lock(exp)):
+            hint, labels = self.meta.get_ingest(writer._bref)
+            try:
+                size = os.lstat(self.layout.blob_path(exp)).st_size
+            except OSError:
+                return
+            if self._exists(exp) and (total <= 0 or total == size):
+                self.meta.put_ingest(writer._bref, exp, labels)
+                writer._share(exp, size, hint)
 
     def _exists(self, dgst: Digest) -> bool:
         if not self._blob_dir_ok(dgst):
@@ -495,7 +642,7 @@ class LocalStore:
 
     def ingest_hints(self, ref: str) -> tuple[Digest | None, dict[str, str]]:
         """The expected digest and labels recorded for an ingest, applied at commit."""
-        expected, labels = self.db.get_ingest(ref)
+        expected, labels = self.db.get_ingest(self._bref(ref))
         return (Digest(expected) if expected else None), labels
 
     def set_ingest_hints(
@@ -510,10 +657,11 @@ class LocalStore:
         """Record hints for an active ingest (NotFound if none): an expected digest,
         labels for the blob (replacing earlier ones) and/or the expected total size."""
         _check_ref(ref)
-        path = self.layout.ingest_dir(ref)
-        if self._read_status(path, ref) is None:
+        bref = self._bref(ref)
+        path = self.layout.ingest_dir(bref)
+        if self._read_status(path, bref) is None:
             raise NotFound(f"ingest {ref}")
-        old_expected, old_labels = self.db.get_ingest(ref)
+        old_expected, old_labels = self.db.get_ingest(bref)
         if expected is not None:
             old_expected = parse_digest(expected)
         if clear_expected:
@@ -522,7 +670,7 @@ class LocalStore:
             validate_labels(labels)
             old_labels = dict(labels)
         if expected is not None or labels is not None or clear_expected:
-            self.db.put_ingest(ref, old_expected, old_labels)
+            self.db.put_ingest(bref, old_expected, old_labels)
         if total is not None:
             if total < 0:
                 raise InvalidArgument(f"ingest {ref}: negative total {total}")
@@ -542,27 +690,29 @@ class LocalStore:
         if old == new:
             self.status(old)
             return
-        ensure_dir(self.layout.private, 0o700)
-        ensure_dir(self.layout.locks, 0o700)
-        lock_old = try_lock(self.layout.lock_path(old), old)
+        self._ensure_private()
+        bold, bnew = self._bref(old), self._bref(new)
+        lock_old = try_lock(self.layout.lock_path(bold), old)
         try:
-            lock_new = try_lock(self.layout.lock_path(new), new)
+            lock_new = try_lock(self.layout.lock_path(bnew), new)
             try:
-                src = self.layout.ingest_dir(old)
-                if self._read_status(src, old) is None:
+                src = self.layout.ingest_dir(bold)
+                if self._read_status(src, bold) is None:
                     raise NotFound(f"ingest {old}")
-                dst = self.layout.ingest_dir(new)
+                dst = self.layout.ingest_dir(bnew)
                 if os.path.lexists(dst):
                     shutil.rmtree(dst, ignore_errors=True)
-                    self.db.delete_ingest(new)
-                write_atomic(os.path.join(src, "ref"), new.encode("utf-8", "surrogateescape"))
+                    self.db.delete_ingest(bnew)
+                write_atomic(os.path.join(src, "ref"), bnew.encode("utf-8", "surrogateescape"))
                 os.rename(src, dst)
-                self.db.rename_ingest(old, new)
+                self.db.rename_ingest(bold, bnew)
+                if self.ns is not None:
+                    self.meta.move_lease_ingest(self.ns, old, new)
                 with self._cache_lock:
-                    cached = self._hash_cache.pop(old, None)
-                    self._hash_cache.pop(new, None)
+                    cached = self._hash_cache.pop(bold, None)
+                    self._hash_cache.pop(bnew, None)
                     if cached is not None:
-                        self._hash_cache[new] = cached
+                        self._hash_cache[bnew] = cached
             finally:
                 lock_new.release()
         finally:
@@ -570,7 +720,7 @@ class LocalStore:
 
     def ingest_data_path(self, ref: str) -> str:
         """Path of an ingest's data file (for read-only access by adapters)."""
-        return os.path.join(self.layout.ingest_dir(ref), "data")
+        return os.path.join(self.layout.ingest_dir(self._bref(ref)), "data")
 
 
 def _info_adaptor(info: Info) -> Callable[[Sequence[str]], tuple[str, bool]]:

@@ -53,9 +53,15 @@ class LocalWriter:
         path: str,
         state: _ResumeState,
         expected: Digest | None,
+        *,
+        bref: str | None = None,
     ) -> None:
         self._store = store
         self.ref = ref
+        self._bref = ref if bref is None else bref  # the backend ref (namespace-qualified)
+        #: (digest, size) while the writer is shared (reference §5.3): complete, no bytes
+        self._shared: tuple[Digest, int] | None = None
+        self._hint_before_share: str | None = None
         self._lock = lock
         self._path = path
         self._fd = state.fd
@@ -73,7 +79,38 @@ class LocalWriter:
 
     @property
     def offset(self) -> int:
-        return self._offset
+        return self._shared[1] if self._shared else self._offset
+
+    def _share(self, dgst: Digest, size: int, hint: str | None) -> None:
+        """Start shared; ``hint`` is the expected digest recorded before (restored when
+        the writer stops being shared: the shared digest was recorded as a gc root)."""
+        self._shared = (dgst, size)
+        self._hint_before_share = hint
+
+    def _drop_share(self) -> None:
+        self._shared = None
+        _, labels = self._store.meta.get_ingest(self._bref)
+        self._store.meta.put_ingest(self._bref, self._hint_before_share, labels)
+
+    def _unshare(self) -> None:
+        """Before the first change to a shared writer: copy the blob in (as containerd)."""
+        if self._shared is None:
+            return
+        dgst, _ = self._shared
+        self._drop_share()
+        path = self._store.layout.blob_path(dgst)
+        try:
+            src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"content {dgst} (removed while shared with {self.ref})") from None
+        try:
+            while chunk := os.pread(src, 1 << 20, self._offset):
+                os.pwrite(self._fd, chunk, self._offset)
+                self._hasher.update(chunk)
+                self._offset += len(chunk)
+        finally:
+            os.close(src)
+        self._dirty = True
 
     @property
     def closed(self) -> bool:
@@ -82,13 +119,15 @@ class LocalWriter:
     def digest(self) -> Digest:
         """Digest of the bytes written so far (of the empty input for a fresh writer)."""
         with self._mutex:
+            if self._shared:
+                return self._shared[0]
             return Digest(f"{self._hasher.name}:{self._hasher.hexdigest()}")
 
     def status(self) -> Status:
         with self._mutex:
             return Status(
                 self.ref,
-                self._offset,
+                self.offset,
                 self._total,
                 self._expected,
                 from_ns(self._started_ns),
@@ -116,6 +155,8 @@ class LocalWriter:
         view = memoryview(data)
         with self._mutex:
             self._check_open()
+            if len(view):
+                self._unshare()
             done = 0
             try:
                 while done < len(view):
@@ -142,6 +183,8 @@ class LocalWriter:
                 raise NotImplemented(  # noqa: F901 - store.errors.NotImplemented
                     f"ingest {self.ref}: truncate to {size} bytes is not supported, only to 0"
                 )
+            if self._shared is not None:
+                self._drop_share()
             os.ftruncate(self._fd, 0)
             self._hasher = hashlib.new(self._hasher.name)
             self._offset = 0
@@ -182,6 +225,8 @@ class LocalWriter:
                 validate_labels(all_labels)
                 want = parse_digest(expected) if expected else hint_expected
                 want_size = size if size > 0 else self._total
+                if self._shared is not None:
+                    return self._commit_shared(want, want_size, all_labels)
                 os.fsync(self._fd)
                 actual_size = os.fstat(self._fd).st_size
                 if actual_size != self._offset:
@@ -203,6 +248,19 @@ class LocalWriter:
             finally:
                 self._end()
 
+    def _commit_shared(
+        self, want: Digest | None, want_size: int, labels: Mapping[str, str]
+    ) -> Digest:
+        assert self._shared is not None
+        dgst, size = self._shared
+        if want_size > 0 and want_size != size:
+            raise FailedPrecondition(
+                f'"{self.ref}" failed size validation: {size} != {want_size}'
+            )
+        if want is not None and want != dgst:
+            raise FailedPrecondition(f"unexpected commit digest {dgst}, expected {want}")
+        return self._publish(dgst, size, labels, shared=True)
+
     def _rehash(self, algorithm: str) -> Digest:
         hasher = hashlib.new(algorithm)
         offset = 0
@@ -211,7 +269,9 @@ class LocalWriter:
             offset += len(chunk)
         return Digest(f"{algorithm}:{hasher.hexdigest()}")
 
-    def _publish(self, dgst: Digest, size: int, labels: Mapping[str, str]) -> Digest:
+    def _publish(
+        self, dgst: Digest, size: int, labels: Mapping[str, str], *, shared: bool = False
+    ) -> Digest:
         store = self._store
         layout = store.layout
         alg, _ = split_digest(dgst)
@@ -221,19 +281,32 @@ class LocalWriter:
         target = layout.blob_path(dgst)
         # Commits of one digest take turns (any thread or process), so exactly one of
         # two racing commits of the same bytes succeeds and the other's row never
-        # overwrites the winner's labels and times. NUL cannot occur in a ref.
-        ensure_dir(layout.private, 0o700)
-        ensure_dir(layout.locks, 0o700)
-        with hold_lock(layout.lock_path(f"\0commit {dgst}")):
-            if store._exists(dgst):
-                self._remove_ingest()
-                raise AlreadyExists(f"content {dgst}")
-            data = os.path.join(self._path, "data")
+        # overwrites the winner's labels and times; deletes and gc's unlinks take the
+        # same lock, so a blob a commit claims is never unlinked under it.
+        store._ensure_private()
+        lease = store.lease if store.ns is not None else None
+        with hold_lock(store._commit_lock(dgst)):
             now = time.time_ns()
+            if store._exists(dgst):
+                row = store.db.get_blob(dgst)
+                if store._visible(dgst, row):
+                    if lease is not None:
+                        store.meta.add_lease_resource(store._key, lease, "content", dgst)
+                    self._remove_ingest()
+                    raise AlreadyExists(f"content {dgst}")
+                # in the store, not in this namespace: record it here, bytes stay put
+                store.meta.put_blob(store._key, dgst, os.lstat(target).st_size, now, labels,
+                                    lease=lease, ingest_ref=self.ref)
+                self._remove_ingest()
+                return dgst
+            if shared:
+                raise NotFound(f"content {dgst} (removed while shared with {self.ref})")
+            data = os.path.join(self._path, "data")
             # The row goes in before the rename, so a crash never leaves a blob without
             # its labels (a row without a blob file is ignored); a busy database fails
             # the commit (Unavailable) with the ingest kept.
-            store.db.put_blob(dgst, size, now, labels)
+            store.meta.put_blob(store._key, dgst, size, now, labels,
+                                lease=lease, ingest_ref=self.ref)
             mode = os.fstat(self._fd).st_mode & 0o777 & ~0o333
             os.fchmod(self._fd, mode or 0o400)
             os.utime(self._fd, ns=(now, now))
@@ -249,7 +322,7 @@ class LocalWriter:
     def _remove_ingest(self) -> None:
         shutil.rmtree(self._path, ignore_errors=True)
         try:
-            self._store.db.delete_ingest(self.ref)
+            self._store.db.delete_ingest(self._bref)
         except Exception as exc:  # noqa: BLE001
             log.error("ingest %s: hints not removed: %s", self.ref, exc)
 
@@ -271,7 +344,7 @@ class LocalWriter:
                     os.fsync(self._fd)
                 st = os.fstat(self._fd)
                 if st.st_nlink:
-                    self._store._remember_hasher(self.ref, st, self._hasher)
+                    self._store._remember_hasher(self._bref, st, self._hasher)
                     try:
                         write_atomic(
                             os.path.join(self._path, "updatedat"),
