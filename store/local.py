@@ -7,6 +7,7 @@ at a time (it serialises its own calls).
 
 from __future__ import annotations
 
+import base64
 import builtins
 import dataclasses
 import hashlib
@@ -19,15 +20,16 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from .digest import ALGORITHMS, CANONICAL, Digest, parse_digest, split_digest
-from .errors import AlreadyExists, DataLoss, InvalidArgument, NotFound
+from .errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from .filters import Filter, parse_filters
 from .fsutil import ensure_dir, read_small, write_atomic
+from .gc import GcResult, collect
 from .identifiers import DEFAULT_NAMESPACE, validate_identifier
 from .layout import Layout
 from .locks import hold_lock, try_lock
 from .metadata import RAW, MetadataDB, NsMetadata
 from .reader import FileReaderAt
-from .types import Info, Status, format_time, from_ns, parse_time
+from .types import Info, Lease, Status, format_time, from_ns, parse_time
 from .writer import LocalWriter, _ResumeState
 
 __all__ = ["MAX_LABEL_SIZE", "LocalStore", "validate_labels"]
@@ -638,6 +640,71 @@ class LocalStore:
                 self._hash_cache.clear()
             self._hash_cache[ref] = (st.st_ino, st.st_size, st.st_mtime_ns, hasher.copy())
 
+    # Leases (containerd's leases.Manager) and gc -------------------------------------
+
+    def _lease_ns(self) -> str:
+        if self.ns is None:
+            raise FailedPrecondition("namespace is required")
+        return self.ns
+
+    def create_lease(
+        self, lease_id: str | None = None, labels: Mapping[str, str] | None = None
+    ) -> Lease:
+        """Create a lease in this namespace (an id as containerd's clients make one when
+        none is given). AlreadyExists if the id is taken; InvalidArgument for a bad id."""
+        ns = self._lease_ns()
+        lease_id = lease_id or _new_lease_id()
+        validate_identifier("lease", lease_id)
+        labels = dict(labels or {})
+        validate_labels(labels)
+        now = time.time_ns()
+        if not self.meta.create_lease(ns, lease_id, now, labels):
+            raise AlreadyExists(f"lease {lease_id!r}")
+        return Lease(lease_id, from_ns(now), labels)
+
+    def leases(self, *filters: str) -> builtins.list[Lease]:
+        """This namespace's leases matching any filter (fields ``id``, ``labels.<k>``)."""
+        ns = self._lease_ns()
+        flt = parse_filters(*filters)
+        out = []
+        for lease_id, created, labels in self.meta.list_leases(ns):
+            lease = Lease(lease_id, from_ns(created), labels)
+            if flt.match(_lease_adaptor(lease)):
+                out.append(lease)
+        return out
+
+    def delete_lease(self, lease_id: str, *, sync: bool = False) -> GcResult | None:
+        """Delete a lease (NotFound if absent): what it held is no longer a root. ``sync``
+        runs a gc before returning (containerd's synchronous delete) and returns it."""
+        ns = self._lease_ns()
+        if not self.meta.delete_lease(ns, lease_id):
+            raise NotFound(f"lease {lease_id!r}")
+        return self.gc() if sync else None
+
+    def lease_resources(self, lease_id: str) -> builtins.list[tuple[str, str]]:
+        """(type, id) of what a lease holds: ``content`` digests, ``ingests`` refs."""
+        ns = self._lease_ns()
+        if self.meta.get_lease(ns, lease_id) is None:
+            raise NotFound(f"lease {lease_id!r}")
+        return self.meta.lease_resources(ns, lease_id)
+
+    def add_lease_resource(self, lease_id: str, rtype: str, rid: str) -> None:
+        """Hold a resource by a lease. InvalidArgument for an unknown type or a bad id."""
+        ns = self._lease_ns()
+        _check_resource(rtype, rid)
+        if not self.meta.add_lease_resource(ns, lease_id, rtype, rid):
+            raise NotFound(f"lease {lease_id!r}")
+
+    def delete_lease_resource(self, lease_id: str, rtype: str, rid: str) -> None:
+        ns = self._lease_ns()
+        _check_resource(rtype, rid)
+        if not self.meta.delete_lease_resource(ns, lease_id, rtype, rid):
+            raise NotFound(f"lease {lease_id!r}")
+
+    def gc(self, *, dry_run: bool = False) -> GcResult:
+        """Collect garbage over the whole root, every namespace (:mod:`store.gc`)."""
+        return collect(self, dry_run=dry_run)
+
     # Extensions beyond containerd ----------------------------------------------------
 
     def ingest_hints(self, ref: str) -> tuple[Digest | None, dict[str, str]]:
@@ -721,6 +788,36 @@ class LocalStore:
     def ingest_data_path(self, ref: str) -> str:
         """Path of an ingest's data file (for read-only access by adapters)."""
         return os.path.join(self.layout.ingest_dir(self._bref(ref)), "data")
+
+
+def _new_lease_id() -> str:
+    """As containerd's clients: ``<unix nanoseconds>-<4 base64url characters>``."""
+    return f"{time.time_ns()}-{base64.urlsafe_b64encode(os.urandom(3)).decode()}"
+
+
+def _check_resource(rtype: str, rid: str) -> None:
+    if rtype == "content":
+        parse_digest(rid)
+    elif rtype == "ingests" or rtype.startswith("snapshots/"):
+        if not rid:
+            raise InvalidArgument(f"resource {rtype}: empty id")
+    else:
+        raise InvalidArgument(f"unsupported resource type {rtype!r}")
+
+
+def _lease_adaptor(lease: Lease) -> Callable[[Sequence[str]], tuple[str, bool]]:
+    def adapt(fieldpath: Sequence[str]) -> tuple[str, bool]:
+        if not fieldpath:
+            return "", False
+        if fieldpath[0] == "id":
+            return lease.id, True
+        if fieldpath[0] == "labels" and len(fieldpath) > 1:
+            key = ".".join(fieldpath[1:])
+            if key in lease.labels:
+                return lease.labels[key], True
+        return "", False
+
+    return adapt
 
 
 def _info_adaptor(info: Info) -> Callable[[Sequence[str]], tuple[str, bool]]:

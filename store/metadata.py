@@ -386,6 +386,12 @@ class MetadataDB:
             return dict(c.execute(
                 "SELECT ref, expected FROM ingests WHERE expected IS NOT NULL"))
 
+    def ingest_expects(self, digest: str) -> bool:
+        """True if some ingest records ``digest`` as its expected digest."""
+        with self._tx() as c:
+            return c.execute("SELECT 1 FROM ingests WHERE expected = ? LIMIT 1",
+                             (digest,)).fetchone() is not None
+
     def put_ingest(self, ref: str, expected: str | None, labels: Mapping[str, str]) -> None:
         with self._tx() as c:
             if expected is None and not labels:

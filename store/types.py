@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 from .digest import Digest
 
-__all__ = ["EPOCH", "Info", "Status", "format_time", "from_ns", "parse_time", "to_ns"]
+__all__ = ["EPOCH", "Info", "Lease", "Status", "format_time", "from_ns", "parse_time", "to_ns"]
 
 UTC = dt.UTC
 #: Go's zero time, 0001-01-01T00:00:00Z: what containerd writes for "unset".
@@ -25,6 +25,15 @@ class Info:
     size: int
     created_at: dt.datetime
     updated_at: dt.datetime
+    labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Lease:
+    """A lease (containerd's ``leases.Lease``): holds blobs and ingests against gc."""
+
+    id: str
+    created_at: dt.datetime
     labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 

@@ -1,0 +1,275 @@
+"""Garbage collection (DESIGN §6, reference §5.6): containerd's mark and sweep, run
+only when asked.
+
+Roots, per namespace: blobs labelled ``containerd.io/gc.root``; blobs and ingests in a
+live lease (one whose ``containerd.io/gc.expire`` is not past); ingests updated in the
+last 24 hours (containerd's ``expireat``); the expected digests of live ingests. Edges:
+``containerd.io/gc.ref.content.<anything>`` labels name blobs of the same namespace.
+Blob files no namespace has a record of (unclaimed) are never collected, nor are blobs
+the raw store has a record of.
+
+One run:
+
+1. finish what an earlier, killed run left in the journal (``gc_doomed``);
+2. in one SQLite write transaction (writers wait only for this step; its length is
+   ``GcResult.held_s``): mark, delete the records of unmarked blobs and expired leases,
+   and journal the digests whose last record went;
+3. for each journalled digest, under that digest's commit lock (so never while a commit,
+   a shared writer or a delete works on it): unlink the file unless a record or a live
+   ingest claimed it meanwhile, then drop it from the journal;
+4. abort expired ingests that no writer holds.
+
+A SIGKILL anywhere leaves either the journal (step 3 is idempotent: the next run
+finishes it) or nothing done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sqlite3
+import stat
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from .errors import Unavailable
+from .locks import hold_lock, try_lock
+from .metadata import RAW
+from .types import parse_time
+
+if TYPE_CHECKING:
+    from .local import LocalStore
+
+__all__ = [
+    "EXPIRE_LABEL",
+    "INGEST_EXPIRY_NS",
+    "REF_PREFIX",
+    "ROOT_LABEL",
+    "GcResult",
+    "collect",
+    "lease_expired",
+]
+
+log = logging.getLogger(__name__)
+
+ROOT_LABEL = "containerd.io/gc.root"
+EXPIRE_LABEL = "containerd.io/gc.expire"
+REF_PREFIX = "containerd.io/gc.ref.content."
+#: An ingest not in a lease stays a root this long after its last write (containerd's
+#: ``expireat``, reset each time its writer is opened).
+INGEST_EXPIRY_NS = 24 * 3600 * 10**9
+
+
+@dataclasses.dataclass
+class GcResult:
+    """What one run removed (or, dry, would remove)."""
+
+    removed: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # digest, bytes
+    ingests: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # ns, ref
+    leases: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # ns, id
+    records: int = 0  # namespace records of blobs deleted
+    held_s: float = 0.0  # how long writers were held off (the marking transaction)
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(size for _, size in self.removed)
+
+
+def lease_expired(labels: dict[str, str], now_ns: int) -> bool:
+    """A lease whose ``containerd.io/gc.expire`` (RFC 3339) is past; an unparsable value
+    never expires it (as containerd)."""
+    text = labels.get(EXPIRE_LABEL)
+    if not text:
+        return False
+    try:
+        return 0 < parse_time(text) < now_ns
+    except ValueError:
+        return False
+
+
+def _split_bref(bref: str) -> tuple[str, str]:
+    """(namespace, ref) of a backend ref; refs without a namespace are ``default``'s."""
+    ns, sep, ref = bref.rpartition("\0")
+    return (ns, ref) if sep else ("default", bref)
+
+
+def collect(store: LocalStore, *, dry_run: bool = False, now_ns: int | None = None) -> GcResult:
+    """One garbage collection over the whole root (every namespace); see the module
+    docstring. ``dry_run`` changes nothing and reports what would go."""
+    now = time.time_ns() if now_ns is None else now_ns
+    raw = store.namespace(None)
+    meta = store.meta
+    result = GcResult()
+    if not dry_run:
+        _unlink(store, meta.doomed(), result)
+    # ingests are files: read them before taking the database
+    ingests = [(st.ref, st) for st in raw._all_statuses_raw()]
+    expectations = meta.all_ingest_expectations()
+    dead_ingests: list[tuple[str, int]] = []
+    doomed: list[str] = []
+    with meta.exclusive() as c:
+        t0 = time.monotonic()
+        live_leases: set[tuple[str, str]] = set()
+        for ns, lease, labels_json in c.execute("SELECT ns, id, labels FROM leases"):
+            if lease_expired(json.loads(labels_json), now):
+                result.leases.append((ns, lease))
+            else:
+                live_leases.add((ns, lease))
+        roots: dict[str, set[str]] = {}
+        leased_ingests: set[tuple[str, str]] = set()
+        for ns, lease, rtype, rid in c.execute(
+            "SELECT ns, lease, type, id FROM lease_resources"
+        ):
+            if (ns, lease) not in live_leases:
+                continue
+            if rtype == "content":
+                roots.setdefault(ns, set()).add(rid)
+            elif rtype == "ingests":
+                leased_ingests.add((ns, rid))
+        protected: set[str] = set()  # files kept whatever records say
+        for bref, st in ingests:
+            ns, ref = _split_bref(bref)
+            updated = int(st.updated_at.timestamp() * 1e9)
+            if (ns, ref) in leased_ingests or updated + INGEST_EXPIRY_NS > now:
+                exp = expectations.get(bref)
+                if exp:
+                    protected.add(exp)
+                    roots.setdefault(ns, set()).add(exp)
+            else:
+                dead_ingests.append((bref, updated))
+        live_brefs = {b for b, _ in ingests} - {b for b, _ in dead_ingests}
+        for bref, exp in expectations.items():  # shared writers: a record, no bytes yet
+            if bref not in live_brefs and bref not in {b for b, _ in dead_ingests}:
+                ns, _ = _split_bref(bref)
+                protected.add(exp)
+                roots.setdefault(ns, set()).add(exp)
+        for ns, dgst in c.execute(
+            "SELECT ns, digest FROM labels WHERE key = ? AND ns != ''", (ROOT_LABEL,)
+        ):
+            roots.setdefault(ns, set()).add(dgst)
+        edges: dict[str, dict[str, list[str]]] = {}
+        for ns, dgst, target in c.execute(
+            "SELECT ns, digest, value FROM labels WHERE key >= ? AND key < ? AND ns != ''",
+            (REF_PREFIX, REF_PREFIX[:-1] + chr(ord(REF_PREFIX[-1]) + 1)),
+        ):
+            edges.setdefault(ns, {}).setdefault(dgst, []).append(target)
+        marked = {ns: _mark(seeds, edges.get(ns, {})) for ns, seeds in roots.items()}
+        edges.clear()
+        gone: list[tuple[str, str]] = []
+        for ns, dgst in c.execute("SELECT ns, digest FROM blobs WHERE ns != ''"):
+            if dgst not in marked.get(ns, ()):
+                gone.append((ns, dgst))
+        marked.clear()
+        result.records = len(gone)
+        candidates = sorted({d for _, d in gone} - protected)
+        if not dry_run:
+            c.executemany("DELETE FROM blobs WHERE ns = ? AND digest = ?", gone)
+            c.executemany("DELETE FROM labels WHERE ns = ? AND digest = ?", gone)
+            c.executemany("DELETE FROM lease_resources WHERE ns = ? AND type = 'content'"
+                          " AND id = ?", gone)
+            for ns, lease in result.leases:
+                c.execute("DELETE FROM leases WHERE ns = ? AND id = ?", (ns, lease))
+                c.execute("DELETE FROM lease_resources WHERE ns = ? AND lease = ?", (ns, lease))
+        gone_set = set(gone)
+        # records this run keeps (other namespaces, the raw store) still hold the file
+        still = {d for ns, d in _remaining(c, candidates) if (ns, d) not in gone_set}
+        doomed = [d for d in candidates if d not in still]
+        if not dry_run:
+            c.executemany("INSERT OR IGNORE INTO gc_doomed(digest) VALUES (?)",
+                          [(d,) for d in doomed])
+        result.held_s = time.monotonic() - t0
+    if dry_run:
+        for dgst in doomed:
+            size = _size(store, dgst)
+            if size is not None:
+                result.removed.append((dgst, size))
+        result.ingests = [_split_bref(b) for b, _ in dead_ingests]
+        return result
+    _unlink(store, doomed, result)
+    _abort_ingests(store, dead_ingests, now, result)
+    return result
+
+
+def _remaining(c: sqlite3.Connection, digests: list[str]) -> Iterable[tuple[str, str]]:
+    for i in range(0, len(digests), 500):
+        chunk = digests[i : i + 500]
+        marks = ",".join("?" * len(chunk))
+        yield from c.execute(f"SELECT ns, digest FROM blobs WHERE digest IN ({marks})", chunk)
+
+
+def _mark(seeds: set[str], edges: dict[str, list[str]]) -> set[str]:
+    marked = set(seeds)
+    todo = list(seeds)
+    while todo:
+        for target in edges.get(todo.pop(), ()):
+            if target not in marked:
+                marked.add(target)
+                todo.append(target)
+    return marked
+
+
+def _size(store: LocalStore, dgst: str) -> int | None:
+    from .digest import Digest
+
+    try:
+        st = os.lstat(store.layout.blob_path(Digest(dgst)))
+    except (OSError, ValueError):
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def _unlink(store: LocalStore, doomed: list[str], result: GcResult) -> None:
+    """Step 3: unlink journalled files nothing claims any more; idempotent."""
+    from .digest import Digest
+
+    meta = store.meta
+    store._ensure_private()
+    for dgst in doomed:
+        try:
+            path = store.layout.blob_path(Digest(dgst))
+            lock = store._commit_lock(Digest(dgst))
+        except ValueError:
+            meta.undoom(dgst)
+            continue
+        with hold_lock(lock):
+            claimed = bool(meta.holders(dgst)) or meta.ingest_expects(dgst)
+            if not claimed:
+                size = _size(store, dgst)
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    size = None
+                if size is not None:
+                    result.removed.append((dgst, size))
+            meta.undoom(dgst)
+
+
+def _abort_ingests(
+    store: LocalStore, dead: list[tuple[str, int]], now: int, result: GcResult
+) -> None:
+    """Step 4: remove expired ingests, unless a writer holds one or it was written to
+    since it was judged."""
+    layout = store.layout
+    for bref, _updated in dead:
+        try:
+            lock = try_lock(layout.lock_path(bref), bref)
+        except Unavailable:
+            continue
+        try:
+            st = store.namespace(None)._read_status(layout.ingest_dir(bref), bref)
+            if st is None:
+                continue
+            if int(st.updated_at.timestamp() * 1e9) + INGEST_EXPIRY_NS > now:
+                continue
+            shutil.rmtree(layout.ingest_dir(bref), ignore_errors=True)
+            store.meta.delete_ingest(bref)
+            ns, ref = _split_bref(bref)
+            if ns != RAW:
+                store.meta.drop_lease_ingest(ns, ref)
+            result.ingests.append((ns, ref))
+        finally:
+            lock.release()
