@@ -11,6 +11,7 @@ import datetime as dt
 import errno
 import json
 import os
+import re
 import stat
 import sys
 import time
@@ -64,8 +65,40 @@ def default_root() -> str:
 
 
 def fail(message: str, code: int = EXIT_OTHER) -> NoReturn:
-    click.echo(f"contentfs: {message}", err=True)
+    click.echo(f"contentfs: {printable(message)}", err=True)
     sys.exit(code)
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal line: bytes that are not UTF-8 (argv and names
+    decoded with surrogateescape) as ``\\xNN``, control characters escaped."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if _CONTROL.search(text) is None:
+        return text
+    return _CONTROL.sub(_escape_control, text)
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def _escape_control(m: re.Match[str]) -> str:
+    ch = m.group()
+    return _ESCAPES.get(ch) or f"\\x{ord(ch):02x}"
+
+
+#: Table cells longer than this are shortened in the middle with an ellipsis (JSON
+#: output always carries the whole value).
+CELL_MAX = 64
+
+
+def cell(text: str, limit: int = CELL_MAX) -> str:
+    """A table cell: ``printable`` and at most ``limit`` characters (head…tail)."""
+    text = printable(text)
+    if len(text) <= limit:
+        return text
+    tail = (limit - 1) // 3
+    return f"{text[:limit - 1 - tail]}\u2026{text[len(text) - tail:]}"
 
 
 def exit_code(exc: StoreError) -> int:
@@ -271,7 +304,8 @@ def ls_cmd(
     rows = [("DIGEST", "SIZE", "AGE", "LABELS")]
     for info in infos:
         labels = ",".join(f"{k}={v}" for k, v in sorted(info.labels.items()))
-        rows.append((info.digest, human_size(info.size), age(info.created_at), labels))
+        rows.append((info.digest, human_size(info.size), age(info.created_at),
+                     cell(labels, 2 * CELL_MAX)))
     _table(rows)
 
 
@@ -518,7 +552,7 @@ def active_cmd(
         return
     rows = [("REF", "SIZE", "TOTAL", "AGE")]
     for st in statuses:
-        rows.append((st.ref, str(st.offset), str(st.total or ""), age(st.started_at)))
+        rows.append((cell(st.ref), str(st.offset), str(st.total or ""), age(st.started_at)))
     _table(rows)
 
 

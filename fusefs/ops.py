@@ -80,6 +80,7 @@ class ReadHandle:
 
     fd: int
     reader: FileReaderAt | None = None
+    ino: int = 0  # the inode opened (0: not tracked)
     # a blob whose file changed since commit: the first sequential whole read is hashed
     hasher: hashlib._Hash | None = None
     hashed: int = 0
@@ -102,6 +103,7 @@ class WriteHandle:
     append: bool
     read_fd: int
     dirty: bool = False
+    ino: int = 0  # the inode opened (0: not tracked)
 
 
 @dataclasses.dataclass
@@ -153,6 +155,10 @@ class ContentOps(pyfuse3.Operations):
         self.nodes = view.NodeTable()
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
+        # Open files by inode, and the inodes removed (rm) while open: those keep their
+        # attributes, from the open file, with st_nlink 0, until the last close.
+        self.open_files: dict[int, set[int]] = {}
+        self.unlinked: dict[int, tuple[int, int]] = {}  # ino -> blob (created, updated)
         self.writers: dict[str, WriteHandle] = {}
         self.ingest_modes: dict[str, int] = {}
         self.errors: dict[str, str] = {}
@@ -187,7 +193,45 @@ class ContentOps(pyfuse3.Operations):
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = handle
+        if not isinstance(handle, DirHandle) and handle.ino:
+            self.open_files.setdefault(handle.ino, set()).add(fh)
         return fh
+
+    def _drop_handle(self, fh: int) -> Handle | None:
+        """Take handle ``fh`` out of the tables (RELEASE); the inode stops being an
+        open unlinked file when this was its last open."""
+        handle = self.handles.pop(fh, None)
+        if handle is None or isinstance(handle, DirHandle) or not handle.ino:
+            return handle
+        fhs = self.open_files.get(handle.ino)
+        if fhs is not None:
+            fhs.discard(fh)
+            if not fhs:
+                del self.open_files[handle.ino]
+                self.unlinked.pop(handle.ino, None)
+        return handle
+
+    def _unlinked_open(self, ino: int, created_ns: int = 0, updated_ns: int = 0) -> None:
+        """Inode ``ino`` was removed: if a file is open on it, it keeps answering
+        getattr (from the open file, st_nlink 0) until the last close."""
+        if ino in self.open_files:
+            self.unlinked[ino] = (created_ns, updated_ns)
+
+    def _orphan_entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        """Attributes of an open file removed since it was opened (fstat after rm)."""
+        created, updated = self.unlinked[node.ino]
+        handle = self.handles[min(self.open_files[node.ino])]
+        assert not isinstance(handle, DirHandle)
+        fd = handle.read_fd if isinstance(handle, WriteHandle) else handle.fd
+        with fuse_errors(f"stat removed {node.key}"):
+            st = os.fstat(fd)
+        if node.kind is Kind.BLOB:
+            attr = view.blob_attr(node.ino, st, created, updated)
+        else:
+            size = handle.writer.offset if isinstance(handle, WriteHandle) else st.st_size
+            attr = view.ingest_attr(node.ino, st, size, self.ingest_modes.get(node.key))
+        attr.nlink = 0
+        return self._entry(attr)
 
     def _deny(self, reason: str) -> pyfuse3.FUSEError:
         """EPERM for what the design forbids; EROFS for any change on a read-only mount."""
@@ -288,6 +332,7 @@ class ContentOps(pyfuse3.Operations):
             node = self._child(parent, text)
         if node is None:
             return self._negative()
+        self.unlinked.pop(node.ino, None)  # e.g. the same blob committed again
         try:
             entry = self._entry_of(node)
         except pyfuse3.FUSEError:
@@ -363,7 +408,10 @@ class ContentOps(pyfuse3.Operations):
         return found
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._entry_of(self._node(inode))
+        node = self._node(inode)
+        if inode in self.unlinked:
+            return self._orphan_entry(node)
+        return self._entry_of(node)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, n in inode_list:
@@ -563,12 +611,12 @@ class ContentOps(pyfuse3.Operations):
         wants_write = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         if node.kind is Kind.INGEST:
             if wants_write:
-                fh = await self._open_ingest_writer(node.key, flags)
+                fh = await self._open_ingest_writer(node.key, flags, inode)
                 return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
             with fuse_errors(f"open ingest {node.key}"):
                 fd = os.open(self._data_path(node.key), os.O_RDONLY | os.O_CLOEXEC)
-            return pyfuse3.FileInfo(fh=self._add_handle(ReadHandle(fd)), direct_io=True,
-                                    keep_cache=False)
+            return pyfuse3.FileInfo(fh=self._add_handle(ReadHandle(fd, ino=inode)),
+                                    direct_io=True, keep_cache=False)
         if wants_write:
             raise self._deny(f"open {node.key} for writing: blobs are read-only")
         if node.kind is Kind.LAYOUT_FILE:
@@ -577,7 +625,7 @@ class ContentOps(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=self._add_handle(ReadHandle(fd)), keep_cache=False)
         with fuse_errors(f"open blob {node.key}"):
             reader = self.store.reader_at(node.key)
-        handle = ReadHandle(reader.fileno(), reader)
+        handle = ReadHandle(reader.fileno(), reader, ino=inode)
         self._arm_verify(handle, node.key)
         return pyfuse3.FileInfo(fh=self._add_handle(handle), keep_cache=True)
 
@@ -606,7 +654,7 @@ class ContentOps(pyfuse3.Operations):
         handle.hasher = hashlib.new(split_digest(digest)[0])  # type: ignore[arg-type]
         handle.file_key = key
 
-    async def _open_ingest_writer(self, ref: str, flags: int) -> int:
+    async def _open_ingest_writer(self, ref: str, flags: int, ino: int = 0) -> int:
         self._check_writable(f"open ingest {ref} for writing")
         writer = await self._acquire(ref, f"open ingest {ref} for writing")
         try:
@@ -617,23 +665,18 @@ class ContentOps(pyfuse3.Operations):
         except BaseException:
             writer.close()
             raise
-        handle = WriteHandle(ref, writer, bool(flags & os.O_APPEND), read_fd)
+        handle = WriteHandle(ref, writer, bool(flags & os.O_APPEND), read_fd, ino=ino)
         self.writers[ref] = handle
         self.errors.pop(ref, None)
         return self._add_handle(handle)
 
-    async def _acquire(self, ref: str, what: str) -> LocalWriter:
-        """Open the store writer for ``ref``, waiting up to BUSY_WAIT while it is held."""
-        deadline = trio.current_time() + BUSY_WAIT
+    async def _acquire(self, ref: str, what: str, *, create: bool = True) -> LocalWriter:
+        """Open the store writer for ``ref``, waiting (in a thread, by the store's own
+        wait) up to BUSY_WAIT while it is held. ``create=False`` only resumes an existing
+        ingest (ENOENT if it is gone)."""
+        open_writer = functools.partial(self.store.writer, ref, create=create, wait=BUSY_WAIT)
         with fuse_errors(what):
-            while True:
-                try:
-                    return await trio.to_thread.run_sync(self.store.writer, ref)
-                except Unavailable:
-                    if trio.current_time() >= deadline:
-                        raise
-                await trio.sleep(0.01)
-        raise AssertionError("unreachable")
+            return await trio.to_thread.run_sync(open_writer)
 
     async def _retry_busy(self, fn: Callable[[], T], what: str) -> T:
         """Run ``fn`` in a thread, retrying for up to BUSY_WAIT while it is Unavailable."""
@@ -728,7 +771,7 @@ class ContentOps(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         # Frees the writer slot before anything could await (DESIGN §2: RELEASE is late).
-        handle = self.handles.pop(fh, None)
+        handle = self._drop_handle(fh)
         if isinstance(handle, WriteHandle):
             self._close_writer(handle)
         elif isinstance(handle, ReadHandle):
@@ -746,7 +789,7 @@ class ContentOps(pyfuse3.Operations):
     def close_all(self) -> None:
         """Close every open handle (writers stay resumable). For unmount."""
         for fh in list(self.handles):
-            handle = self.handles.pop(fh)
+            handle = self._drop_handle(fh)
             if isinstance(handle, WriteHandle):
                 log.info("closing open ingest %s at offset %d", handle.ref,
                          handle.writer.offset)
@@ -776,9 +819,13 @@ class ContentOps(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EEXIST)
         # (if another process created the ingest since the kernel's lookup, this resumes
         # it, or restarts it for O_TRUNC, exactly as an open would)
-        fh = await self._open_ingest_writer(ref, flags)
-        self.ingest_modes[ref] = mode & 0o7777
         node = self.nodes.ingest(ref)
+        try:
+            fh = await self._open_ingest_writer(ref, flags, node.ino)
+        except BaseException:
+            self.nodes.drop_unused(node)
+            raise
+        self.ingest_modes[ref] = mode & 0o7777
         attr = self._attr(node)
         self.nodes.remember(node)
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False), self._entry(attr)
@@ -794,15 +841,24 @@ class ContentOps(pyfuse3.Operations):
             with fuse_errors(f"abort ingest {ref}"):
                 await trio.to_thread.run_sync(self.store.abort, ref)
             log.info("aborted ingest %s", ref)
+            ino = self.nodes.ingest_ino(ref)
+            if ino is not None:
+                self._unlinked_open(ino)
             self._forget_ingest(ref)
         elif parent.kind is Kind.ALG:
             self._check_writable(f"delete blobs/{parent.key}/{text}")
             if not is_blob_name(parent.key, text):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             digest = f"{parent.key}:{text}"
+            ino = view.hex_ino(text)
+            kept = self.blob_attrs.get(ino)
             with fuse_errors(f"delete content {digest}"):
+                if kept is None and ino in self.open_files:
+                    kept = self._entry(self._blob_attr(ino, digest))
                 self.store.delete(digest)
-            self.drop_blob_attr(view.hex_ino(text))
+            if kept is not None:
+                self._unlinked_open(ino, kept.st_mtime_ns, kept.st_ctime_ns)
+            self.drop_blob_attr(ino)
             self.drop_listing(parent.key)
             log.info("deleted content %s", digest)
         else:
@@ -876,7 +932,8 @@ class ContentOps(pyfuse3.Operations):
         digest. Content that already exists is success. Failures are kept in
         ``errors[ref]`` for ``user.contentfs.error``."""
         what = f"commit ingest {ref}"
-        writer = await self._acquire(ref, what)
+        # never a fresh writer: an ingest aborted since is ENOENT, not the empty blob
+        writer = await self._acquire(ref, what, create=False)
         actual = writer.digest()
         try:
             digest: str = await trio.to_thread.run_sync(
@@ -964,7 +1021,7 @@ class ContentOps(pyfuse3.Operations):
             self._truncate_writer(handle.writer, size)
             handle.dirty = True
             return
-        writer = await self._acquire(ref, f"truncate ingest {ref}")
+        writer = await self._acquire(ref, f"truncate ingest {ref}", create=False)
         try:
             self._truncate_writer(writer, size)
         finally:

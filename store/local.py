@@ -26,13 +26,13 @@ from .fsutil import ensure_dir, read_small, write_atomic
 from .gc import GcResult, collect
 from .identifiers import DEFAULT_NAMESPACE, validate_identifier
 from .layout import Layout
-from .locks import hold_lock, try_lock
+from .locks import DEFAULT_WAIT, hold_lock, take_lock, try_lock
 from .metadata import RAW, MetadataDB, NsMetadata
 from .reader import FileReaderAt
 from .types import Info, Lease, Status, format_time, from_ns, parse_time
 from .writer import LocalWriter, _ResumeState
 
-__all__ = ["MAX_LABEL_SIZE", "LocalStore", "validate_labels"]
+__all__ = ["MAX_LABEL_SIZE", "LocalStore", "is_text", "printable_ref", "validate_labels"]
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,37 @@ _WALK_BATCH = 256  # blobs per metadata query in walk
 _CHUNK = 1 << 20
 
 
+def is_text(text: str) -> bool:
+    """True if ``text`` is valid Unicode (no lone surrogates), so it encodes as UTF-8.
+
+    Names from FUSE and argv arrive as bytes decoded with ``surrogateescape``: bytes that
+    are not UTF-8 become lone surrogates, which protobuf and SQLite cannot carry.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable_ref(ref: str) -> str:
+    """``ref`` with bytes that are not UTF-8 shown as ``\\xNN`` (for messages and
+    listings; only a legacy ingest has such a ref, see ``LocalStore.writer``)."""
+    if is_text(ref):
+        return ref
+    return ref.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def validate_labels(labels: Mapping[str, str]) -> None:
-    """Raise InvalidArgument for an empty key or key plus value over 4096 UTF-8 bytes."""
+    """Raise InvalidArgument for an empty key, a key or value that is not valid UTF-8,
+    or key plus value over 4096 UTF-8 bytes."""
     for key, value in labels.items():
         if not key:
             raise InvalidArgument("label key must not be empty")
+        if not (is_text(key) and is_text(value)):
+            raise InvalidArgument(
+                f"label {printable_ref(key)[:64]}: key and value must be valid UTF-8"
+            )
         size = len(key.encode("utf-8", "surrogateescape")) + len(
             value.encode("utf-8", "surrogateescape")
         )
@@ -61,6 +87,8 @@ MAX_REF_SIZE = 4096
 
 
 def _check_ref(ref: str) -> None:
+    """Any ref an existing ingest may have: not empty, no NUL, at most 4096 bytes. New
+    ingests also need valid UTF-8 (``_check_new_ref``)."""
     if not isinstance(ref, str) or not ref:
         raise InvalidArgument("ref must not be empty")
     if "\0" in ref:
@@ -70,6 +98,18 @@ def _check_ref(ref: str) -> None:
         raise InvalidArgument(
             f"ref {ref[:64]!r}...: {size} bytes is longer than the maximum ({MAX_REF_SIZE})"
         )
+
+
+def _check_new_ref(ref: str) -> None:
+    """A ref a new ingest (or a rename, or a recorded hint) may take: valid UTF-8 text.
+
+    containerd's refs travel in protobuf ``string`` fields, which must be UTF-8, so no
+    containerd client can send anything else; from FUSE or argv such a name is refused
+    before anything is written. An ingest made by hand (or by an older release) with a
+    ref that is not UTF-8 still lists, resumes and aborts.
+    """
+    if not is_text(ref):
+        raise InvalidArgument(f"ref {printable_ref(ref)}: not valid UTF-8")
 
 
 def _is_dir(path: str) -> bool:
@@ -109,6 +149,7 @@ class LocalStore:
         self.meta = MetadataDB(self.layout.db, readonly=readonly)
         if not readonly:  # as containerd 1.6: ingest/ exists once the store is open
             os.makedirs(self.layout.ingest, mode=0o755, exist_ok=True)
+            self._sweep_ingest_root()
         self._cache_lock = threading.Lock()
         # backend ref -> (st_ino, st_size, st_mtime_ns, hasher): lets a writer closed in
         # this process resume without rehashing its data.
@@ -471,36 +512,103 @@ class LocalStore:
         except (FileNotFoundError, NotADirectoryError):
             return
         for name in names:
+            if name.startswith("."):  # being created or removed (see _aside_name)
+                continue
             st = self._read_status(os.path.join(self.layout.ingest, name), None)
             if st is not None:
                 yield st
 
     def abort(self, ref: str) -> None:
-        """Remove an active ingest. NotFound if there is none. Does not wait for writers."""
+        """Remove an active ingest. NotFound if there is none. Does not wait for writers.
+
+        The directory is first renamed aside, so a concurrent commit of the same ingest
+        either moved its data out before (the abort is NotFound) or fails NotFound
+        itself; never both succeed. A directory for ``ref`` whose ``ref`` file is
+        missing or empty (a creation or removal cut short) is removed too."""
         _check_ref(ref)
         bref = self._bref(ref)
         path = self.layout.ingest_dir(bref)
-        if self._read_status(path, bref) is None:
+        if not (_is_dir(self.layout.ingest) and _is_dir(path)):
             raise NotFound(f"ingest {ref}")
-        shutil.rmtree(path, ignore_errors=True)
+        try:
+            stored = read_small(os.path.join(path, "ref")).decode("utf-8", "surrogateescape")
+        except (FileNotFoundError, NotADirectoryError):
+            stored = ""
+        except OSError as exc:
+            log.warning("ingest %s unreadable: %s", path, exc)
+            raise NotFound(f"ingest {ref}") from None
+        if stored and stored != bref:
+            raise NotFound(f"ingest {ref}")
+        aside = self._aside_name(self.layout.ref_key(bref), ".gone")
+        try:
+            os.rename(path, aside)
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(f"ingest {ref}") from None
+        try:
+            had_data = stat.S_ISREG(os.lstat(os.path.join(aside, "data")).st_mode)
+        except OSError:
+            had_data = False
+        shutil.rmtree(aside, ignore_errors=True)
+        with self._cache_lock:
+            self._hash_cache.pop(bref, None)
+        if not had_data:  # committed (or never complete) before we moved it
+            raise NotFound(f"ingest {ref}")
         self.db.delete_ingest(bref)
         if self.ns is not None:
             self.meta.drop_lease_ingest(self.ns, ref)
-        with self._cache_lock:
-            self._hash_cache.pop(bref, None)
+
+    def _aside_name(self, key: str, kind: str) -> str:
+        """A hidden name under ingest/ for a directory being created or removed: never
+        listed as an ingest; left over by a crash, it is removed at the next open."""
+        return os.path.join(self.layout.ingest, f"{kind}-{key}-{os.getpid()}-{time.time_ns()}")
+
+    def _sweep_ingest_root(self) -> None:
+        """Remove directories that creations and aborts cut short by a crash left under
+        hidden names (a creation's only after a minute: it may be under way)."""
+        try:
+            names = os.listdir(self.layout.ingest)
+        except OSError:
+            return
+        now = time.time()
+        for name in names:
+            if not name.startswith((".gone-", ".new-")):
+                continue
+            path = os.path.join(self.layout.ingest, name)
+            try:
+                if name.startswith(".new-") and now - os.lstat(path).st_mtime < 60:
+                    continue
+            except OSError:
+                continue
+            log.info("removing %s (left by an interrupted ingest creation or abort)", path)
+            shutil.rmtree(path, ignore_errors=True)
 
     # Ingester -------------------------------------------------------------------------
 
-    def writer(self, ref: str, *, total: int = 0, expected: str | None = None) -> LocalWriter:
+    def writer(
+        self,
+        ref: str,
+        *,
+        total: int = 0,
+        expected: str | None = None,
+        create: bool = True,
+        wait: float = DEFAULT_WAIT,
+    ) -> LocalWriter:
         """Open the writer for ``ref``: a fresh ingest, or resume an existing one.
 
+        ``create=False`` only resumes: NotFound when there is no ingest for ``ref`` (or
+        none that can be resumed), never a fresh one (a commit or truncate of an ingest
+        that was aborted must not bring it back empty).
+
         Raises InvalidArgument (empty ref, bad digest), AlreadyExists (``expected`` is
-        already committed), Unavailable (another writer, in any process, holds ``ref``:
-        never waits). A resumed writer starts at the ingest's offset with the digest of
+        already committed), Unavailable (another writer, in any process, still holds
+        ``ref`` after ``wait`` seconds, about 1 s by default as containerd 1.6; ``wait=0``
+        fails at once). A resumed writer starts at the ingest's offset with the digest of
         the bytes so far. An ingest that cannot be resumed (corrupt metadata, a
         different total) is restarted empty. The caller must ``close()`` or ``commit()``.
         """
         _check_ref(ref)
+        if not is_text(ref) and not _is_dir(self.layout.ingest_dir(self._bref(ref))):
+            _check_new_ref(ref)  # only an existing (legacy) ingest may have such a ref
         exp = parse_digest(expected) if expected else None
         if total < 0:
             raise InvalidArgument(f"ingest {ref}: negative total {total}")
@@ -515,12 +623,14 @@ class LocalStore:
         self._ensure_private()
         ensure_dir(self.layout.ingest, 0o755)
         bref = self._bref(ref)
-        lock = try_lock(self.layout.lock_path(bref), ref)
+        lock = take_lock(self.layout.lock_path(bref), ref, wait)
         try:
             algorithm = split_digest(exp)[0] if exp else CANONICAL
             path = self.layout.ingest_dir(bref)
             state = self._resume(path, bref, total, algorithm)
             if state is None:
+                if not create:
+                    raise NotFound(f"ingest {ref}")
                 state = self._fresh(path, bref, total, algorithm)
             if self.lease is not None and self.ns is not None:
                 self.meta.add_lease_resource(self.ns, self.lease, "ingests", ref)
@@ -597,24 +707,38 @@ class LocalStore:
             raise
 
     def _fresh(self, path: str, ref: str, total: int, algorithm: str) -> _ResumeState:
-        if os.path.lexists(path) and not _is_dir(path):
-            os.unlink(path)
-        os.makedirs(path, mode=0o755, exist_ok=True)
-        now = time.time_ns()
-        write_atomic(os.path.join(path, "ref"), ref.encode("utf-8", "surrogateescape"), sync=False)
-        write_atomic(os.path.join(path, "startedat"), format_time(now).encode(), sync=False)
-        write_atomic(os.path.join(path, "updatedat"), format_time(now).encode(), sync=False)
-        total_path = os.path.join(path, "total")
-        if total > 0:
-            write_atomic(total_path, str(total).encode(), sync=False)
-        elif os.path.lexists(total_path):
-            os.unlink(total_path)
-        data = os.path.join(path, "data")
-        if os.path.islink(data):
-            os.unlink(data)
-        fd = os.open(
-            data, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
-        )
+        """Create the ingest complete under a hidden name, then rename it into place,
+        so no process ever sees an ingest directory without its ``ref`` file."""
+        if not _is_dir(path):
+            _check_new_ref(ref)  # (a legacy ingest that cannot resume restarts in place)
+        key = self.layout.ref_key(ref)
+        tmp = self._aside_name(key, ".new")
+        os.mkdir(tmp, 0o755)
+        try:
+            now = time.time_ns()
+            ref_bytes = ref.encode("utf-8", "surrogateescape")
+            write_atomic(os.path.join(tmp, "ref"), ref_bytes, sync=False)
+            write_atomic(os.path.join(tmp, "startedat"), format_time(now).encode(), sync=False)
+            write_atomic(os.path.join(tmp, "updatedat"), format_time(now).encode(), sync=False)
+            if total > 0:
+                write_atomic(os.path.join(tmp, "total"), str(total).encode(), sync=False)
+            fd = os.open(
+                os.path.join(tmp, "data"),
+                os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o644,
+            )
+            try:
+                if os.path.lexists(path):  # an ingest that cannot be resumed: replace it
+                    old = self._aside_name(key, ".gone")
+                    os.rename(path, old)
+                    shutil.rmtree(old, ignore_errors=True)
+                os.rename(tmp, path)
+            except BaseException:
+                os.close(fd)
+                raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         with self._cache_lock:
             self._hash_cache.pop(ref, None)
         self.db.delete_ingest(ref)  # hints of an earlier ingest of this ref do not carry over
@@ -728,6 +852,8 @@ class LocalStore:
         path = self.layout.ingest_dir(bref)
         if self._read_status(path, bref) is None:
             raise NotFound(f"ingest {ref}")
+        if expected is not None or labels is not None:
+            _check_new_ref(ref)  # hints live in the metadata database: UTF-8 only
         old_expected, old_labels = self.db.get_ingest(bref)
         if expected is not None:
             old_expected = parse_digest(expected)
@@ -754,6 +880,7 @@ class LocalStore:
         """
         _check_ref(old)
         _check_ref(new)
+        _check_new_ref(new)
         if old == new:
             self.status(old)
             return

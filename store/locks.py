@@ -1,4 +1,4 @@
-"""Ref locks that hold across threads and processes, and never wait.
+"""Ref locks that hold across threads and processes.
 
 A lock is ``flock(LOCK_EX | LOCK_NB)`` on ``.contentfs/locks/<sha256(ref)>``. flock locks
 belong to an open file description, so two opens in one process exclude each other just
@@ -6,8 +6,15 @@ as two processes do. The holder writes the time it took the lock into the file s
 refused caller can say for how long the ref has been held. The file is unlinked on
 release while still locked; a taker that finds its file was unlinked retries.
 
-``hold_lock`` is the one lock that waits: it serialises short critical sections (the
-commits of one digest), never a writer's lifetime.
+``take_lock`` waits for a held ref as containerd 1.6's local store does: it retries with
+random sleeps that double (0 to 2^n - 1 ms after failure n, each at most 128 ms) until
+``wait`` seconds have passed (default about 1 s), then raises Unavailable. A release in
+this process wakes waiters at once, so a client that closes a writer and reopens the ref
+at once never waits for a sleep to end; a release in another process is seen at the next
+try. ``try_lock`` is the fail-at-once form (``wait=0``).
+
+``hold_lock`` serialises short critical sections (the commits of one digest), never a
+writer's lifetime: it blocks until the lock is free.
 """
 
 from __future__ import annotations
@@ -16,13 +23,30 @@ import contextlib
 import errno
 import fcntl
 import os
+import random
+import threading
 import time
 from collections.abc import Iterator
 
 from .errors import Unavailable
 from .types import format_time, parse_time
 
-__all__ = ["RefLock", "hold_lock", "try_lock"]
+__all__ = ["DEFAULT_WAIT", "RefLock", "hold_lock", "take_lock", "try_lock"]
+
+#: How long a writer waits for a held ref by default (containerd 1.6: 10 tries, < ~1 s).
+DEFAULT_WAIT = 1.0
+_MAX_PAUSE_MS = 128
+
+# Bumped and notified on every release in this process, so waiters wake without polling.
+_released = threading.Condition()
+_generation = 0
+
+
+def _notify_release() -> None:
+    global _generation
+    with _released:
+        _generation += 1
+        _released.notify_all()
 
 
 class RefLock:
@@ -46,6 +70,28 @@ class RefLock:
             pass
         finally:
             os.close(fd)
+            _notify_release()
+
+
+def take_lock(path: str, ref: str, wait: float = DEFAULT_WAIT) -> RefLock:
+    """Take the lock for ``ref`` at ``path``, waiting up to ``wait`` seconds while another
+    holder (thread or process) has it; then Unavailable. ``wait <= 0`` fails at once."""
+    deadline = time.monotonic() + max(0.0, wait)
+    failures = 0
+    while True:
+        with _released:
+            seen = _generation
+        try:
+            return try_lock(path, ref)
+        except Unavailable:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise
+        pause_ms = random.uniform(0, min(1 << failures, _MAX_PAUSE_MS))
+        failures += 1
+        with _released:
+            if _generation == seen:  # nothing released here since our try: sleep or wake
+                _released.wait(min(remaining, pause_ms / 1000))
 
 
 def try_lock(path: str, ref: str) -> RefLock:

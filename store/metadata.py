@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from .errors import DataLoss, StoreError, Unavailable
+from .errors import DataLoss, InvalidArgument, StoreError, Unavailable
 from .fsutil import ensure_dir
 
 __all__ = ["RAW", "BlobRow", "IngestRow", "LeaseRow", "MetadataDB", "NsMetadata"]
@@ -372,8 +372,12 @@ class MetadataDB:
         return out
 
     # ingests -------------------------------------------------------------------------
+    # A ref that is not valid UTF-8 (a legacy ingest made by hand) cannot be stored in
+    # SQLite's TEXT: it has no row, and LocalStore refuses to record hints for it.
 
     def get_ingest(self, ref: str) -> IngestRow:
+        if not _storable(ref):
+            return None, {}
         with self._tx() as c:
             row = c.execute("SELECT expected, labels FROM ingests WHERE ref = ?", (ref,)).fetchone()
         if row is None:
@@ -393,6 +397,9 @@ class MetadataDB:
                              (digest,)).fetchone() is not None
 
     def put_ingest(self, ref: str, expected: str | None, labels: Mapping[str, str]) -> None:
+        if not _storable(ref):
+            raise InvalidArgument(f"ref {ref.encode('utf-8', 'surrogateescape')!r}:"
+                                  " not valid UTF-8")
         with self._tx() as c:
             if expected is None and not labels:
                 c.execute("DELETE FROM ingests WHERE ref = ?", (ref,))
@@ -403,13 +410,25 @@ class MetadataDB:
                 )
 
     def delete_ingest(self, ref: str) -> None:
+        if not _storable(ref):
+            return
         with self._tx() as c:
             c.execute("DELETE FROM ingests WHERE ref = ?", (ref,))
 
     def rename_ingest(self, old: str, new: str) -> None:
         with self._tx() as c:
             c.execute("DELETE FROM ingests WHERE ref = ?", (new,))
-            c.execute("UPDATE ingests SET ref = ? WHERE ref = ?", (new, old))
+            if _storable(old):
+                c.execute("UPDATE ingests SET ref = ? WHERE ref = ?", (new, old))
+
+
+def _storable(ref: str) -> bool:
+    """True if ``ref`` is valid Unicode text (SQLite TEXT cannot hold lone surrogates)."""
+    try:
+        ref.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
     # leases --------------------------------------------------------------------------
 

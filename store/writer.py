@@ -314,6 +314,10 @@ class LocalWriter:
                 # replaces a symlink planted at target, never follows it
                 os.rename(data, target)
             except FileNotFoundError:
+                try:
+                    store.db.delete_blob(dgst)  # the row just written has no blob
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("content %s: stale row not removed: %s", dgst, exc)
                 raise NotFound(f"ingest {self.ref} (aborted while open)") from None
             fsync_dir(blob_dir)
         self._remove_ingest()
@@ -357,6 +361,14 @@ class LocalWriter:
                         log.info("ingest %s: updatedat not recorded: %s", self.ref, exc)
             finally:
                 self._end()
+
+    def close_if_idle(self) -> None:
+        """``close()`` unless a call on this writer is in progress (its caller then sees
+        the end of the stream and closes it itself); never blocks."""
+        if not self._mutex.acquire(blocking=False):
+            return
+        self._mutex.release()
+        self.close()
 
     def __enter__(self) -> LocalWriter:
         return self

@@ -241,7 +241,8 @@ def check_status(
 
 
 def check_locked(t: Target, ref: str) -> None:
-    """A second writer on a held ref fails with Unavailable (and does not block)."""
+    """A second writer on a held ref fails with Unavailable (after the store's wait of
+    about a second, as containerd 1.6; it does not block beyond it)."""
     expect_error(Unavailable, t.store.writer, ref)
 
 

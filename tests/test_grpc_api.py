@@ -219,10 +219,29 @@ def test_remote_store_errors(remote: RemoteStore) -> None:
         remote.writer("two", expected=digest_of(b"abc"))
 
 
-def test_missing_namespace_is_refused(server: InProcessServer) -> None:
+def test_no_namespace_header_is_the_raw_view(server: InProcessServer) -> None:
+    """Without the header (containerd's proxy plugin sends none) every call works on the
+    raw store; an empty header is FailedPrecondition and a malformed one InvalidArgument."""
     raw = RawContent(server.address)
+    data = b"raw view"
+    dgst = digest_of(data)
     try:
-        r = raw.unary("ListStatuses", pb.ListStatusesRequest(), pb.ListStatusesResponse, md=())
+        r = raw.write([pb.WriteContentRequest(action=pb.STAT, ref="raw", total=len(data)),
+                       pb.WriteContentRequest(action=pb.COMMIT, data=data, expected=dgst)],
+                      md=())
+        assert r.code == grpc.StatusCode.OK, r.details
+        r = raw.unary("Info", pb.InfoRequest(digest=dgst), pb.InfoResponse, md=())
+        assert (r.code, r.responses[0].info.size) == (grpc.StatusCode.OK, len(data))
+        r = raw.stream("List", pb.ListContentRequest(), pb.ListContentResponse, md=())
+        assert [i.digest for m in r.responses for i in m.info] == [dgst]
+        r = raw.unary("Info", pb.InfoRequest(digest=dgst), pb.InfoResponse)  # a namespace
+        assert r.code == grpc.StatusCode.OK  # sees it too, until namespaces are kept apart
+        r = raw.unary("Delete", pb.DeleteContentRequest(digest=dgst), empty_pb2.Empty, md=())
+        assert r.code == grpc.StatusCode.OK
+        assert not os.path.exists(os.path.join(server.store.root, "blobs", "sha256",
+                                               dgst.split(":")[1]))
+        r = raw.unary("ListStatuses", pb.ListStatusesRequest(), pb.ListStatusesResponse,
+                      md=(("containerd-namespace", ""),))
         assert r.code == grpc.StatusCode.FAILED_PRECONDITION
         assert r.details == "namespace is required: failed precondition"
         r = raw.unary("ListStatuses", pb.ListStatusesRequest(), pb.ListStatusesResponse,

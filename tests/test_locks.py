@@ -1,5 +1,6 @@
-"""Ref locks across processes: a second writer anywhere gets Unavailable at once, a closed
-or killed holder lets the next writer in, and it resumes where the holder stopped.
+"""Ref locks across processes: a second writer anywhere gets Unavailable (at once with
+``wait=0``; the default wait is tested in test_lock_wait.py), a closed or killed holder
+lets the next writer in, and it resumes where the holder stopped.
 
 "At once" is checked without timing: the holder waits for our command, so if taking the
 lock blocked, the test would hang (and pytest-timeout would fail it)."""
@@ -89,7 +90,7 @@ def test_second_process_is_refused_at_once(store: LocalStore, holders: list[Hold
     h = Holder(store.root, "shared-ref", 100, total=300)
     holders.append(h)
     with pytest.raises(Unavailable) as info:
-        store.writer("shared-ref")
+        store.writer("shared-ref", wait=0)
     m = LOCKED.match(str(info.value))
     assert m is not None and m.group(1) == "shared-ref", str(info.value)
     with pytest.raises(Unavailable):
@@ -99,7 +100,7 @@ def test_second_process_is_refused_at_once(store: LocalStore, holders: list[Hold
     # another store instance and another process are refused too
     with LocalStore(store.root) as other:
         with pytest.raises(Unavailable):
-            other.writer("shared-ref")
+            other.writer("shared-ref", wait=0)
     proc = subprocess.run(
         [sys.executable, "-m", "fusefs.cli", "--root", store.root, "ingest", "shared-ref"],
         input=b"abc", capture_output=True, timeout=120,
@@ -125,7 +126,7 @@ def test_killed_holder_releases_the_lock(store: LocalStore, holders: list[Holder
     h = Holder(store.root, "r", 4096)
     holders.append(h)
     with pytest.raises(Unavailable):
-        store.writer("r")
+        store.writer("r", wait=0)
     h.proc.send_signal(signal.SIGKILL)
     assert h.proc.wait(30) == -signal.SIGKILL
     w = store.writer("r")
@@ -153,7 +154,8 @@ def test_many_processes_race_for_one_ref(store: LocalStore) -> None:
         "import sys\nfrom store import LocalStore, Unavailable\n"
         "s = LocalStore(sys.argv[1])\n"
         "sys.stdin.readline()\n"
-        "try:\n    w = s.writer('race')\nexcept Unavailable:\n    print('busy', flush=True)\n"
+        "try:\n    w = s.writer('race', wait=0)\n"
+        "except Unavailable:\n    print('busy', flush=True)\n"
         "else:\n    print('won', flush=True)\n    sys.stdin.readline()\n    w.close()\n"
     )
     cwd = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -190,7 +192,7 @@ def test_threads_race_for_one_ref(store: LocalStore) -> None:
     def attempt() -> None:
         barrier.wait()
         try:
-            w = store.writer("t")
+            w = store.writer("t", wait=0)
         except Unavailable:
             with lock:
                 outcomes.append("busy")

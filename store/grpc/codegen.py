@@ -28,7 +28,7 @@ __all__ = ["GEN_DIR", "PROTO_DIR", "ensure_generated", "generate", "proto_stamp"
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROTO_DIR = os.path.join(HERE, "proto")
 GEN_DIR = os.path.join(HERE, "gen")
-PROTOS = ("content.proto", "version.proto", "introspection.proto")
+PROTOS = ("content.proto", "leases.proto", "version.proto", "introspection.proto")
 
 
 def proto_stamp(proto_dir: str = PROTO_DIR) -> str:

@@ -120,7 +120,7 @@ class ReadLane:
         self._service = service
         self._read = service.read
         self._open: dict[str, _Open] = {}
-        self._namespaces: set[str] = set()
+        self._namespaces: set[str | None] = set()
         self._debug = debug
         self._cq = cygrpc.CompletionQueue()
         cy_server.register_completion_queue(self._cq)
@@ -251,7 +251,7 @@ class ReadLane:
                 blob.reader.close()
                 return None
             self._open[req.digest] = self._open.pop(req.digest)  # most recently used last
-        ns = ""
+        ns: str | None = None  # no header: the raw view (ContentService.view)
         for key, value in metadata:
             if key == NAMESPACE_KEY:
                 ns = value

@@ -6,6 +6,6 @@ from .codegen import ensure_generated
 
 ensure_generated()
 
-from .gen import content_pb2, introspection_pb2, version_pb2  # noqa: E402
+from .gen import content_pb2, introspection_pb2, leases_pb2, version_pb2  # noqa: E402
 
-__all__ = ["content_pb2", "introspection_pb2", "version_pb2"]
+__all__ = ["content_pb2", "introspection_pb2", "leases_pb2", "version_pb2"]

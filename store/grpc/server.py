@@ -197,13 +197,13 @@ def _server_stream(
 
 
 def _bidi_stream(
-    fn: Callable[[Iterator[Any], Any], Iterator[Any]],
+    fn: Callable[[Iterator[Any], Any, Callable[[Callable[[], None]], object]], Iterator[Any]],
     request_type: Any,
     response_serializer: Any,
 ) -> grpc.RpcMethodHandler:
     def handler(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
         try:
-            yield from fn(requests, context.invocation_metadata())
+            yield from fn(requests, context.invocation_metadata(), context.add_callback)
         except _EXPECTED as exc:
             if not context.is_active():
                 return  # cancelled by the client or by shutdown: nobody to tell

@@ -6,10 +6,14 @@ Deliberate departures from containerd 1.6, all invisible to ``ctr``:
 
 * every namespace sees the same blobs and labels (the namespace is validated, then
   ignored); so there is no shared-ingest special case;
+* a request without the ``containerd-namespace`` header works on the raw store (containerd
+  1.6 answers FailedPrecondition): containerd sends no header to a content proxy plugin,
+  so that is how containerd uses contentfs as its store (DESIGN §4, reference §14);
 * List fills ``updated_at`` (1.6 sends the zero time; main fills it);
 * Status and ListStatuses fill ``expected`` when an expected digest is recorded;
-* the ref lock never waits: a second writer gets UNAVAILABLE at once (main's behaviour;
-  1.6 retries for up to about a second).
+* a Write stream's writer is let go as soon as the client half-closes or the stream
+  ends, cancelled or not, and a second writer on a held ref waits up to about a second
+  (the store's wait, as 1.6's local store), so containerd's close-then-reopen works.
 
 Kept on purpose: ReadContentResponse.offset is relative to the start of the read, and a
 Write stream that ends without error repeats its last response once (reference §8.5,
@@ -22,7 +26,7 @@ import datetime as dt
 import itertools
 import logging
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import cast
 
 import grpc
@@ -30,7 +34,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from store.digest import Digest, parse_digest
 from store.errors import InvalidArgument, NotFound, StoreError
-from store.local import LocalStore
+from store.local import LocalStore, printable_ref
 from store.types import EPOCH, Info, Status, to_ns
 from store.writer import LocalWriter
 
@@ -63,16 +67,16 @@ _IDENTIFIER_MAX = 76
 STAT, WRITE, COMMIT = pb.STAT, pb.WRITE, pb.COMMIT
 
 
-def check_namespace(metadata: Iterable[tuple[str, str | bytes]]) -> str:
+def check_namespace(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
     """The request's namespace (first ``containerd-namespace`` value), validated as
-    containerd's identifiers: FailedPrecondition when missing or empty, InvalidArgument
-    when malformed."""
+    containerd's identifiers; None when the header is absent (the raw view).
+    FailedPrecondition when present but empty, InvalidArgument when malformed."""
     for key, value in metadata:
         if key == NAMESPACE_KEY:
             ns = value if isinstance(value, str) else value.decode("utf-8", "replace")
             break
     else:
-        ns = ""
+        return None
     if not ns:
         raise GrpcError(
             grpc.StatusCode.FAILED_PRECONDITION, "namespace is required: failed precondition"
@@ -115,7 +119,8 @@ def status_to_pb(st: Status) -> pb.Status:
     return pb.Status(
         started_at=timestamp(st.started_at),
         updated_at=timestamp(st.updated_at),
-        ref=st.ref,
+        # protobuf strings are UTF-8: a legacy ref that is not shows its bytes as \xNN
+        ref=printable_ref(st.ref),
         offset=st.offset,
         total=st.total,
         expected=st.expected or "",
@@ -133,39 +138,59 @@ def _validated(digest: str) -> Digest:
 
 
 class ContentService:
-    """The nine Content RPCs over one store. ``metadata`` is the call's invocation metadata,
-    checked for the namespace where containerd's store would check it (after the
-    server's own argument checks)."""
+    """The nine Content RPCs over one store. ``metadata`` is the call's invocation metadata:
+    :meth:`view` turns it into the store the call works on, where containerd's store
+    would check the namespace (after the server's own argument checks)."""
 
     def __init__(self, store: LocalStore) -> None:
         self.store = store
 
+    def view(self, metadata: Iterable[tuple[str, str | bytes]]) -> LocalStore:
+        """The store a call works on, from its metadata. The one place that decides:
+
+        * no ``containerd-namespace`` header: the raw store, the layer beneath any
+          namespace (what containerd's proxy plugin talks to);
+        * a valid header: that namespace's view. Namespaces are not kept apart yet, so
+          today this is the raw store too;
+        * a malformed header: InvalidArgument (empty: FailedPrecondition, as containerd).
+        """
+        ns = check_namespace(metadata)
+        if ns is None:
+            return self._raw_view()
+        return self._namespace_view(ns)
+
+    def _raw_view(self) -> LocalStore:
+        return self.store
+
+    def _namespace_view(self, _namespace: str) -> LocalStore:
+        return self.store
+
     def info(self, req: pb.InfoRequest, metadata: Sequence[tuple[str, str]]) -> pb.InfoResponse:
         dgst = _validated(req.digest)
-        check_namespace(metadata)
-        return pb.InfoResponse(info=info_to_pb(self.store.info(dgst)))
+        store = self.view(metadata)
+        return pb.InfoResponse(info=info_to_pb(store.info(dgst)))
 
     def update(
         self, req: pb.UpdateRequest, metadata: Sequence[tuple[str, str]]
     ) -> pb.UpdateResponse:
         dgst = _validated(req.info.digest)
-        check_namespace(metadata)
+        store = self.view(metadata)
         wanted = Info(dgst, req.info.size, EPOCH, EPOCH, dict(req.info.labels))
-        updated = self.store.update(wanted, *req.update_mask.paths)
+        updated = store.update(wanted, *req.update_mask.paths)
         return pb.UpdateResponse(info=info_to_pb(updated))
 
     def list(
         self, req: pb.ListContentRequest, metadata: Sequence[tuple[str, str]]
     ) -> Iterator[pb.ListContentResponse]:
-        check_namespace(metadata)
-        infos = self.store.iter_infos(*req.filters)  # streamed: flat memory for any count
+        store = self.view(metadata)
+        infos = store.iter_infos(*req.filters)  # streamed: flat memory for any count
         while batch := list(itertools.islice(infos, LIST_BATCH)):
             yield pb.ListContentResponse(info=[info_to_pb(i) for i in batch])
 
     def delete(self, req: pb.DeleteContentRequest, metadata: Sequence[tuple[str, str]]) -> None:
         dgst = parse_digest(req.digest)
-        check_namespace(metadata)
-        self.store.delete(dgst)
+        store = self.view(metadata)
+        store.delete(dgst)
 
     def read(
         self, req: pb.ReadContentRequest, metadata: Sequence[tuple[str, str]]
@@ -176,8 +201,8 @@ class ContentService:
             dgst = parse_digest(req.digest)
         except InvalidArgument as exc:
             raise GrpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{req.digest}: {exc}") from None
-        check_namespace(metadata)
-        reader = self.store.reader_at(dgst)
+        store = self.view(metadata)
+        reader = store.reader_at(dgst)
         try:
             size = reader.size
             offset = max(0, req.offset)
@@ -199,11 +224,11 @@ class ContentService:
     def status(
         self, req: pb.StatusRequest, metadata: Sequence[tuple[str, str]]
     ) -> pb.StatusResponse:
-        check_namespace(metadata)
+        store = self.view(metadata)
         try:
             if not req.ref:
                 raise NotFound(f"reference {req.ref}")
-            st = self.store.status(req.ref)
+            st = store.status(req.ref)
         except StoreError as exc:
             raise type(exc)(f'could not get status for ref "{req.ref}": {exc}') from None
         return pb.StatusResponse(status=status_to_pb(st))
@@ -211,22 +236,28 @@ class ContentService:
     def list_statuses(
         self, req: pb.ListStatusesRequest, metadata: Sequence[tuple[str, str]]
     ) -> pb.ListStatusesResponse:
-        check_namespace(metadata)
-        statuses = self.store.list_statuses(*req.filters)
+        store = self.view(metadata)
+        statuses = store.list_statuses(*req.filters)
         return pb.ListStatusesResponse(statuses=[status_to_pb(s) for s in statuses])
 
     def abort(self, req: pb.AbortRequest, metadata: Sequence[tuple[str, str]]) -> None:
-        check_namespace(metadata)
+        store = self.view(metadata)
         if not req.ref:
             raise NotFound(f"ingest {req.ref}")
-        self.store.abort(req.ref)
+        store.abort(req.ref)
 
     def write(
-        self, requests: Iterator[WriteRequest], metadata: Sequence[tuple[str, str]]
+        self,
+        requests: Iterator[WriteRequest],
+        metadata: Sequence[tuple[str, str]],
+        on_end: Callable[[Callable[[], None]], object] | None = None,
     ) -> Iterator[pb.WriteContentResponse]:
         """The Write stream state machine (reference §8.6). The writer is closed (ingest
         kept, resumable) whenever the stream ends without a commit: client EOF, an error,
-        cancellation or server shutdown."""
+        cancellation or server shutdown. ``on_end`` (grpc's ``add_callback``) registers a
+        callback run when the call ends: it closes the writer at once if no message is
+        being handled, even while this generator waits to be resumed (a cancelled
+        stream's generator is otherwise only closed when it is collected)."""
         req = next(requests, None)
         if req is None:
             return
@@ -234,11 +265,13 @@ class ContentService:
             raise GrpcError(
                 grpc.StatusCode.INVALID_ARGUMENT, "first message must have a reference"
             )
-        check_namespace(metadata)
+        store = self.view(metadata)
         ref = req.ref
         total = req.total
         expected = req.expected
-        writer = self.store.writer(ref, total=max(0, total), expected=expected or None)
+        writer = store.writer(ref, total=max(0, total), expected=expected or None)
+        if on_end is not None:
+            on_end(writer.close_if_idle)
         # 1.6 always encodes both times: Go's zero time until a STAT fills them in
         zero = Timestamp(seconds=ZERO_SECONDS)
         msg = pb.WriteContentResponse(started_at=zero, updated_at=zero)
@@ -252,10 +285,10 @@ class ContentService:
                 msg.offset = writer.offset
                 if req.expected:
                     expected = req.expected
-                    if self._exists(req.expected):
+                    if self._exists(store, req.expected):
                         writer.close()
                         try:
-                            self.store.abort(ref)
+                            store.abort(ref)
                         except NotFound:
                             pass
                         raise GrpcError(
@@ -307,9 +340,10 @@ class ContentService:
                 raise GrpcError(grpc.StatusCode.DATA_LOSS, f"wrote {n} of {len(data)} bytes")
             msg.offset += n
 
-    def _exists(self, digest: str) -> bool:
+    @staticmethod
+    def _exists(store: LocalStore, digest: str) -> bool:
         try:
-            self.store.info(digest)
+            store.info(digest)
         except (NotFound, InvalidArgument):
             return False
         return True
