@@ -17,7 +17,7 @@ from .errors import (
 from .filters import Filter, parse_filters
 from .local import MAX_LABEL_SIZE, LocalStore, validate_labels
 from .reader import FileReaderAt
-from .types import Info, Status
+from .types import Info, Lease, Status
 from .writer import LocalWriter
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "Filter",
     "Info",
     "InvalidArgument",
+    "Lease",
     "LocalStore",
     "LocalWriter",
     "NotFound",

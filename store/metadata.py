@@ -422,14 +422,6 @@ class MetadataDB:
                 c.execute("UPDATE ingests SET ref = ? WHERE ref = ?", (new, old))
 
 
-def _storable(ref: str) -> bool:
-    """True if ``ref`` is valid Unicode text (SQLite TEXT cannot hold lone surrogates)."""
-    try:
-        ref.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
     # leases --------------------------------------------------------------------------
 
     def create_lease(self, ns: str, lease: str, now_ns: int, labels: Mapping[str, str]) -> bool:
@@ -602,3 +594,12 @@ def _select_in(
         chunk = digests[i : i + batch]
         marks = ",".join("?" * len(chunk))
         yield from c.execute(f"{select} WHERE {cond}digest IN ({marks})", (*params, *chunk))
+
+
+def _storable(ref: str) -> bool:
+    """True if ``ref`` is valid Unicode text (SQLite TEXT cannot hold lone surrogates)."""
+    try:
+        ref.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

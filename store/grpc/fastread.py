@@ -263,6 +263,14 @@ class ReadLane:
                 return None
             if len(self._namespaces) < KNOWN_NAMESPACES:
                 self._namespaces.add(ns)
+        if ns is not None:
+            # a namespace sees its own records only (one indexed lookup; the file
+            # being there says nothing about this namespace)
+            try:
+                if not self._service.view(metadata).holds(req.digest):
+                    return None
+            except (StoreError, GrpcError):
+                return None
         offset = req.offset if req.offset > 0 else 0
         size = blob.size
         end = size if req.size <= 0 or offset + req.size > size else offset + req.size
