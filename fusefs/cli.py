@@ -14,7 +14,6 @@ import os
 import re
 import stat
 import sys
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any, NoReturn, TypeVar
 
@@ -35,8 +34,11 @@ from store import (
     StoreError,
     Unavailable,
     parse_digest,
+    parse_filters,
 )
 from store.identifiers import DEFAULT_NAMESPACE, validate_identifier
+
+from .progress import Progress
 
 #: Exit status per store error class; stable for scripts (documented in the README).
 EXIT_CODES: dict[type[StoreError], int] = {
@@ -293,6 +295,9 @@ def ls_cmd(
     all match: `labels."containerd.io/gc.root"`, `digest~=^sha256:ab`,
     `labels.team==infra,labels.env!=prod`.
     """
+    if as_json and quiet:
+        raise click.UsageError("--json and -q/--quiet cannot be used together", ctx)
+    parse_filters(*filters, strict=True)  # a bad filter fails before anything is listed
     store = open_store(ctx, cmd_root, reading=True)
     infos = store.list(*filters)
     if as_json:
@@ -339,26 +344,47 @@ def info_cmd(ctx: click.Context, digest: str, as_json: bool, cmd_root: str | Non
 
 @cli.command("get")
 @click.argument("digest")
+@click.option("-o", "--output", metavar="FILE", default=None,
+              help="Write to FILE (created or truncated) instead of standard output.")
 @root_option
 @namespace_option
 @click.pass_context
-def get_cmd(ctx: click.Context, digest: str, cmd_root: str | None) -> None:
-    """Write a blob's bytes to standard output."""
+def get_cmd(ctx: click.Context, digest: str, output: str | None, cmd_root: str | None) -> None:
+    """Write a blob's bytes to standard output (or FILE). On a terminal, a progress bar
+    is shown on standard error unless the bytes themselves go to the terminal."""
     store = open_store(ctx, cmd_root, reading=True)
     with store.reader_at(digest) as reader:
-        out = sys.stdout.buffer
-        out.flush()
-        _copy_out(reader.fileno(), out.fileno(), reader.size)
+        if output is not None:
+            try:
+                fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                fail(f"{output}: {exc.strerror or exc}")
+        else:
+            sys.stdout.buffer.flush()
+            fd = sys.stdout.fileno()
+        try:
+            to_terminal = os.isatty(fd)
+            progress = Progress("reading", reader.size)
+            if to_terminal:
+                progress.shown = False
+            with progress:
+                _copy_out(reader.fileno(), fd, reader.size, progress)
+        finally:
+            if output is not None:
+                os.close(fd)
 
 
-def _copy_out(src: int, dst: int, size: int) -> None:
+def _copy_out(src: int, dst: int, size: int, progress: Progress | None = None) -> None:
+    step = 1 << 30 if progress is None or not progress.shown else 8 << 20
     offset = 0
     try:
         while offset < size:
-            sent = os.sendfile(dst, src, offset, min(size - offset, 1 << 30))
+            sent = os.sendfile(dst, src, offset, min(size - offset, step))
             if sent == 0:
                 break
             offset += sent
+            if progress is not None:
+                progress.advance(sent)
         return
     except OSError as exc:
         if exc.errno not in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: fall back
@@ -371,6 +397,8 @@ def _copy_out(src: int, dst: int, size: int) -> None:
         while view:
             view = view[os.write(dst, view) :]
         offset += len(chunk)
+        if progress is not None:
+            progress.advance(len(chunk))
 
 
 @cli.command("ingest")
@@ -423,14 +451,15 @@ def ingest_cmd(
         try:
             size = _source_size(source)
             _resume_input(store, ref, source, writer)
-            with _progress(size, writer.offset) as advance:
+            with Progress("ingesting", size, writer.offset) as progress:
                 for chunk in _chunks(source):
                     try:
                         writer.write(chunk)
                     except OSError as exc:  # e.g. ENOSPC: the bytes stored so far are kept
+                        progress.clear()
                         fail(f"ingest {ref}: {exc.strerror or exc} after {writer.offset} bytes"
                              " (run the same command again to resume)")
-                    advance(len(chunk))
+                    progress.advance(len(chunk))
             try:
                 digest = writer.commit(expected_size, expected, labels=label_map)
             except AlreadyExists:
@@ -502,40 +531,6 @@ def _chunks(source: IO[bytes]) -> Iterator[bytes]:
         yield chunk
 
 
-class _progress:
-    """Progress on stderr when it is a terminal: a bar when the size is known, else the
-    bytes so far (click's bar needs a length); a no-op otherwise."""
-
-    def __init__(self, total: int | None, done: int) -> None:
-        self._tty = sys.stderr.isatty()
-        self._bar: Any = None
-        self._count = done
-        self._shown = 0.0
-        if self._tty and total is not None:
-            self._bar = click.progressbar(length=total, label="ingesting", file=sys.stderr)
-            if done:
-                self._bar.update(done)
-
-    def __enter__(self) -> Callable[[int], None]:
-        if self._bar is not None:
-            self._bar.__enter__()
-            return self._bar.update  # type: ignore[no-any-return]
-        return self._advance if self._tty else (lambda n: None)
-
-    def _advance(self, n: int) -> None:
-        self._count += n
-        now = time.monotonic()
-        if now - self._shown >= 0.2:
-            self._shown = now
-            click.echo(f"\ringesting  {human_size(self._count)}", file=sys.stderr, nl=False)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.__exit__(*exc)
-        elif self._tty:
-            click.echo(f"\ringesting  {human_size(self._count)}", file=sys.stderr)
-
-
 @cli.command("active")
 @click.argument("filters", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of ingests.")
@@ -547,6 +542,7 @@ def active_cmd(
 ) -> None:
     """List active (unfinished) ingests, optionally matching FILTERS on `ref`
     (e.g. `ref~=^layer-`)."""
+    parse_filters(*filters, strict=True)  # a bad filter fails before anything is listed
     statuses = open_store(ctx, cmd_root, reading=True).list_statuses(*filters)
     if as_json:
         click.echo(json.dumps([status_json(s) for s in statuses], indent=2))
@@ -622,18 +618,34 @@ def verify_cmd(ctx: click.Context, digests: tuple[str, ...], cmd_root: str | Non
     """Rehash blobs (all when none given) and report those that no longer match their
     digest. Exits non-zero if any is corrupt or missing."""
     store = open_store(ctx, cmd_root, reading=True)
-    targets = list(digests) or [i.digest for i in store.list()]
-    bad = 0
-    code = 0
+    # a full run also reports what sits at a blob's path without being one
+    targets = list(digests) or sorted(
+        [i.digest for i in store.list()] + list(store.stray_names()))
+    sizes = {}
     for digest in targets:
         try:
-            store.verify(digest)
-        except StoreError as exc:
-            bad += 1
-            code = code or exit_code(exc)
-            click.echo(f"{digest}: FAILED ({exc})")
-            continue
-        click.echo(f"{digest}: OK")
+            sizes[digest] = store.info(digest).size
+        except StoreError:
+            sizes[digest] = 0  # reported below
+    bad = 0
+    code = 0
+    # the bar shares the terminal with the results: it is erased before each line
+    shared = sys.stdout.isatty()
+    with Progress("verifying", sum(sizes.values())) as progress:
+        for digest in targets:
+            before = progress.done
+            try:
+                store.verify(digest, progress=progress.advance)
+            except StoreError as exc:
+                bad += 1
+                code = code or exit_code(exc)
+                line = f"{digest}: FAILED ({printable(str(exc))})"
+            else:
+                line = f"{digest}: OK"
+            if shared:
+                progress.clear()
+            click.echo(line)
+            progress.advance(max(0, before + sizes[digest] - progress.done))
     if bad:
         click.echo(f"contentfs: {bad} of {len(targets)} blobs failed verification", err=True)
         sys.exit(code)
@@ -692,6 +704,107 @@ def serve_cmd(ctx: click.Context, address: str | None, debug: bool, cmd_root: st
     store = open_store(ctx, cmd_root, create=True, raw=True)
     sys.exit(serve_main(store, address, debug=debug))
 
+# registries: fetch, push, fetch-object, push-object (thin wrappers over store.registry) ---
+
+
+def registry_options(f: F) -> F:
+    """The connection options ctr's registry commands take."""
+    f = click.option("--plain-http", is_flag=True,
+                     help="Talk HTTP, not HTTPS (a local or test registry).")(f)
+    f = click.option("-k", "--skip-verify", is_flag=True,
+                     help="Do not verify the registry's TLS certificate.")(f)
+    f = click.option("-u", "--user", metavar="USER[:PASSWORD]", default=None,
+                     help="Credentials (the password is asked for, or read from a"
+                          " non-terminal stdin, when not given); default: the auths of"
+                          " ~/.docker/config.json.")(f)
+    return f
+
+
+def _registry_client(ref_text: str, plain_http: bool, skip_verify: bool, user: str | None,
+                     connections: int = 8) -> tuple[Any, Any]:
+    from store.registry import (
+        Credentials,
+        RegistryClient,
+        docker_config_credentials,
+        parse_reference,
+    )
+
+    ref = parse_reference(ref_text)
+    creds = None
+    if user is not None:
+        name, sep, password = user.partition(":")
+        if not sep and sys.stdin.isatty():
+            password = click.prompt(f"password for {name}@{ref.host}", hide_input=True,
+                                    err=True)
+        elif not sep:  # as `docker login --password-stdin`
+            password = sys.stdin.readline().rstrip("\n")
+        creds = Credentials(name, password)
+    else:
+        creds = docker_config_credentials(ref.host)
+    client = RegistryClient(ref.api_host, plain_http=plain_http, skip_verify=skip_verify,
+                            credentials=creds, connections=connections)
+    return ref, client
+
+
+def _transfer_progress(as_json: bool) -> Any:
+    import contextlib
+
+    from store.registry import TerminalProgress
+
+    if as_json or not sys.stderr.isatty():
+        return contextlib.nullcontext(None)
+    return TerminalProgress(sys.stderr)
+
+
+@cli.command("fetch")
+@click.argument("ref")
+@click.option("--platform", "platforms", metavar="OS/ARCH[/VARIANT]", multiple=True,
+              help="Fetch only the manifests of this platform (repeatable); default: all.")
+@click.option("--all-platforms", is_flag=True, help="Fetch every platform (the default).")
+@click.option("--concurrency", type=click.IntRange(1, 64), default=3, show_default=True,
+              help="Blobs downloaded at once.")
+@registry_options
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+@root_option
+@click.pass_context
+def fetch_cmd(
+    ctx: click.Context, ref: str, platforms: tuple[str, ...], all_platforms: bool,
+    concurrency: int, plain_http: bool, skip_verify: bool, user: str | None, as_json: bool,
+    cmd_root: str | None,
+) -> None:
+    """Fetch the image REF (index, manifests, configs, layers) into the store, with the
+    labels `ctr content fetch` writes plus containerd.io/gc.root on REF's object; print
+    its digest. Interrupted downloads resume; blobs already stored are not downloaded."""
+    from store.registry import fetch_image
+
+    if all_platforms and platforms:
+        raise click.UsageError("--all-platforms and --platform exclude each other")
+    store = open_store(ctx, cmd_root, create=True)
+    parsed, client = _registry_client(ref, plain_http, skip_verify, user, concurrency + 2)
+    with client, _transfer_progress(as_json) as progress:
+        result = fetch_image(store, client, parsed, platforms=platforms,
+                             concurrency=concurrency, progress=progress)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        click.echo(result.digest)
+
+
+@cli.command("fetch-object")
+@click.argument("ref")
+@click.argument("obj", metavar="[OBJECT]", required=False)
+@registry_options
+def fetch_object_cmd(ref: str, obj: str | None, plain_http: bool, skip_verify: bool,
+                     user: str | None) -> None:
+    """Write one object of REF's repository to standard output, as `ctr content
+    fetch-object`: REF's manifest or index, or OBJECT (a digest). Stores nothing."""
+    from store.registry import fetch_object
+
+    parsed, client = _registry_client(ref, plain_http, skip_verify, user)
+    with client:
+        out = sys.stdout.buffer
+        fetch_object(client, parsed, obj, out)
+        out.flush()
 
 @cli.command("namespaces")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the names (the default).")

@@ -7,7 +7,8 @@ Fields are runs of ``[A-Za-z0-9_]`` or double-quoted Go string literals, joined 
 Values are bare runs up to ``,`` or whitespace, or quoted; ``/.../`` and ``|...|`` quotes
 are allowed only after ``~=``. ``!=`` and ``~=`` see an absent field as the empty string;
 ``~=`` takes Go RE2 syntax (see ``go_regex``), unanchored; a regex that does not compile
-is not a parse error: it matches nothing.
+is not a parse error: it matches nothing (containerd 1.6, verified), unless the caller
+asks for ``strict`` parsing (the CLI), which refuses it like a syntax error.
 
 Parse errors raise InvalidArgument with the bad character marked: ``[ab >|=|< c]``.
 """
@@ -241,6 +242,8 @@ class _Selector:
     op: str  # "", "==", "!=", "~="
     value: str = ""
     regex: re.Pattern[str] | None = None
+    # a ~= pattern that does not compile: (position in the filter text, reason)
+    bad_regex: tuple[int, str] | None = None
 
     def match(self, adaptor: Adaptor) -> bool:
         value, present = adaptor(self.fieldpath)
@@ -251,8 +254,7 @@ class _Selector:
         if self.op == "!=":
             return value != self.value
         if self.regex is None:
-            log.warning("filter regex %r does not compile; it matches nothing", self.value)
-            return False
+            return False  # (logged once, when parsed)
         return self.regex.search(value) is not None
 
 
@@ -280,15 +282,22 @@ class _Parser:
         if self.s.peek_char() in ("", ","):
             return _Selector(fieldpath, "")
         op = self.operator()
+        start = self.s.pos
         value = self.value(allow_alt_quotes=op == "~=")
-        regex = None
-        if op == "~=":
-            try:
-                translated = go_regex(value)
-                regex = re.compile(translated, re.ASCII) if translated is not None else None
-            except re.error:
-                regex = None
-        return _Selector(fieldpath, op, value, regex)
+        if op != "~=":
+            return _Selector(fieldpath, op, value)
+        while start < len(self.text) and self.text[start].isspace():
+            start += 1  # where the value begins
+        bare = self.text[start:self.s.pos] == value
+        translated = go_regex(value)
+        if translated is None:
+            return _Selector(fieldpath, op, value, None, (start, "not an RE2 regular expression"
+                                                          " (backreference, lookaround, ...)"))
+        try:
+            return _Selector(fieldpath, op, value, re.compile(translated, re.ASCII))
+        except re.error as exc:
+            where = start + exc.pos if bare and translated == value and exc.pos else start
+            return _Selector(fieldpath, op, value, None, (where, exc.msg))
 
     def fieldpath(self) -> tuple[str, ...]:
         fields = [self.field()]
@@ -348,14 +357,26 @@ class Filter:
         return any(all(sel.match(adaptor) for sel in alt) for alt in self.alternatives)
 
 
-def parse_filters(*filters: str) -> Filter:
-    """Parse containerd filter strings; raise InvalidArgument on a syntax error."""
+def parse_filters(*filters: str, strict: bool = False) -> Filter:
+    """Parse containerd filter strings; raise InvalidArgument on a syntax error, and with
+    ``strict`` also for a ``~=`` regex that does not compile (the message marks the bad
+    character as for syntax errors). Otherwise such a regex matches nothing, as in
+    containerd, and is logged once here."""
     alts: list[tuple[_Selector, ...]] = []
     for text in filters:
         if text == "":
             return Filter(())  # an empty filter string matches everything
         try:
-            alts.append(tuple(_Parser(text).selectors()))
+            selectors = tuple(_Parser(text).selectors())
         except _ParseError as exc:
             raise InvalidArgument(str(exc)) from None
+        for sel in selectors:
+            if sel.bad_regex is None:
+                continue
+            pos, why = sel.bad_regex
+            if strict:
+                raise InvalidArgument(f"{_ParseError(text, pos, 'regex does not compile: ' + why)}")
+            log.warning("filter regex %r does not compile (%s); it matches nothing",
+                        sel.value, why)
+        alts.append(selectors)
     return Filter(tuple(alts))

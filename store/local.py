@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import builtins
 import dataclasses
+import errno
 import hashlib
 import logging
 import os
@@ -20,7 +21,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from .digest import ALGORITHMS, CANONICAL, Digest, parse_digest, split_digest
-from .errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from .errors import (
+    AlreadyExists,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    StoreError,
+)
 from .filters import Filter, parse_filters
 from .fsutil import ensure_dir, read_small, write_atomic
 from .gc import GcResult, collect
@@ -194,26 +202,49 @@ class LocalStore:
     # Provider -------------------------------------------------------------------------
 
     def reader_at(self, digest: str) -> FileReaderAt:
-        """Open a blob for positional reads. NotFound if it is not committed."""
+        """Open a blob for positional reads. NotFound if it is not committed (or not a
+        regular file: a symlink, directory or FIFO planted in its place is never opened
+        in a way that follows or blocks). DataLoss if the file's size differs from the
+        size recorded at commit."""
         dgst = parse_digest(digest)
         if not self._blob_dir_ok(dgst):
             raise NotFound(f"content {dgst}")
         try:
-            fd = os.open(self.layout.blob_path(dgst), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(
+                self.layout.blob_path(dgst),
+                os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+            )
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"content {dgst}") from None
         except OSError as exc:
-            if exc.errno == 40:  # ELOOP: a symlink planted in place of a blob
+            if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+                # a planted symlink; a FIFO or socket with no writer; a directory
                 raise NotFound(f"content {dgst} (not a regular file)") from None
             raise
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise NotFound(f"content {dgst} (not a regular file)")
+            self._check_size(dgst, st.st_size)
+            if self.ns is not None and not self._visible(dgst, self.db.get_blob(dgst)):
+                raise NotFound(f"content {dgst}")
+        except BaseException:
             os.close(fd)
-            raise NotFound(f"content {dgst} (not a regular file)")
-        if self.ns is not None and not self._visible(dgst, self.db.get_blob(dgst)):
-            os.close(fd)
-            raise NotFound(f"content {dgst}")
+            raise
         return FileReaderAt(fd, st.st_size, dgst)
+
+    def _check_size(self, dgst: Digest, size: int) -> None:
+        """DataLoss if the metadata records another size for ``dgst`` (bytes appended or
+        cut off on disk). A blob without a row, or an unreadable database, passes."""
+        try:
+            row = self.db.get_blob(dgst)
+        except StoreError as exc:
+            log.debug("content %s: size not checked: %s", dgst, exc)
+            return
+        if row is not None and row[0] != size:
+            raise DataLoss(
+                f"content {dgst}: file holds {size} bytes, {row[0]} were committed"
+            )
 
     # Manager --------------------------------------------------------------------------
 
@@ -252,7 +283,7 @@ class LocalStore:
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"content {dgst}") from None
         if not stat.S_ISREG(st.st_mode):
-            raise NotFound(f"content {dgst}")
+            raise NotFound(f"content {dgst} (not a regular file)")
         return st
 
     @staticmethod
@@ -373,6 +404,26 @@ class LocalStore:
             if stat.S_ISREG(st.st_mode):
                 yield name, st
 
+    def stray_names(self) -> Iterator[Digest]:
+        """Digests whose blob path holds something other than a regular file (a symlink,
+        directory, FIFO...): never served nor listed, but reported by a full verify."""
+        for alg, want in ALGORITHMS.items():
+            blob_dir = self.layout.blob_dir(alg)
+            if not (_is_dir(self.layout.blobs) and _is_dir(blob_dir)):
+                continue
+            try:
+                names = sorted(os.listdir(blob_dir))
+            except OSError:
+                continue
+            for name in names:
+                if len(name) != want or name.strip("0123456789abcdef"):
+                    continue
+                try:
+                    if not stat.S_ISREG(os.lstat(os.path.join(blob_dir, name)).st_mode):
+                        yield Digest(f"{alg}:{name}")
+                except OSError:
+                    continue
+
     def blob_names(self, algorithm: str) -> Iterator[tuple[str, os.stat_result]]:
         """Stream (hex, stat) of the blobs of one algorithm, in name order."""
         if algorithm not in ALGORITHMS:
@@ -422,8 +473,9 @@ class LocalStore:
                 names.add(st.ref.split("\0", 1)[0])
         return sorted(names)
 
-    def verify(self, digest: str) -> Info:
-        """Rehash a blob. DataLoss if its bytes no longer match its digest."""
+    def verify(self, digest: str, progress: Callable[[int], object] | None = None) -> Info:
+        """Rehash a blob. DataLoss if its bytes no longer match its digest. ``progress``
+        is called with the size of each chunk hashed."""
         dgst = parse_digest(digest)
         info = self.info(dgst)
         alg, want = split_digest(dgst)
@@ -434,6 +486,8 @@ class LocalStore:
             while chunk := os.pread(fd, _CHUNK, offset):
                 hasher.update(chunk)
                 offset += len(chunk)
+                if progress is not None:
+                    progress(len(chunk))
         if hasher.hexdigest() != want:
             raise DataLoss(
                 f"content {dgst}: bytes on disk hash to {alg}:{hasher.hexdigest()}"

@@ -205,12 +205,18 @@ def test_filters_that_do_not_parse(filled: LocalStore, flt: str) -> None:
 
 @pytest.mark.parametrize("flt", UNCOMPILABLE)
 def test_regexes_that_do_not_compile_match_nothing(filled: LocalStore, flt: str) -> None:
-    """As containerd: a regex that does not compile is no parse error; it matches nothing."""
+    """As containerd: a regex that does not compile is no parse error; it matches nothing.
+    The CLI refuses it (exit 3) with one line marking the bad character (issue 9)."""
+    ref_flt = flt.replace("digest", "ref").replace("labels.a", "ref")
     assert filled.list(flt) == []
-    assert filled.list_statuses(flt.replace("digest", "ref").replace("labels.a", "ref")) == []
+    assert filled.list_statuses(ref_flt) == []
     assert [i.digest for i in filled.list(flt, "labels.k==v")] == [sha256(b"committed")]
-    proc = run_cli(filled.root, "ls", "-q", flt)
-    assert proc.returncode == 0 and proc.stdout == b"", proc.stderr
+    for args in (("ls", "-q", flt), ("ls", "labels.k==v", flt), ("active", ref_flt)):
+        proc = run_cli(filled.root, *args)
+        err = assert_clean_error(proc, 3)
+        assert proc.stdout == b"", proc.stdout
+        assert len(err.splitlines()) == 1 and "regex does not compile" in err, err
+        assert " >|" in err and "|< " in err, err
 
 
 def test_not_found_cases(filled: LocalStore) -> None:

@@ -149,3 +149,72 @@ def test_mount_commit_races_abort(mounter: MountFactory, tmp_path: Any, how: str
     print(f"{how}: {sum(c for c, _ in outcomes)} commits won, "
           f"{sum(a for _, a in outcomes)} aborts won of {rounds}")
     mnt.allowed_log.append(r"ingest race\d+")
+
+
+# 5. a FIFO under blobs/, and blob files changed on disk ----------------------------------
+
+def _faces(tmp_path: Any, mounter: MountFactory) -> tuple[Any, ServeProcess]:
+    mnt = mounter()
+    return mnt, ServeProcess(mnt.root, os.path.join(tmp_path, "s.sock"))
+
+
+def test_fifo_under_blobs_is_not_found_on_every_face(
+        mounter: MountFactory, tmp_path: Any) -> None:
+    from tests.grpc_util import ctr
+    mnt, srv = _faces(tmp_path, mounter)
+    try:
+        hexd = "ab" * 32
+        os.makedirs(os.path.join(mnt.root, "blobs", "sha256"), exist_ok=True)
+        os.mkfifo(os.path.join(mnt.root, "blobs", "sha256", hexd))
+        p = cli(mnt.root, "get", f"sha256:{hexd}", timeout=20)  # hung before
+        assert p.returncode == 4 and b"not found" in p.stderr, p
+        p = ctr(srv.address, "content", "get", f"sha256:{hexd}", timeout=20)
+        assert p.returncode != 0 and b"not found" in p.stderr, p
+        assert errno_of(lambda: open(mnt.blob(hexd), "rb").close()) == errno.ENOENT
+        p = cli(mnt.root, "verify", timeout=20)
+        assert p.returncode == 4 and f"sha256:{hexd}: FAILED".encode() in p.stdout, p
+    finally:
+        assert srv.stop() == 0, srv.stderr
+
+
+def test_full_verify_lists_what_is_not_a_blob(store: LocalStore) -> None:
+    good = digest_of(b"good")
+    with store.writer("g") as w:
+        w.write(b"good")
+        w.commit()
+    blob_dir = os.path.join(store.root, "blobs", "sha256")
+    strays = {"link": "11" * 32, "dir": "22" * 32, "fifo": "33" * 32}
+    os.symlink("/etc/passwd", os.path.join(blob_dir, strays["link"]))
+    os.mkdir(os.path.join(blob_dir, strays["dir"]))
+    os.mkfifo(os.path.join(blob_dir, strays["fifo"]))
+    p = cli(store.root, "verify", timeout=20)
+    assert p.returncode == 4, p
+    out = p.stdout.decode()
+    assert f"{good}: OK" in out
+    for hexd in strays.values():
+        assert f"sha256:{hexd}: FAILED" in out and "not a regular file" in out, out
+    assert b"3 of 4 blobs failed" in p.stderr
+
+
+def test_blob_file_of_another_size_is_data_loss_on_every_face(
+        mounter: MountFactory, tmp_path: Any) -> None:
+    from tests.grpc_util import ctr
+    mnt, srv = _faces(tmp_path, mounter)
+    try:
+        data = b"committed bytes\n"
+        dgst = digest_of(data)
+        assert cli(mnt.root, "ingest", "r", data=data).returncode == 0
+        path = os.path.join(mnt.root, "blobs", "sha256", dgst.split(":")[1])
+        os.chmod(path, 0o644)
+        with open(path, "ab") as f:
+            f.write(b"!")
+        p = cli(mnt.root, "get", dgst)
+        assert p.returncode == 8 and b"data loss" in p.stderr and not p.stdout, p
+        p = ctr(srv.address, "content", "get", dgst)
+        assert p.returncode != 0 and b"data loss" in p.stderr, p
+        assert errno_of(lambda: open(mnt.blob(dgst.split(":")[1]), "rb").close()) == errno.EIO
+        p = cli(mnt.root, "verify", dgst)
+        assert p.returncode == 8, p
+        mnt.allowed_log.append(r"data loss")
+    finally:
+        assert srv.stop() == 0, srv.stderr

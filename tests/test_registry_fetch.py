@@ -1,0 +1,366 @@
+"""``contentfs fetch`` and ``fetch-object`` against a real docker-registry (distribution
+2.8) on 127.0.0.1, images built with umoci and pushed with skopeo; labels compared with
+what a real containerd's ``ctr content fetch`` writes for the same images."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from store import LocalStore
+
+from .grpc_util import Containerd, ctr
+from .registry_util import (
+    CountingProxy,
+    Registry,
+    build_image,
+    build_index,
+    read_blob,
+    skopeo_copy,
+)
+
+CONTENTFS = os.path.join(os.path.dirname(sys.executable), "contentfs")
+BIG = 56 << 20  # the big layer: over 50 MiB of random bytes (gzip leaves it as big)
+GC_ROOT = "containerd.io/gc.root"
+
+
+def contentfs(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
+              input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:  # noqa: A002
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("CONTENTFS_")}
+    full_env.update(env or {})
+    return subprocess.run([CONTENTFS, *args], capture_output=True, timeout=timeout,
+                          env=full_env, input=input, check=False)
+
+
+class Images:
+    """One registry holding test/multi:v1 (an index over linux/amd64 with a big layer and
+    linux/arm64) and test/single:v1 (the amd64 manifest alone)."""
+
+    def __init__(self, base: str) -> None:
+        self.layout = os.path.join(base, "layout")
+        self.amd = build_image(self.layout, "amd", [("/etc/small", 3000), ("/big", BIG),
+                                                    ("/opt/tiny", 10)])
+        self.arm = build_image(self.layout, "arm", [("/etc/arm", 5000)], arch="arm64")
+        self.index = build_index(self.layout, "multi", {"linux/amd64": "amd",
+                                                        "linux/arm64": "arm"})
+        self.registry = Registry(os.path.join(base, "registry"))
+        host = self.registry.host
+        skopeo_copy(f"oci:{self.layout}:multi", f"docker://{host}/test/multi:v1")
+        skopeo_copy(f"oci:{self.layout}:amd", f"docker://{host}/test/single:v1")
+        amd_manifest = json.loads(read_blob(self.layout, self.amd))
+        self.amd_layers = [layer["digest"] for layer in amd_manifest["layers"]]
+        self.big = next(lay["digest"] for lay in amd_manifest["layers"] if lay["size"] > BIG)
+
+    def ref(self, name: str) -> str:
+        return f"{self.registry.host}/{name}"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
+    imgs = Images(str(tmp_path_factory.mktemp("registry")))
+    try:
+        yield imgs
+    finally:
+        imgs.registry.stop()
+
+
+def labels_by_digest(root: str) -> dict[str, tuple[int, dict[str, str]]]:
+    with LocalStore(root) as store:
+        return {i.digest: (i.size, dict(i.labels)) for i in store.list()}
+
+
+def ctr_labels(address: str, namespace: str) -> dict[str, tuple[int, dict[str, str]]]:
+    """``ctr content ls`` parsed: digest -> (size, labels); ctr prints sizes rounded, so
+    each size is that of ``ctr content get``."""
+    out = ctr(address, "content", "ls", namespace=namespace)
+    assert out.returncode == 0, out.stderr
+    result: dict[str, tuple[int, dict[str, str]]] = {}
+    for line in out.stdout.decode().splitlines()[1:]:
+        fields = line.split("\t")
+        digest, labels_text = fields[0], fields[-1].strip()
+        labels: dict[str, str] = {}
+        for pair in _split_labels(labels_text):
+            k, _, v = pair.partition("=")
+            labels[k] = v
+        size = len(ctr(address, "content", "get", digest, namespace=namespace).stdout)
+        result[digest] = (size, labels)
+    return result
+
+
+def _split_labels(text: str) -> list[str]:
+    """ctr joins labels with ',' and a source label's value has ',' too: a new label
+    starts where the next ``containerd.io/`` key does."""
+    if text in ("", "-"):
+        return []
+    parts: list[str] = []
+    for piece in text.split(","):
+        if "=" in piece and piece.split("=", 1)[0].startswith("containerd.io/"):
+            parts.append(piece)
+        else:
+            parts[-1] += "," + piece
+    return parts
+
+
+def without_root(labels: dict[str, tuple[int, dict[str, str]]]
+                 ) -> dict[str, tuple[int, dict[str, str]]]:
+    return {d: (s, {k: v for k, v in lab.items() if k != GC_ROOT})
+            for d, (s, lab) in labels.items()}
+
+
+def test_fetch_matches_ctr_content_fetch(images: Images, tmp_path: Any) -> None:
+    root = str(tmp_path / "store")
+    for name in ("test/multi:v1", "test/single:v1"):
+        res = contentfs("--root", root, "fetch", "--plain-http", "--json", images.ref(name))
+        assert res.returncode == 0, res.stderr
+        summary = json.loads(res.stdout)
+        assert summary["digest"] == (images.index if "multi" in name else images.amd)
+    ours = labels_by_digest(root)
+    # every blob of the layout is in the store, with its size
+    for digest in (images.index, images.amd, images.arm, *images.amd_layers):
+        assert digest in ours
+        assert ours[digest][0] == len(read_blob(images.layout, digest))
+    verify = contentfs("--root", root, "verify")
+    assert verify.returncode == 0, verify.stdout
+    # gc.root on the top objects only
+    roots = {d for d, (_, lab) in ours.items() if GC_ROOT in lab}
+    assert roots == {images.index, images.amd}
+
+    ctrd = Containerd(str(tmp_path / "ctrd"))
+    try:
+        for name in ("test/multi:v1", "test/single:v1"):
+            out = ctr(ctrd.address, "content", "fetch", "--plain-http", "--all-platforms",
+                      images.ref(name), namespace="default", timeout=120)
+            assert out.returncode == 0, out.stderr
+        theirs = ctr_labels(ctrd.address, "default")
+    finally:
+        ctrd.stop()
+    assert without_root(ours) == theirs
+
+
+def test_fetch_one_platform_matches_ctr(images: Images, tmp_path: Any) -> None:
+    root = str(tmp_path / "store")
+    res = contentfs("--root", root, "fetch", "--plain-http", "--platform", "linux/arm64",
+                    images.ref("test/multi:v1"))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.decode().strip() == images.index
+    ours = labels_by_digest(root)
+    assert images.amd not in ours and images.big not in ours and images.arm in ours
+    ctrd = Containerd(str(tmp_path / "ctrd"))
+    try:
+        out = ctr(ctrd.address, "content", "fetch", "--plain-http", "--platform",
+                  "linux/arm64", images.ref("test/multi:v1"), namespace="default")
+        assert out.returncode == 0, out.stderr
+        theirs = ctr_labels(ctrd.address, "default")
+    finally:
+        ctrd.stop()
+    assert without_root(ours) == theirs
+
+
+def test_fetch_again_downloads_nothing(images: Images, tmp_path: Any) -> None:
+    root = str(tmp_path / "store")
+    first = contentfs("--root", root, "fetch", "--plain-http", images.ref("test/single:v1"))
+    assert first.returncode == 0, first.stderr
+    again = contentfs("--root", root, "fetch", "--plain-http", "--json",
+                      images.ref("test/multi:v1"))
+    assert again.returncode == 0, again.stderr
+    blobs = {b["digest"]: b for b in json.loads(again.stdout)["blobs"]}
+    for layer in images.amd_layers:
+        assert blobs[layer]["status"] == "exists" and blobs[layer]["transferred"] == 0
+    # the second repository joined the source label, as ctr writes it
+    labels = labels_by_digest(root)[images.big][1]
+    assert labels["containerd.io/distribution.source.127.0.0.1"] == "test/multi,test/single"
+
+
+def test_fetch_object(images: Images) -> None:
+    top = contentfs("fetch-object", "--plain-http", images.ref("test/multi:v1"))
+    assert top.returncode == 0, top.stderr
+    assert top.stdout == read_blob(images.layout, images.index)
+    layer = images.amd_layers[0]
+    blob = contentfs("fetch-object", "--plain-http", images.ref("test/multi:v1"), layer)
+    assert blob.returncode == 0, blob.stderr
+    assert blob.stdout == read_blob(images.layout, layer)
+    man = contentfs("fetch-object", "--plain-http", images.ref("test/multi:v1"), images.arm)
+    assert man.returncode == 0, man.stderr
+    assert man.stdout == read_blob(images.layout, images.arm)
+    missing = contentfs("fetch-object", "--plain-http", images.ref("test/multi:v1"),
+                        "sha256:" + "0" * 64)
+    assert missing.returncode == 4, missing.stderr
+
+
+def _active(root: str) -> dict[str, int]:
+    if not os.path.isdir(root):
+        return {}
+    res = contentfs("--root", root, "active", "--json")
+    assert res.returncode == 0, res.stderr
+    return {s["ref"]: s["offset"] for s in json.loads(res.stdout)}
+
+
+def _wait_for_offset(root: str, ref: str, least: int, proc: subprocess.Popen[bytes]) -> int:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        offset = _active(root).get(ref, 0)
+        if offset >= least:
+            return offset
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.1)
+    pytest.fail(f"ingest {ref} never reached {least} bytes")
+
+
+def test_sigkill_mid_fetch_resumes_with_range(images: Images, tmp_path: Any) -> None:
+    proxy = CountingProxy(images.registry.host, rate=16 << 20)
+    root = str(tmp_path / "store")
+    ref = f"{proxy.host}/test/single:v1"
+    key = f"layer-{images.big}"
+    try:
+        proc = subprocess.Popen([CONTENTFS, "--root", root, "fetch", "--plain-http", ref],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            _wait_for_offset(root, key, 8 << 20, proc)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        held = _active(root)[key]
+        assert 0 < held < BIG
+        proxy.rate = None
+        res = contentfs("--root", root, "fetch", "--plain-http", "--json", ref)
+        assert res.returncode == 0, res.stderr
+        gets = proxy.blob_requests(images.big)
+        size = len(read_blob(images.layout, images.big))
+        # the second run asked for the rest only, and got exactly that
+        assert gets[-1]["range"] == f"bytes={held}-"
+        assert gets[-1]["status"] == 206
+        assert gets[-1]["sent"] == size - held
+        summary = {b["digest"]: b for b in json.loads(res.stdout)["blobs"]}
+        assert summary[images.big]["status"] == "resumed"
+        assert summary[images.big]["transferred"] == size - held
+    finally:
+        proxy.stop()
+    assert key not in _active(root)
+    assert contentfs("--root", root, "verify", images.big).returncode == 0
+
+
+def test_registry_stopped_mid_fetch_is_unavailable_and_resumable(
+        tmp_path: Any, images: Images) -> None:
+    # a registry of its own (it is stopped), holding a copy of the single image
+    reg = Registry(str(tmp_path / "reg"))
+    try:
+        skopeo_copy(f"oci:{images.layout}:amd", f"docker://{reg.host}/test/single:v1")
+        proxy = CountingProxy(reg.host, rate=16 << 20)
+        root = str(tmp_path / "store")
+        key = f"layer-{images.big}"
+        try:
+            proc = subprocess.Popen(
+                [CONTENTFS, "--root", root, "fetch", "--plain-http",
+                 f"{proxy.host}/test/single:v1"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            try:
+                _wait_for_offset(root, key, 4 << 20, proc)
+                reg.stop()
+                _, err = proc.communicate(timeout=120)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            assert proc.returncode == 7, err
+            assert b"unavailable" in err and proxy.host.encode() in err, err
+            held = _active(root).get(key, 0)
+            assert held > 0  # the ingest is kept, to resume
+            reg.start()
+            proxy.rate = None
+            res = contentfs("--root", root, "fetch", "--plain-http", "--json",
+                            f"{proxy.host}/test/single:v1")
+            assert res.returncode == 0, res.stderr
+            assert proxy.blob_requests(images.big)[-1]["range"] == f"bytes={held}-"
+        finally:
+            proxy.stop()
+    finally:
+        reg.stop()
+
+
+def test_corrupt_registry_blob_is_dataloss(tmp_path: Any, images: Images) -> None:
+    reg = Registry(str(tmp_path / "reg"))
+    try:
+        skopeo_copy(f"oci:{images.layout}:amd", f"docker://{reg.host}/test/single:v1")
+        victim = images.amd_layers[0]
+        with open(reg.blob_path(victim), "r+b") as f:
+            first = f.read(1)
+            f.seek(0)
+            f.write(bytes([first[0] ^ 0xFF]))
+        root = str(tmp_path / "store")
+        res = contentfs("--root", root, "fetch", "--plain-http",
+                        f"{reg.host}/test/single:v1")
+        assert res.returncode == 8, res.stderr
+        assert victim.encode() in res.stderr and b"nothing committed" in res.stderr
+        stored = labels_by_digest(root)
+        assert victim not in stored
+        assert images.amd not in stored  # the image's manifest is not committed either
+        assert f"layer-{victim}" not in _active(root)  # bad bytes are not kept to resume
+    finally:
+        reg.stop()
+
+
+def test_unreachable_registry_is_unavailable(tmp_path: Any) -> None:
+    from .registry_util import free_port
+
+    res = contentfs("--root", str(tmp_path / "s"), "fetch", "--plain-http",
+                    f"127.0.0.1:{free_port()}/nothing/here:v1", timeout=60)
+    assert res.returncode == 7, res.stderr
+    assert b"cannot connect" in res.stderr
+
+
+def test_unknown_tag_is_not_found(images: Images, tmp_path: Any) -> None:
+    res = contentfs("--root", str(tmp_path / "s"), "fetch", "--plain-http",
+                    images.ref("test/multi:nope"))
+    assert res.returncode == 4, res.stderr
+    assert images.registry.host.encode() in res.stderr
+
+
+def test_basic_auth_with_user_and_docker_config(images: Images, tmp_path: Any) -> None:
+    reg = Registry(str(tmp_path / "reg"), users={"alice": "s3cret"})
+    try:
+        skopeo_copy(f"oci:{images.layout}:amd", f"docker://{reg.host}/priv/img:v1",
+                    "--dest-creds", "alice:s3cret")
+        ref = f"{reg.host}/priv/img:v1"
+        home = tmp_path / "home"
+        home.mkdir()
+        env = {"HOME": str(home)}
+        anon = contentfs("--root", str(tmp_path / "a"), "fetch", "--plain-http", ref, env=env)
+        assert anon.returncode == 6, anon.stderr
+        assert b"unauthorized" in anon.stderr and reg.host.encode() in anon.stderr
+        wrong = contentfs("--root", str(tmp_path / "a"), "fetch", "--plain-http",
+                          "--user", "alice:nope", ref, env=env)
+        assert wrong.returncode == 6, wrong.stderr
+        ok = contentfs("--root", str(tmp_path / "b"), "fetch", "--plain-http",
+                       "--user", "alice:s3cret", ref, env=env)
+        assert ok.returncode == 0, ok.stderr
+        assert ok.stdout.decode().strip() == images.amd
+        prompted = contentfs("fetch-object", "--plain-http", "--user", "alice", ref,
+                             env=env, input=b"s3cret\n")
+        assert prompted.returncode == 0, prompted.stderr
+        (home / ".docker").mkdir()
+        auth = base64.b64encode(b"alice:s3cret").decode()
+        (home / ".docker" / "config.json").write_text(
+            json.dumps({"auths": {reg.host: {"auth": auth}}}))
+        cfg = contentfs("--root", str(tmp_path / "c"), "fetch", "--plain-http", ref, env=env)
+        assert cfg.returncode == 0, cfg.stderr
+        assert set(labels_by_digest(str(tmp_path / "c"))) == \
+            set(labels_by_digest(str(tmp_path / "b")))
+    finally:
+        reg.stop()
+
+
+def test_tls_is_verified_by_default(images: Images, tmp_path: Any) -> None:
+    """Without --plain-http the client speaks TLS to the plain-HTTP registry and fails:
+    Unavailable, never a silent fallback to HTTP."""
+    res = contentfs("--root", str(tmp_path / "s"), "fetch", images.ref("test/single:v1"),
+                    timeout=60)
+    assert res.returncode == 7, res.stderr
