@@ -952,6 +952,62 @@ def gc_cmd(ctx: click.Context, dry_run: bool, as_json: bool, cmd_root: str | Non
                err=True)
 
 
+@cli.command("push")
+@click.argument("ref")
+@click.argument("digest")
+@click.option("--platform", "platforms", metavar="OS/ARCH[/VARIANT]", multiple=True,
+              help="Push only these platforms' manifests of an index (repeatable).")
+@click.option("--concurrency", type=click.IntRange(1, 64), default=3, show_default=True,
+              help="Blobs uploaded at once.")
+@registry_options
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+@root_option
+@click.pass_context
+def push_cmd(
+    ctx: click.Context, ref: str, digest: str, platforms: tuple[str, ...], concurrency: int,
+    plain_http: bool, skip_verify: bool, user: str | None, as_json: bool,
+    cmd_root: str | None,
+) -> None:
+    """Push the blob DIGEST and everything it references (an index's manifests, their
+    configs and layers) to REF, skipping what the registry has; a manifest or index is
+    tagged REF's tag. Prints DIGEST."""
+    from store.registry import push_image
+
+    store = open_store(ctx, cmd_root, reading=True)
+    dgst = parse_digest(digest)
+    parsed, client = _registry_client(ref, plain_http, skip_verify, user, concurrency + 2)
+    with client, _transfer_progress(as_json) as progress:
+        result = push_image(store, client, parsed, dgst, platforms=platforms,
+                            concurrency=concurrency, progress=progress)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        click.echo(result.digest)
+
+
+@cli.command("push-object")
+@click.argument("ref")
+@click.argument("digest")
+@click.argument("media_type", metavar="MEDIATYPE")
+@registry_options
+@root_option
+@click.pass_context
+def push_object_cmd(ctx: click.Context, ref: str, digest: str, media_type: str,
+                    plain_http: bool, skip_verify: bool, user: str | None,
+                    cmd_root: str | None) -> None:
+    """Push one blob of the store to REF's repository, as `ctr content push-object`: a
+    manifest or index MEDIATYPE is stored as a manifest under REF's tag, anything else
+    as a blob."""
+    from store.registry import push_object
+
+    store = open_store(ctx, cmd_root, reading=True)
+    dgst = parse_digest(digest)
+    parsed, client = _registry_client(ref, plain_http, skip_verify, user)
+    with client:
+        push_object(store, client, parsed, dgst, media_type)
+    click.echo(dgst)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point. Accepts mount(8)'s form ``contentfs ROOT MOUNTPOINT -o OPTS`` too."""
     args = list(sys.argv[1:] if argv is None else argv)

@@ -712,7 +712,7 @@ class ContentOps(pyfuse3.Operations):
     def _verify_step(self, handle: ReadHandle, off: int, data: bytes) -> None:
         """Feed a sequential read to the hasher; EIO for the read completing a mismatch."""
         hasher, reader = handle.hasher, handle.reader
-        assert hasher is not None and reader is not None
+        assert hasher is not None and reader is not None and reader.digest is not None
         if off != handle.hashed:
             if off > handle.hashed:
                 handle.hasher = None  # not read sequentially: cannot tell

@@ -26,6 +26,7 @@ import os
 import stat
 
 from store import ALGORITHMS
+from store.digest import is_hex_name
 
 __all__ = [
     "BLKSIZE",
@@ -124,8 +125,7 @@ def decode_name(name: str) -> str | None:
 
 def is_blob_name(algorithm: str, name: str) -> bool:
     """True if ``name`` is a well-formed hex digest for ``algorithm``."""
-    want = ALGORITHMS.get(algorithm)
-    return want is not None and len(name) == want and not name.strip("0123456789abcdef")
+    return is_hex_name(algorithm, name)
 
 
 def blob_ino(digest: str) -> int:

@@ -157,7 +157,7 @@ async def _relabelled(ops: ContentOps) -> None:
     try:
         rows = await trio.to_thread.run_sync(ops.updated_rows)
         held = ops.relabelled(rows)
-    except StoreError as exc:  # e.g. a locked database: try at the next change
+    except (StoreError, OSError) as exc:  # e.g. a locked database: try at the next change
         log.warning("looking for relabelled blobs: %s", exc)
         return
 

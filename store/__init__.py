@@ -15,7 +15,8 @@ from .errors import (
     Unavailable,
 )
 from .filters import Filter, parse_filters
-from .local import MAX_LABEL_SIZE, LocalStore, validate_labels
+from .labels import MAX_LABEL_SIZE, validate_labels
+from .local import LocalStore
 from .reader import FileReaderAt
 from .types import Info, Lease, Status
 from .writer import LocalWriter

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import re
 from typing import NewType
 
 from .errors import InvalidArgument
@@ -12,6 +14,8 @@ __all__ = [
     "CANONICAL",
     "Digest",
     "digest_of",
+    "hex_pattern",
+    "is_hex_name",
     "new_hasher",
     "parse_digest",
     "split_digest",
@@ -55,3 +59,16 @@ def new_hasher(algorithm: str = CANONICAL) -> hashlib._Hash:
 def digest_of(data: bytes, algorithm: str = CANONICAL) -> Digest:
     """The digest of ``data`` (a convenience for tests and small blobs)."""
     return Digest(f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}")
+
+
+@functools.cache
+def hex_pattern(algorithm: str) -> re.Pattern[str]:
+    """A pattern whose ``fullmatch`` accepts the hex part of an ``algorithm`` digest
+    (matches nothing for an unknown algorithm): for filtering many names at once."""
+    width = ALGORITHMS.get(algorithm)
+    return re.compile(f"[0-9a-f]{{{width}}}" if width else "(?!)")
+
+
+def is_hex_name(algorithm: str, name: str) -> bool:
+    """True if ``name`` is a well-formed hex part of an ``algorithm`` digest."""
+    return hex_pattern(algorithm).fullmatch(name) is not None

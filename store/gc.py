@@ -25,7 +25,6 @@ finishes it) or nothing done.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -33,16 +32,16 @@ import shutil
 import sqlite3
 import stat
 import time
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator
+from typing import Protocol
 
-from .errors import Unavailable
+from .digest import Digest, parse_digest
+from .errors import InvalidArgument, Unavailable
+from .fsutil import ensure_dir
+from .layout import Layout
 from .locks import hold_lock, try_lock
-from .metadata import RAW
-from .types import parse_time
-
-if TYPE_CHECKING:
-    from .local import LocalStore
+from .metadata import RAW, MetadataDB
+from .types import GcResult, Status, parse_time
 
 __all__ = [
     "EXPIRE_LABEL",
@@ -50,6 +49,7 @@ __all__ = [
     "REF_PREFIX",
     "ROOT_LABEL",
     "GcResult",
+    "GcStore",
     "collect",
     "lease_expired",
 ]
@@ -64,19 +64,15 @@ REF_PREFIX = "containerd.io/gc.ref.content."
 INGEST_EXPIRY_NS = 24 * 3600 * 10**9
 
 
-@dataclasses.dataclass
-class GcResult:
-    """What one run removed (or, dry, would remove)."""
+class GcStore(Protocol):
+    """What gc needs of a store: its layout, its metadata and its ingests."""
 
-    removed: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # digest, bytes
-    ingests: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # ns, ref
-    leases: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # ns, id
-    records: int = 0  # namespace records of blobs deleted
-    held_s: float = 0.0  # how long writers were held off (the marking transaction)
+    layout: Layout
+    meta: MetadataDB
 
-    @property
-    def bytes_freed(self) -> int:
-        return sum(size for _, size in self.removed)
+    def backend_statuses(self) -> Iterator[Status]: ...
+
+    def backend_status(self, bref: str) -> Status | None: ...
 
 
 def lease_expired(labels: dict[str, str], now_ns: int) -> bool:
@@ -97,17 +93,16 @@ def _split_bref(bref: str) -> tuple[str, str]:
     return (ns, ref) if sep else ("default", bref)
 
 
-def collect(store: LocalStore, *, dry_run: bool = False, now_ns: int | None = None) -> GcResult:
+def collect(store: GcStore, *, dry_run: bool = False, now_ns: int | None = None) -> GcResult:
     """One garbage collection over the whole root (every namespace); see the module
     docstring. ``dry_run`` changes nothing and reports what would go."""
     now = time.time_ns() if now_ns is None else now_ns
-    raw = store.namespace(None)
     meta = store.meta
     result = GcResult()
     if not dry_run:
         _unlink(store, meta.doomed(), result)
     # ingests are files: read them before taking the database
-    ingests = [(st.ref, st) for st in raw._all_statuses_raw()]
+    ingests = [(st.ref, st) for st in store.backend_statuses()]
     expectations = meta.all_ingest_expectations()
     dead_ingests: list[tuple[str, int]] = []
     doomed: list[str] = []
@@ -212,27 +207,25 @@ def _mark(seeds: set[str], edges: dict[str, list[str]]) -> set[str]:
     return marked
 
 
-def _size(store: LocalStore, dgst: str) -> int | None:
-    from .digest import Digest
-
+def _size(store: GcStore, dgst: str) -> int | None:
     try:
-        st = os.lstat(store.layout.blob_path(Digest(dgst)))
-    except (OSError, ValueError):
+        st = os.lstat(store.layout.blob_path(parse_digest(dgst)))
+    except (OSError, InvalidArgument):
         return None
     return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
-def _unlink(store: LocalStore, doomed: list[str], result: GcResult) -> None:
+def _unlink(store: GcStore, doomed: list[str], result: GcResult) -> None:
     """Step 3: unlink journalled files nothing claims any more; idempotent."""
-    from .digest import Digest
-
     meta = store.meta
-    store._ensure_private()
+    ensure_dir(store.layout.private, 0o700)
+    ensure_dir(store.layout.locks, 0o700)
     for dgst in doomed:
         try:
-            path = store.layout.blob_path(Digest(dgst))
-            lock = store._commit_lock(Digest(dgst))
-        except ValueError:
+            digest: Digest = parse_digest(dgst)
+            path = store.layout.blob_path(digest)
+            lock = store.layout.commit_lock_path(digest)
+        except InvalidArgument:
             meta.undoom(dgst)
             continue
         with hold_lock(lock):
@@ -249,7 +242,7 @@ def _unlink(store: LocalStore, doomed: list[str], result: GcResult) -> None:
 
 
 def _abort_ingests(
-    store: LocalStore, dead: list[tuple[str, int]], now: int, result: GcResult
+    store: GcStore, dead: list[tuple[str, int]], now: int, result: GcResult
 ) -> None:
     """Step 4: remove expired ingests, unless a writer holds one or it was written to
     since it was judged."""
@@ -260,7 +253,7 @@ def _abort_ingests(
         except Unavailable:
             continue
         try:
-            st = store.namespace(None)._read_status(layout.ingest_dir(bref), bref)
+            st = store.backend_status(bref)
             if st is None:
                 continue
             if int(st.updated_at.timestamp() * 1e9) + INGEST_EXPIRY_NS > now:

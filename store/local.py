@@ -16,11 +16,21 @@ import logging
 import os
 import shutil
 import stat
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
-from .digest import ALGORITHMS, CANONICAL, Digest, parse_digest, split_digest
+from .api import Changes
+from .changes import InotifyChanges
+from .digest import (
+    ALGORITHMS,
+    CANONICAL,
+    Digest,
+    hex_pattern,
+    is_hex_name,
+    parse_digest,
+    split_digest,
+)
 from .errors import (
     AlreadyExists,
     DataLoss,
@@ -31,63 +41,33 @@ from .errors import (
 )
 from .filters import Filter, parse_filters
 from .fsutil import ensure_dir, read_small, write_atomic
-from .gc import GcResult, collect
+from .gc import collect
+from .hashcache import HashCache
 from .identifiers import DEFAULT_NAMESPACE, validate_identifier
+from .labels import validate_labels
 from .layout import Layout
 from .locks import DEFAULT_WAIT, hold_lock, take_lock, try_lock
 from .metadata import RAW, MetadataDB, NsMetadata
+from .ondisk import (
+    blob_dir_ok,
+    blob_exists,
+    is_dir,
+    parse_time_file,
+    read_time,
+    read_total,
+    write_total,
+)
 from .reader import FileReaderAt
-from .types import Info, Lease, Status, format_time, from_ns, parse_time
-from .writer import LocalWriter, _ResumeState
+from .text import is_text, printable_ref
+from .types import GcResult, Info, Lease, Status, format_time, from_ns
+from .writer import IngestState, LocalWriter
 
-__all__ = ["MAX_LABEL_SIZE", "LocalStore", "is_text", "printable_ref", "validate_labels"]
+__all__ = ["MAX_REF_SIZE", "LocalStore"]
 
 log = logging.getLogger(__name__)
 
-MAX_LABEL_SIZE = 4096
 _WALK_BATCH = 256  # blobs per metadata query in walk
 _CHUNK = 1 << 20
-
-
-def is_text(text: str) -> bool:
-    """True if ``text`` is valid Unicode (no lone surrogates), so it encodes as UTF-8.
-
-    Names from FUSE and argv arrive as bytes decoded with ``surrogateescape``: bytes that
-    are not UTF-8 become lone surrogates, which protobuf and SQLite cannot carry.
-    """
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def printable_ref(ref: str) -> str:
-    """``ref`` with bytes that are not UTF-8 shown as ``\\xNN`` (for messages and
-    listings; only a legacy ingest has such a ref, see ``LocalStore.writer``)."""
-    if is_text(ref):
-        return ref
-    return ref.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def validate_labels(labels: Mapping[str, str]) -> None:
-    """Raise InvalidArgument for an empty key, a key or value that is not valid UTF-8,
-    or key plus value over 4096 UTF-8 bytes."""
-    for key, value in labels.items():
-        if not key:
-            raise InvalidArgument("label key must not be empty")
-        if not (is_text(key) and is_text(value)):
-            raise InvalidArgument(
-                f"label {printable_ref(key)[:64]}: key and value must be valid UTF-8"
-            )
-        size = len(key.encode("utf-8", "surrogateescape")) + len(
-            value.encode("utf-8", "surrogateescape")
-        )
-        if size > MAX_LABEL_SIZE:
-            raise InvalidArgument(
-                f"label key and value length ({size} bytes) greater than maximum size"
-                f" ({MAX_LABEL_SIZE} bytes), key: {key[:64]}"
-            )
 
 
 #: Longest ref in UTF-8 bytes (the ingest's ``ref`` file is read back whole).
@@ -120,14 +100,6 @@ def _check_new_ref(ref: str) -> None:
         raise InvalidArgument(f"ref {printable_ref(ref)}: not valid UTF-8")
 
 
-def _is_dir(path: str) -> bool:
-    """True for a real directory (a symlink planted in its place does not count)."""
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except OSError:
-        return False
-
-
 class LocalStore:
     """A content store rooted at a directory in containerd's local layout.
 
@@ -158,10 +130,9 @@ class LocalStore:
         if not readonly:  # as containerd 1.6: ingest/ exists once the store is open
             os.makedirs(self.layout.ingest, mode=0o755, exist_ok=True)
             self._sweep_ingest_root()
-        self._cache_lock = threading.Lock()
-        # backend ref -> (st_ino, st_size, st_mtime_ns, hasher): lets a writer closed in
-        # this process resume without rehashing its data.
-        self._hash_cache: dict[str, tuple[int, int, int, hashlib._Hash]] = {}
+        # lets a writer closed in this process resume without rehashing its data
+        # (keyed by backend ref, shared by all views)
+        self._hashes = HashCache()
         self._bind(namespace, None)
 
     def _bind(self, namespace: str | None, lease: str | None) -> None:
@@ -178,17 +149,12 @@ class LocalStore:
         InvalidArgument for a malformed namespace."""
         if ns is not None:
             validate_identifier("namespace", ns)
-        if lease is not None:
-            if ns is None:
-                raise InvalidArgument("a lease needs a namespace")
+        if lease is not None and ns is None:
+            raise InvalidArgument("a lease needs a namespace")
         view = object.__new__(LocalStore)
         view.__dict__.update(self.__dict__)
         view._bind(ns, lease)
         return view
-
-    @property
-    def is_raw(self) -> bool:
-        return self.ns is None
 
     def close(self) -> None:
         self.meta.close()
@@ -207,7 +173,7 @@ class LocalStore:
         in a way that follows or blocks). DataLoss if the file's size differs from the
         size recorded at commit."""
         dgst = parse_digest(digest)
-        if not self._blob_dir_ok(dgst):
+        if not blob_dir_ok(self.layout, dgst):
             raise NotFound(f"content {dgst}")
         try:
             fd = os.open(
@@ -238,7 +204,7 @@ class LocalStore:
         cut off on disk). A blob without a row, or an unreadable database, passes."""
         try:
             row = self.db.get_blob(dgst)
-        except StoreError as exc:
+        except (StoreError, OSError) as exc:
             log.debug("content %s: size not checked: %s", dgst, exc)
             return
         if row is not None and row[0] != size:
@@ -264,19 +230,12 @@ class LocalStore:
             return True
         return self.ns == DEFAULT_NAMESPACE and not self.meta.claimed([dgst])
 
-    def holds(self, digest: str) -> bool:
-        """True if this view has ``digest`` (a blob file it sees)."""
-        dgst = parse_digest(digest)
-        return self._exists(dgst) and self._visible(dgst, self.db.get_blob(dgst))
-
-    def _blob_dir_ok(self, dgst: Digest) -> bool:
-        """``blobs/`` and ``blobs/<alg>/`` are real directories, not planted symlinks."""
-        return _is_dir(self.layout.blobs) and _is_dir(
-            self.layout.blob_dir(split_digest(dgst)[0])
-        )
+    def visible(self, digest: Digest) -> bool:
+        """True if this view has the blob file of ``digest`` (whether or not it exists)."""
+        return self._visible(digest, self.db.get_blob(digest))
 
     def _stat_blob(self, dgst: Digest) -> os.stat_result:
-        if not self._blob_dir_ok(dgst):
+        if not blob_dir_ok(self.layout, dgst):
             raise NotFound(f"content {dgst}")
         try:
             st = os.lstat(self.layout.blob_path(dgst))
@@ -375,17 +334,16 @@ class LocalStore:
 
     def algorithms(self) -> builtins.list[str]:
         """Algorithm directories present under ``blobs/``."""
-        if not _is_dir(self.layout.blobs):
+        if not is_dir(self.layout.blobs):
             return []
         try:
             names = os.listdir(self.layout.blobs)
         except (FileNotFoundError, NotADirectoryError):
             return []
-        return [n for n in names if n in ALGORITHMS and _is_dir(self.layout.blob_dir(n))]
+        return [n for n in names if n in ALGORITHMS and is_dir(self.layout.blob_dir(n))]
 
     def _scan_blobs(self, alg: str) -> Iterator[tuple[str, os.stat_result]]:
-        want = ALGORITHMS[alg]
-        if not (_is_dir(self.layout.blobs) and _is_dir(self.layout.blob_dir(alg))):
+        if not (is_dir(self.layout.blobs) and is_dir(self.layout.blob_dir(alg))):
             return
         blob_dir = self.layout.blob_dir(alg)
         try:
@@ -394,7 +352,7 @@ class LocalStore:
         except (FileNotFoundError, NotADirectoryError):
             return
         for name in names:
-            if len(name) != want or name.strip("0123456789abcdef"):
+            if not is_hex_name(alg, name):
                 log.debug("skipping %s/%s: not a digest", blob_dir, name)
                 continue
             try:
@@ -407,16 +365,16 @@ class LocalStore:
     def stray_names(self) -> Iterator[Digest]:
         """Digests whose blob path holds something other than a regular file (a symlink,
         directory, FIFO...): never served nor listed, but reported by a full verify."""
-        for alg, want in ALGORITHMS.items():
+        for alg in ALGORITHMS:
             blob_dir = self.layout.blob_dir(alg)
-            if not (_is_dir(self.layout.blobs) and _is_dir(blob_dir)):
+            if not (is_dir(self.layout.blobs) and is_dir(blob_dir)):
                 continue
             try:
                 names = sorted(os.listdir(blob_dir))
             except OSError:
                 continue
             for name in names:
-                if len(name) != want or name.strip("0123456789abcdef"):
+                if not is_hex_name(alg, name):
                     continue
                 try:
                     if not stat.S_ISREG(os.lstat(os.path.join(blob_dir, name)).st_mode):
@@ -424,11 +382,39 @@ class LocalStore:
                 except OSError:
                     continue
 
-    def blob_names(self, algorithm: str) -> Iterator[tuple[str, os.stat_result]]:
-        """Stream (hex, stat) of the blobs of one algorithm, in name order."""
-        if algorithm not in ALGORITHMS:
-            return iter(())
-        return self._scan_blobs(algorithm)
+    # BlobNames ---------------------------------------------------------------------
+
+    def blob_names(self, algorithm: str) -> builtins.list[str]:
+        """The well-formed hex names in ``blobs/<algorithm>/``, unsorted, one listdir
+        (no stat: a name may still be something other than a regular file)."""
+        if algorithm not in ALGORITHMS or not is_dir(self.layout.blobs):
+            return []
+        try:
+            names = os.listdir(self.layout.blob_dir(algorithm))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        return builtins.list(filter(hex_pattern(algorithm).fullmatch, names))
+
+    def blob_names_stamp(self, algorithm: str) -> object:
+        """``(st_ino, st_mtime_ns, st_ctime_ns)`` of ``blobs/<algorithm>/`` (zeros when
+        it is missing): every blob added or removed there changes it."""
+        try:
+            st = os.stat(self.layout.blob_dir(algorithm))
+        except (FileNotFoundError, NotADirectoryError):
+            return (0, 0, 0)
+        return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+
+    # BlobFiles -----------------------------------------------------------------------
+
+    def blob_path(self, digest: str) -> str:
+        """The path of a blob's file (it may be absent, or not a regular file)."""
+        return self.layout.blob_path(Digest(digest))
+
+    def blob_times(self, digests: Sequence[str]) -> dict[Digest, tuple[int, int, int]]:
+        """``(size, created_ns, updated_ns)`` recorded for those of ``digests`` that have
+        metadata, in one query (see :func:`store.api.blob_times_of`)."""
+        rows = self.db.get_blob_times(builtins.list(digests))
+        return {Digest(d): row for d, row in rows.items()}
 
     def delete(self, digest: str) -> None:
         """Delete a committed blob from this view (DESIGN §6): its record goes at once,
@@ -436,12 +422,12 @@ class LocalStore:
         others). NotFound if this view does not have it. Open readers keep reading."""
         dgst = parse_digest(digest)
         path = self.layout.blob_path(dgst)
-        if not self._blob_dir_ok(dgst):
+        if not blob_dir_ok(self.layout, dgst):
             raise NotFound(f"content {dgst}")
         self._ensure_private()
-        with hold_lock(self._commit_lock(dgst)):  # not while a commit claims it
+        with hold_lock(self.layout.commit_lock_path(dgst)):  # not while a commit claims it
             try:
-                if not stat.S_ISREG(os.lstat(path).st_mode):
+                if stat.S_ISDIR(os.lstat(path).st_mode):
                     raise NotFound(f"content {dgst}")
             except (FileNotFoundError, NotADirectoryError):
                 raise NotFound(f"content {dgst}") from None
@@ -449,7 +435,7 @@ class LocalStore:
                 raise NotFound(f"content {dgst}")
             holders = self.meta.delete_blob(self._key, dgst, lease=self.lease)
             if any(h != RAW for h in holders):
-                return
+                return  # another namespace holds it: the file stays for it
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -459,16 +445,11 @@ class LocalStore:
         ensure_dir(self.layout.private, 0o700)
         ensure_dir(self.layout.locks, 0o700)
 
-    def _commit_lock(self, dgst: Digest) -> str:
-        """The lock that serialises the commits, deletes and gc unlinks of one digest
-        (any thread or process). NUL cannot occur in a ref."""
-        return self.layout.lock_path(f"\0commit {dgst}")
-
     def namespaces(self) -> builtins.list[str]:
         """Namespaces that hold blobs, leases or ingests, and always ``default``."""
         names = self.meta.namespaces()
         names.add(DEFAULT_NAMESPACE)
-        for st in self._all_statuses_raw():
+        for st in self.backend_statuses():
             if "\0" in st.ref:
                 names.add(st.ref.split("\0", 1)[0])
         return sorted(names)
@@ -514,14 +495,19 @@ class LocalStore:
     def status(self, ref: str) -> Status:
         """Status of an active ingest; NotFound if there is none for ``ref``."""
         _check_ref(ref)
-        st = self._read_status(self.layout.ingest_dir(self._bref(ref)), self._bref(ref))
+        bref = self._bref(ref)
+        st = self._read_status(self.layout.ingest_dir(bref), bref)
         if st is None:
             raise NotFound(f"ingest {ref}")
         return dataclasses.replace(st, ref=ref)
 
+    def backend_status(self, bref: str) -> Status | None:
+        """The ingest of backend ref ``bref`` (any namespace), or None."""
+        return self._read_status(self.layout.ingest_dir(bref), bref)
+
     def _read_status(self, path: str, ref: str | None) -> Status | None:
         """Status from an ingest directory, or None if it is missing or not an ingest."""
-        if not (_is_dir(self.layout.ingest) and _is_dir(path)):
+        if not (is_dir(self.layout.ingest) and is_dir(path)):
             return None
         try:
             data_st = os.lstat(os.path.join(path, "data"))
@@ -535,9 +521,9 @@ class LocalStore:
             return None
         if ref is not None and stored_ref != ref:
             return None
-        started = _read_time(os.path.join(path, "startedat"))
-        updated = max(_read_time(os.path.join(path, "updatedat")), data_st.st_mtime_ns)
-        total = _read_total(os.path.join(path, "total"))
+        started = read_time(os.path.join(path, "startedat"))
+        updated = max(read_time(os.path.join(path, "updatedat")), data_st.st_mtime_ns)
+        total = read_total(os.path.join(path, "total"))
         expected, _ = self.db.get_ingest(stored_ref)
         return Status(
             stored_ref,
@@ -552,14 +538,15 @@ class LocalStore:
         """Statuses of active ingests matching any filter (field ``ref``), sorted by ref."""
         flt = parse_filters(*filters)
         out = []
-        for st in self._all_statuses_raw():
+        for st in self.backend_statuses():
             ref = self._client_ref(st.ref)
             if ref is not None and flt.match(_ref_adaptor(ref)):
                 out.append(dataclasses.replace(st, ref=ref))
         return sorted(out, key=lambda s: s.ref)
 
-    def _all_statuses_raw(self) -> Iterator[Status]:
-        """Every ingest of the root, with its backend ref."""
+    def backend_statuses(self) -> Iterator[Status]:
+        """Every ingest of the root, each with its backend ref (``<ns>\\0<ref>`` outside
+        ``default``): what gc looks at."""
         try:
             names = os.listdir(self.layout.ingest)
         except (FileNotFoundError, NotADirectoryError):
@@ -581,7 +568,7 @@ class LocalStore:
         _check_ref(ref)
         bref = self._bref(ref)
         path = self.layout.ingest_dir(bref)
-        if not (_is_dir(self.layout.ingest) and _is_dir(path)):
+        if not (is_dir(self.layout.ingest) and is_dir(path)):
             raise NotFound(f"ingest {ref}")
         try:
             stored = read_small(os.path.join(path, "ref")).decode("utf-8", "surrogateescape")
@@ -602,8 +589,7 @@ class LocalStore:
         except OSError:
             had_data = False
         shutil.rmtree(aside, ignore_errors=True)
-        with self._cache_lock:
-            self._hash_cache.pop(bref, None)
+        self._hashes.drop(bref)
         if not had_data:  # committed (or never complete) before we moved it
             raise NotFound(f"ingest {ref}")
         self.db.delete_ingest(bref)
@@ -660,22 +646,21 @@ class LocalStore:
         different total) is restarted empty. The caller must ``close()`` or ``commit()``.
         """
         _check_ref(ref)
-        if not is_text(ref) and not _is_dir(self.layout.ingest_dir(self._bref(ref))):
+        bref = self._bref(ref)
+        if not is_text(ref) and not is_dir(self.layout.ingest_dir(bref)):
             _check_new_ref(ref)  # only an existing (legacy) ingest may have such a ref
         exp = parse_digest(expected) if expected else None
         if total < 0:
             raise InvalidArgument(f"ingest {ref}: negative total {total}")
-        if self.lease is not None and self.ns is not None and (
-            self.meta.get_lease(self.ns, self.lease) is None
-        ):
-            raise NotFound(f"lease {self.lease}: lease does not exist")
-        if exp is not None and self._exists(exp) and self._visible(exp, self.db.get_blob(exp)):
-            if self.lease is not None and self.ns is not None:
-                self.meta.add_lease_resource(self.ns, self.lease, "content", exp)
+        lease = self.lease if self.ns is not None else None
+        if lease is not None and self.meta.get_lease(self._key, lease) is None:
+            raise NotFound(f"lease {lease}: lease does not exist")
+        if exp is not None and blob_exists(self.layout, exp) and self.visible(exp):
+            if lease is not None:
+                self.meta.add_lease_resource(self._key, lease, "content", exp)
             raise AlreadyExists(f"content {exp}")
         self._ensure_private()
         ensure_dir(self.layout.ingest, 0o755)
-        bref = self._bref(ref)
         lock = take_lock(self.layout.lock_path(bref), ref, wait)
         try:
             algorithm = split_digest(exp)[0] if exp else CANONICAL
@@ -685,41 +670,34 @@ class LocalStore:
                 if not create:
                     raise NotFound(f"ingest {ref}")
                 state = self._fresh(path, bref, total, algorithm)
-            if self.lease is not None and self.ns is not None:
-                self.meta.add_lease_resource(self.ns, self.lease, "ingests", ref)
-            writer = LocalWriter(self, ref, lock, path, state, exp, bref=bref)
+            if lease is not None:
+                self.meta.add_lease_resource(self._key, lease, "ingests", ref)
+            writer = LocalWriter(self.layout, self.db, self._hashes, ref, lock, state, exp,
+                                 bref=bref, visible=self.visible, lease=lease)
             if exp is not None and state.offset == 0 and self.ns is not None:
-                self._try_share(writer, exp, total)
+                self._try_share(writer, bref, exp, total)
             return writer
         except BaseException:
             lock.release()
             raise
 
-    def _try_share(self, writer: LocalWriter, exp: Digest, total: int) -> None:
+    def _try_share(self, writer: LocalWriter, bref: str, exp: Digest, total: int) -> None:
         """The ``shared`` policy (reference §5.3): ``exp`` is in the store but not in
         this namespace, so the writer starts complete, and a commit without new bytes
-        only records the blob here. The expected digest is recorded first, under the
-        digest's commit lock, so a gc running now either sees it as a root or has
-        already removed the file (then the writer is an ordinary empty one)."""
-        with hold_lock(self._commit_lock(exp)):
-            hint, labels = self.meta.get_ingest(writer._bref)
+        only records the blob here. The expected digest is recorded (a gc root) under
+        the digest's commit lock, so a gc either sees it or has already removed the
+        file (then the writer stays an ordinary empty one)."""
+        with hold_lock(self.layout.commit_lock_path(exp)):
+            hint, labels = self.meta.get_ingest(bref)
             try:
-                size = os.lstat(self.layout.blob_path(exp)).st_size
+                st = os.lstat(self.layout.blob_path(exp))
             except OSError:
                 return
-            if self._exists(exp) and (total <= 0 or total == size):
-                self.meta.put_ingest(writer._bref, exp, labels)
-                writer._share(exp, size, hint)
+            if stat.S_ISREG(st.st_mode) and (total <= 0 or total == st.st_size):
+                self.meta.put_ingest(bref, exp, labels)
+                writer.share(exp, st.st_size, hint)
 
-    def _exists(self, dgst: Digest) -> bool:
-        if not self._blob_dir_ok(dgst):
-            return False
-        try:
-            return stat.S_ISREG(os.lstat(self.layout.blob_path(dgst)).st_mode)
-        except OSError:
-            return False
-
-    def _resume(self, path: str, ref: str, total: int, algorithm: str) -> _ResumeState | None:
+    def _resume(self, path: str, ref: str, total: int, algorithm: str) -> IngestState | None:
         try:
             if os.path.islink(path):
                 os.unlink(path)
@@ -729,9 +707,9 @@ class LocalStore:
             stored_ref = read_small(os.path.join(path, "ref")).decode("utf-8", "surrogateescape")
             if stored_ref != ref:
                 raise ValueError(f"ref file holds {stored_ref!r}")
-            started = _parse_time_file(os.path.join(path, "startedat"))
-            updated = _parse_time_file(os.path.join(path, "updatedat"))
-            stored_total = _read_total(os.path.join(path, "total"))
+            started = parse_time_file(os.path.join(path, "startedat"))
+            updated = parse_time_file(os.path.join(path, "updatedat"))
+            stored_total = read_total(os.path.join(path, "total"))
             if total and stored_total and total != stored_total:
                 raise ValueError(f"provided total {total} differs from status {stored_total}")
             fd = os.open(
@@ -742,7 +720,7 @@ class LocalStore:
             return None
         try:
             st = os.fstat(fd)
-            hasher = self._cached_hasher(ref, st, algorithm)
+            hasher = self._hashes.take(ref, st, algorithm)
             if hasher is None:
                 hasher = hashlib.new(algorithm)
                 offset = 0
@@ -751,7 +729,7 @@ class LocalStore:
                     offset += len(chunk)
             if stored_total == 0 and total > 0:
                 write_atomic(os.path.join(path, "total"), str(total).encode(), sync=False)
-            return _ResumeState(
+            return IngestState(
                 fd, hasher, st.st_size, total or stored_total, started,
                 max(updated, st.st_mtime_ns),
             )
@@ -759,10 +737,10 @@ class LocalStore:
             os.close(fd)
             raise
 
-    def _fresh(self, path: str, ref: str, total: int, algorithm: str) -> _ResumeState:
+    def _fresh(self, path: str, ref: str, total: int, algorithm: str) -> IngestState:
         """Create the ingest complete under a hidden name, then rename it into place,
         so no process ever sees an ingest directory without its ``ref`` file."""
-        if not _is_dir(path):
+        if not is_dir(path):
             _check_new_ref(ref)  # (a legacy ingest that cannot resume restarts in place)
         key = self.layout.ref_key(ref)
         tmp = self._aside_name(key, ".new")
@@ -792,32 +770,108 @@ class LocalStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        with self._cache_lock:
-            self._hash_cache.pop(ref, None)
+        self._hashes.drop(ref)
         self.db.delete_ingest(ref)  # hints of an earlier ingest of this ref do not carry over
-        return _ResumeState(fd, hashlib.new(algorithm), 0, total, now, now)
+        return IngestState(fd, hashlib.new(algorithm), 0, total, now, now)
 
-    def _cached_hasher(
-        self, ref: str, st: os.stat_result, algorithm: str
-    ) -> hashlib._Hash | None:
-        with self._cache_lock:
-            cached = self._hash_cache.pop(ref, None)
-        if cached is None:
-            return None
-        ino, size, mtime, hasher = cached
-        if (ino, size, mtime) != (st.st_ino, st.st_size, st.st_mtime_ns):
-            return None
-        if hasher.name != algorithm:
-            return None
-        return hasher
+    # Extensions beyond containerd ----------------------------------------------------
 
-    def _remember_hasher(self, ref: str, st: os.stat_result, hasher: hashlib._Hash) -> None:
-        with self._cache_lock:
-            if len(self._hash_cache) > 1024:
-                self._hash_cache.clear()
-            self._hash_cache[ref] = (st.st_ino, st.st_size, st.st_mtime_ns, hasher.copy())
+    def ingest_hints(self, ref: str) -> tuple[Digest | None, dict[str, str]]:
+        """The expected digest and labels recorded for an ingest, applied at commit."""
+        expected, labels = self.db.get_ingest(self._bref(ref))
+        return (Digest(expected) if expected else None), labels
 
-    # Leases (containerd's leases.Manager) and gc -------------------------------------
+    def set_ingest_hints(
+        self,
+        ref: str,
+        *,
+        expected: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        total: int | None = None,
+        clear_expected: bool = False,
+    ) -> None:
+        """Record hints for an active ingest (NotFound if none): an expected digest,
+        labels for the blob (replacing earlier ones) and/or the expected total size."""
+        _check_ref(ref)
+        bref = self._bref(ref)
+        path = self.layout.ingest_dir(bref)
+        if self._read_status(path, bref) is None:
+            raise NotFound(f"ingest {ref}")
+        if expected is not None or labels is not None:
+            _check_new_ref(ref)  # hints live in the metadata database: UTF-8 only
+        old_expected, old_labels = self.db.get_ingest(bref)
+        if expected is not None:
+            old_expected = parse_digest(expected)
+        if clear_expected:
+            old_expected = None
+        if labels is not None:
+            validate_labels(labels)
+            old_labels = dict(labels)
+        if expected is not None or labels is not None or clear_expected:
+            self.db.put_ingest(bref, old_expected, old_labels)
+        if total is not None:
+            if total < 0:
+                raise InvalidArgument(f"ingest {ref}: negative total {total}")
+            write_total(os.path.join(path, "total"), total)
+
+    def rename_ingest(self, old: str, new: str) -> None:
+        """Give ingest ``old`` the ref ``new``, replacing an ingest already named ``new``.
+
+        Unavailable if either ref is held by a writer; NotFound if ``old`` is not active.
+        """
+        _check_ref(old)
+        _check_ref(new)
+        _check_new_ref(new)
+        if old == new:
+            self.status(old)
+            return
+        self._ensure_private()
+        bold, bnew = self._bref(old), self._bref(new)
+        lock_old = try_lock(self.layout.lock_path(bold), old)
+        try:
+            lock_new = try_lock(self.layout.lock_path(bnew), new)
+            try:
+                src = self.layout.ingest_dir(bold)
+                if self._read_status(src, bold) is None:
+                    raise NotFound(f"ingest {old}")
+                dst = self.layout.ingest_dir(bnew)
+                if os.path.lexists(dst):
+                    shutil.rmtree(dst, ignore_errors=True)
+                    self.db.delete_ingest(bnew)
+                write_atomic(os.path.join(src, "ref"), bnew.encode("utf-8", "surrogateescape"))
+                os.rename(src, dst)
+                self.db.rename_ingest(bold, bnew)
+                if self.ns is not None:
+                    self.meta.move_lease_ingest(self.ns, old, new)
+                self._hashes.rename(bold, bnew)
+            finally:
+                lock_new.release()
+        finally:
+            lock_old.release()
+
+    def ingest_data_path(self, ref: str) -> str:
+        """Path of an ingest's data file (for read-only access by adapters)."""
+        return os.path.join(self.layout.ingest_dir(self._bref(ref)), "data")
+
+    def ingest_reader_at(self, ref: str) -> FileReaderAt:
+        """A reader of the bytes written so far to ingest ``ref`` (it sees later
+        appends). NotFound if there is no such ingest."""
+        _check_ref(ref)
+        try:
+            fd = os.open(self.ingest_data_path(ref), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound(f"ingest {ref}") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise NotFound(f"ingest {ref} (not a regular file)") from None
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise NotFound(f"ingest {ref} (not a regular file)")
+        return FileReaderAt(fd, st.st_size)
+
+    # LeaseManager (containerd's leases.Manager) and gc ------------------------------
 
     def _lease_ns(self) -> str:
         if self.ns is None:
@@ -828,10 +882,10 @@ class LocalStore:
         self, lease_id: str | None = None, labels: Mapping[str, str] | None = None
     ) -> Lease:
         """Create a lease in this namespace (an id as containerd's clients make one when
-        none is given). AlreadyExists if the id is taken; InvalidArgument for a bad id."""
+        none is given). AlreadyExists if the id is taken. Any non-empty id is accepted:
+        containerd 1.6 does not validate lease ids (verified: ``ctr leases create --id
+        'bad id!'`` succeeds)."""
         ns = self._lease_ns()
-        # any non-empty id: containerd 1.6 does not validate lease ids (verified with
-        # ctr leases create --id 'bad id!')
         lease_id = lease_id or _new_lease_id()
         labels = dict(labels or {})
         validate_labels(labels)
@@ -883,92 +937,17 @@ class LocalStore:
         """Collect garbage over the whole root, every namespace (:mod:`store.gc`)."""
         return collect(self, dry_run=dry_run)
 
-    # Extensions beyond containerd ----------------------------------------------------
+    # ChangeFeed ----------------------------------------------------------------------
 
-    def ingest_hints(self, ref: str) -> tuple[Digest | None, dict[str, str]]:
-        """The expected digest and labels recorded for an ingest, applied at commit."""
-        expected, labels = self.db.get_ingest(self._bref(ref))
-        return (Digest(expected) if expected else None), labels
+    def updated_since(self, since_ns: int) -> builtins.list[tuple[Digest, int, int]]:
+        """``(digest, created_ns, updated_ns)`` of blobs whose UpdatedAt is after
+        ``since_ns``: a scan of the metadata (call it from a worker thread)."""
+        return [(Digest(d), c, u) for d, c, u in self.db.blobs_updated_since(since_ns)]
 
-    def set_ingest_hints(
-        self,
-        ref: str,
-        *,
-        expected: str | None = None,
-        labels: Mapping[str, str] | None = None,
-        total: int | None = None,
-        clear_expected: bool = False,
-    ) -> None:
-        """Record hints for an active ingest (NotFound if none): an expected digest,
-        labels for the blob (replacing earlier ones) and/or the expected total size."""
-        _check_ref(ref)
-        bref = self._bref(ref)
-        path = self.layout.ingest_dir(bref)
-        if self._read_status(path, bref) is None:
-            raise NotFound(f"ingest {ref}")
-        if expected is not None or labels is not None:
-            _check_new_ref(ref)  # hints live in the metadata database: UTF-8 only
-        old_expected, old_labels = self.db.get_ingest(bref)
-        if expected is not None:
-            old_expected = parse_digest(expected)
-        if clear_expected:
-            old_expected = None
-        if labels is not None:
-            validate_labels(labels)
-            old_labels = dict(labels)
-        if expected is not None or labels is not None or clear_expected:
-            self.db.put_ingest(bref, old_expected, old_labels)
-        if total is not None:
-            if total < 0:
-                raise InvalidArgument(f"ingest {ref}: negative total {total}")
-            total_path = os.path.join(path, "total")
-            if total > 0:
-                write_atomic(total_path, str(total).encode(), sync=False)
-            elif os.path.lexists(total_path):
-                os.unlink(total_path)
-
-    def rename_ingest(self, old: str, new: str) -> None:
-        """Give ingest ``old`` the ref ``new``, replacing an ingest already named ``new``.
-
-        Unavailable if either ref is held by a writer; NotFound if ``old`` is not active.
-        """
-        _check_ref(old)
-        _check_ref(new)
-        _check_new_ref(new)
-        if old == new:
-            self.status(old)
-            return
-        self._ensure_private()
-        bold, bnew = self._bref(old), self._bref(new)
-        lock_old = try_lock(self.layout.lock_path(bold), old)
-        try:
-            lock_new = try_lock(self.layout.lock_path(bnew), new)
-            try:
-                src = self.layout.ingest_dir(bold)
-                if self._read_status(src, bold) is None:
-                    raise NotFound(f"ingest {old}")
-                dst = self.layout.ingest_dir(bnew)
-                if os.path.lexists(dst):
-                    shutil.rmtree(dst, ignore_errors=True)
-                    self.db.delete_ingest(bnew)
-                write_atomic(os.path.join(src, "ref"), bnew.encode("utf-8", "surrogateescape"))
-                os.rename(src, dst)
-                self.db.rename_ingest(bold, bnew)
-                if self.ns is not None:
-                    self.meta.move_lease_ingest(self.ns, old, new)
-                with self._cache_lock:
-                    cached = self._hash_cache.pop(bold, None)
-                    self._hash_cache.pop(bnew, None)
-                    if cached is not None:
-                        self._hash_cache[bnew] = cached
-            finally:
-                lock_new.release()
-        finally:
-            lock_old.release()
-
-    def ingest_data_path(self, ref: str) -> str:
-        """Path of an ingest's data file (for read-only access by adapters)."""
-        return os.path.join(self.layout.ingest_dir(self._bref(ref)), "data")
+    def open_changes(self) -> Changes:
+        """Watch this root with inotify: blobs added or removed in ``blobs/<alg>/`` and
+        changes to the metadata database (labels). OSError if inotify is unavailable."""
+        return InotifyChanges(self.layout)
 
 
 def _new_lease_id() -> str:
@@ -1024,19 +1003,15 @@ def _ref_adaptor(ref: str) -> Callable[[Sequence[str]], tuple[str, bool]]:
     return adapt
 
 
-def _parse_time_file(path: str) -> int:
-    return parse_time(read_small(path, 128).decode())
+if TYPE_CHECKING:  # mypy checks that LocalStore has the interface and its capabilities
 
+    def _conforms(s: LocalStore, w: LocalWriter) -> None:
+        from . import api
 
-def _read_time(path: str) -> int:
-    try:
-        return _parse_time_file(path)
-    except (OSError, ValueError, UnicodeDecodeError):
-        return 0
-
-
-def _read_total(path: str) -> int:
-    try:
-        return max(0, int(read_small(path, 64).decode().strip() or 0))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return 0
+        store: api.Store = s
+        caps: tuple[api.InfoIterator, api.IngestReader, api.IngestHints, api.IngestRenamer,
+                    api.ChangeFeed, api.BlobNames, api.BlobFiles, api.Namespaced,
+                    api.LeaseManager] = (s, s, s, s, s, s, s, s, s)
+        writer: tuple[api.Writer, api.SyncWriter, api.TotalWriter, api.IdleCloser] = (
+            w, w, w, w)
+        del store, caps, writer

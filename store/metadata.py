@@ -8,6 +8,7 @@ A missing database is created empty; a corrupt one is moved aside and recreated.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from .errors import DataLoss, InvalidArgument, StoreError, Unavailable
+from .errors import DataLoss, InvalidArgument, Unavailable
 from .fsutil import ensure_dir
 
 __all__ = ["RAW", "BlobRow", "IngestRow", "LeaseRow", "MetadataDB", "NsMetadata"]
@@ -144,21 +145,61 @@ def _split_script(conn: sqlite3.Connection) -> list[str]:
              .replace("CREATE INDEX ", "CREATE INDEX IF NOT EXISTS ", 1) for s in out]
 
 
-def _db_error(path: str, exc: sqlite3.DatabaseError) -> StoreError:
-    """A locked, full or failing database is Unavailable; a corrupt one is DataLoss."""
+def _kind(exc: sqlite3.DatabaseError) -> str:
+    """What a database error means: "busy" (a lock held elsewhere), "corrupt", "io" (the
+    file cannot be written or read: read-only, immutable, failing disk) or "other"."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
     text = str(exc)
-    if "malformed" in text or "not a database" in text or "corrupt" in text:
-        return DataLoss(f"metadata database {path}: {text} (it is rebuilt at the next open)")
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in text:
+        return "busy"
+    if (name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+            or "malformed" in text or "not a database" in text or "corrupt" in text):
+        return "corrupt"
+    if name.startswith(("SQLITE_READONLY", "SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_PERM")):
+        return "io"
+    return "other"
+
+
+def _db_error(path: str, exc: sqlite3.DatabaseError) -> Exception:
+    """A locked (or full) database is Unavailable; a corrupt one is DataLoss; one that
+    cannot be written or read (read-only or immutable file, failing disk) is an OSError
+    (EROFS or EIO) with its own message: that is no busy lock, waiting will not help."""
+    text = str(exc)
+    kind = _kind(exc)
+    if kind == "corrupt":
+        return DataLoss(f"metadata database {path}: {text} (it is rebuilt at the next use)")
+    if kind == "io":
+        readonly = getattr(exc, "sqlite_errorname", "").startswith("SQLITE_READONLY")
+        code = errno.EROFS if readonly else errno.EIO
+        return OSError(code, f"metadata database cannot be written or read ({text}):"
+                       " check the file and its directory (permissions, read-only mount,"
+                       " immutable attribute: lsattr)", path)
     return Unavailable(f"metadata database {path}: {text}")
 
 
 class MetadataDB:
-    """A thread-safe handle on the metadata database (one connection behind a lock)."""
+    """A thread-safe handle on the metadata database (one connection behind a lock).
+
+    The file at ``path`` is checked on every use (one ``stat``): when another process
+    replaced, removed or moved it aside (a rebuild), the connection is reopened on the
+    file now at the path, so nothing is written where no one reads. After a corruption
+    error the next use reopens too (rebuilding the database).
+    """
 
     def __init__(self, path: str, *, readonly: bool = False) -> None:
         self.path = path
+        self._readonly = readonly
         self._lock = threading.Lock()
         self._conn = self._open(readonly)
+        self._ident = self._identity()
+        self._broken = False
+
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
 
     def _open(self, readonly: bool) -> sqlite3.Connection:
         if readonly:
@@ -194,24 +235,51 @@ class MetadataDB:
                 return conn
             except sqlite3.DatabaseError as exc:
                 conn.close()
-                if "locked" in str(exc) or attempt == 2:
-                    raise Unavailable(f"metadata database {self.path}: {exc}") from None
+                if _kind(exc) != "corrupt" or attempt == 2:
+                    raise _db_error(self.path, exc) from None
                 aside = f"{self.path}.corrupt-{time.time_ns()}"
                 log.error("metadata database %s is unreadable (%s); moved to %s, recreating",
                           self.path, exc, aside)
-                for suffix in ("", "-wal", "-shm"):
+                # the main file last: a process that sees it still in place never pairs
+                # a new database with the old one's log
+                for suffix in ("-wal", "-shm", ""):
                     if os.path.exists(self.path + suffix):
                         os.replace(self.path + suffix, aside + suffix)
         raise AssertionError("unreachable")
+
+    def _current(self) -> sqlite3.Connection:
+        """The connection, reopened first if the file at the path is no longer the one
+        it holds (or it failed as corrupt). Called with the lock held."""
+        ident = self._identity()
+        if ident == self._ident and not self._broken:
+            return self._conn
+        if self._readonly and ident is None and self._ident is None:
+            return self._conn  # still no database: the empty in-memory one stands
+        log.warning("metadata database %s was %s: reopening", self.path,
+                    "found corrupt" if self._broken else
+                    "removed" if ident is None else "replaced by another file")
+        old = self._conn
+        self._conn = self._open(self._readonly)  # on failure: retried at the next use
+        self._ident = self._identity()
+        self._broken = False
+        try:
+            old.close()
+        except sqlite3.Error as exc:  # e.g. a checkpoint into a file that is gone
+            log.debug("closing the old metadata connection: %s", exc)
+        return self._conn
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             try:
-                with self._conn:
-                    yield self._conn
+                conn = self._current()
+                with conn:
+                    yield conn
             except sqlite3.DatabaseError as exc:
-                raise _db_error(self.path, exc) from None
+                err = _db_error(self.path, exc)
+                if isinstance(err, DataLoss):
+                    self._broken = True
+                raise err from None
 
     def close(self) -> None:
         with self._lock:
@@ -497,7 +565,7 @@ class MetadataDB:
         """A write transaction taken at once (BEGIN IMMEDIATE): other writers wait until
         it ends. For gc's mark and sweep of records."""
         with self._lock:
-            conn = self._conn
+            conn = self._current()
             level = conn.isolation_level
             conn.isolation_level = None
             try:

@@ -11,14 +11,15 @@ __all__ = ["FileReaderAt"]
 
 
 class FileReaderAt:
-    """A reader for one blob (containerd's ReaderAt).
+    """A reader of one file: a blob (containerd's ReaderAt), or an ingest's data
+    (``digest`` None).
 
     ``size`` is captured at open. ``read_at(n, offset)`` returns at most ``n`` bytes
     (fewer only at the end; ``b""`` at or past the end). The caller closes it; it stays
     readable after the blob is deleted, until closed.
     """
 
-    def __init__(self, fd: int, size: int, digest: Digest) -> None:
+    def __init__(self, fd: int, size: int, digest: Digest | None = None) -> None:
         self._fd = fd
         self.size = size
         self.digest = digest

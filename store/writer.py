@@ -9,26 +9,30 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING
 
 from .digest import Digest, parse_digest, split_digest
 from .errors import AlreadyExists, FailedPrecondition, NotFound, NotImplemented  # noqa: A004
 from .fsutil import ensure_dir, fsync_dir, write_atomic
+from .hashcache import HashCache
+from .labels import validate_labels
+from .layout import Layout
 from .locks import RefLock, hold_lock
+from .metadata import NsMetadata
+from .ondisk import blob_exists, write_total
 from .types import Status, format_time, from_ns
 
-if TYPE_CHECKING:
-    from .local import LocalStore
-
-__all__ = ["LocalWriter"]
+__all__ = ["IngestState", "LocalWriter"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class _ResumeState:
+class IngestState:
+    """Where an opened ingest stands: its data file (open read-write), the digest state
+    of its bytes, their count, the expected total and its times (ns)."""
+
     fd: int
     hasher: hashlib._Hash
     offset: int
@@ -47,21 +51,33 @@ class LocalWriter:
 
     def __init__(
         self,
-        store: LocalStore,
+        layout: Layout,
+        db: NsMetadata,
+        hashes: HashCache,
         ref: str,
         lock: RefLock,
-        path: str,
-        state: _ResumeState,
+        state: IngestState,
         expected: Digest | None,
         *,
         bref: str | None = None,
+        visible: Callable[[Digest], bool] | None = None,
+        lease: str | None = None,
     ) -> None:
-        self._store = store
+        """``db`` is the metadata of the namespace committed into; ``bref`` the backend
+        ref (``ref`` qualified by that namespace); ``visible`` tells whether an existing
+        blob file is already in that namespace (else a commit only records it there);
+        ``lease`` holds the commit's blob (and held the ingest)."""
+        self._layout = layout
+        self._db = db
+        self._hashes = hashes
         self.ref = ref
-        self._bref = ref if bref is None else bref  # the backend ref (namespace-qualified)
+        self._bref = ref if bref is None else bref
+        self._visible = visible or (lambda _d: True)
+        self._lease = lease
         #: (digest, size) while the writer is shared (reference §5.3): complete, no bytes
         self._shared: tuple[Digest, int] | None = None
         self._hint_before_share: str | None = None
+        path = layout.ingest_dir(self._bref)
         self._lock = lock
         self._path = path
         self._fd = state.fd
@@ -81,26 +97,28 @@ class LocalWriter:
     def offset(self) -> int:
         return self._shared[1] if self._shared else self._offset
 
-    def _share(self, dgst: Digest, size: int, hint: str | None) -> None:
-        """Start shared; ``hint`` is the expected digest recorded before (restored when
-        the writer stops being shared: the shared digest was recorded as a gc root)."""
+    def share(self, dgst: Digest, size: int, hint: str | None) -> None:
+        """Start shared (the ``shared`` policy, reference §5.3): complete at ``size``
+        bytes of blob ``dgst``, which a commit without new bytes records in this
+        namespace. ``hint`` is the expected digest recorded before (the shared digest
+        replaced it as a gc root; it comes back when the writer stops being shared)."""
         self._shared = (dgst, size)
         self._hint_before_share = hint
 
     def _drop_share(self) -> None:
         self._shared = None
-        _, labels = self._store.meta.get_ingest(self._bref)
-        self._store.meta.put_ingest(self._bref, self._hint_before_share, labels)
+        _, labels = self._db.get_ingest(self._bref)
+        self._db.put_ingest(self._bref, self._hint_before_share, labels)
 
     def _unshare(self) -> None:
-        """Before the first change to a shared writer: copy the blob in (as containerd)."""
+        """Before the first byte written to a shared writer: copy the blob in (as
+        containerd does), so the new bytes follow it."""
         if self._shared is None:
             return
         dgst, _ = self._shared
         self._drop_share()
-        path = self._store.layout.blob_path(dgst)
         try:
-            src = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            src = os.open(self._layout.blob_path(dgst), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             raise NotFound(f"content {dgst} (removed while shared with {self.ref})") from None
         try:
@@ -139,7 +157,7 @@ class LocalWriter:
         with self._mutex:
             self._check_open()
             self._total = max(0, total)
-            self._store.set_ingest_hints(self.ref, total=self._total)
+            write_total(os.path.join(self._path, "total"), self._total)
 
     # changes ------------------------------------------------------------------------
 
@@ -213,14 +231,12 @@ class LocalWriter:
         AlreadyExists and removes the ingest. Data and the blob directory are fsynced
         before this returns. The writer is closed afterwards in every case.
         """
-        from .local import validate_labels
-
         with self._mutex:
             if self._closed:
                 raise FailedPrecondition("cannot commit on closed writer")
-            store = self._store
             try:
-                hint_expected, hint_labels = store.ingest_hints(self.ref)
+                hint, hint_labels = self._db.get_ingest(self._bref)
+                hint_expected = Digest(hint) if hint else None
                 all_labels = {**hint_labels, **(labels or {})}
                 validate_labels(all_labels)
                 want = parse_digest(expected) if expected else hint_expected
@@ -272,8 +288,8 @@ class LocalWriter:
     def _publish(
         self, dgst: Digest, size: int, labels: Mapping[str, str], *, shared: bool = False
     ) -> Digest:
-        store = self._store
-        layout = store.layout
+        layout = self._layout
+        meta, ns, lease = self._db.meta, self._db.ns, self._lease
         alg, _ = split_digest(dgst)
         blob_dir = layout.blob_dir(alg)
         ensure_dir(layout.blobs, 0o755)  # real directories: never a planted symlink
@@ -283,20 +299,19 @@ class LocalWriter:
         # two racing commits of the same bytes succeeds and the other's row never
         # overwrites the winner's labels and times; deletes and gc's unlinks take the
         # same lock, so a blob a commit claims is never unlinked under it.
-        store._ensure_private()
-        lease = store.lease if store.ns is not None else None
-        with hold_lock(store._commit_lock(dgst)):
+        ensure_dir(layout.private, 0o700)
+        ensure_dir(layout.locks, 0o700)
+        with hold_lock(layout.commit_lock_path(dgst)):
             now = time.time_ns()
-            if store._exists(dgst):
-                row = store.db.get_blob(dgst)
-                if store._visible(dgst, row):
+            if blob_exists(layout, dgst):
+                if self._visible(dgst):
                     if lease is not None:
-                        store.meta.add_lease_resource(store._key, lease, "content", dgst)
+                        meta.add_lease_resource(ns, lease, "content", dgst)
                     self._remove_ingest()
                     raise AlreadyExists(f"content {dgst}")
-                # in the store, not in this namespace: record it here, bytes stay put
-                store.meta.put_blob(store._key, dgst, os.lstat(target).st_size, now, labels,
-                                    lease=lease, ingest_ref=self.ref)
+                # in the store, not in this namespace: record it here; the bytes stay
+                meta.put_blob(ns, dgst, os.lstat(layout.blob_path(dgst)).st_size, now, labels,
+                              lease=lease, ingest_ref=self.ref)
                 self._remove_ingest()
                 return dgst
             if shared:
@@ -305,8 +320,7 @@ class LocalWriter:
             # The row goes in before the rename, so a crash never leaves a blob without
             # its labels (a row without a blob file is ignored); a busy database fails
             # the commit (Unavailable) with the ingest kept.
-            store.meta.put_blob(store._key, dgst, size, now, labels,
-                                lease=lease, ingest_ref=self.ref)
+            meta.put_blob(ns, dgst, size, now, labels, lease=lease, ingest_ref=self.ref)
             mode = os.fstat(self._fd).st_mode & 0o777 & ~0o333
             os.fchmod(self._fd, mode or 0o400)
             os.utime(self._fd, ns=(now, now))
@@ -315,7 +329,7 @@ class LocalWriter:
                 os.rename(data, target)
             except FileNotFoundError:
                 try:
-                    store.db.delete_blob(dgst)  # the row just written has no blob
+                    self._db.delete_blob(dgst)  # the row just written has no blob
                 except Exception as exc:  # noqa: BLE001
                     log.warning("content %s: stale row not removed: %s", dgst, exc)
                 raise NotFound(f"ingest {self.ref} (aborted while open)") from None
@@ -326,7 +340,7 @@ class LocalWriter:
     def _remove_ingest(self) -> None:
         shutil.rmtree(self._path, ignore_errors=True)
         try:
-            self._store.db.delete_ingest(self._bref)
+            self._db.delete_ingest(self._bref)
         except Exception as exc:  # noqa: BLE001
             log.error("ingest %s: hints not removed: %s", self.ref, exc)
 
@@ -348,7 +362,7 @@ class LocalWriter:
                     os.fsync(self._fd)
                 st = os.fstat(self._fd)
                 if st.st_nlink:
-                    self._store._remember_hasher(self._bref, st, self._hasher)
+                    self._hashes.remember(self._bref, st, self._hasher)
                     try:
                         write_atomic(
                             os.path.join(self._path, "updatedat"),

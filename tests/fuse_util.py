@@ -410,6 +410,9 @@ class FuseStore:
     def __init__(self, mountpoint: str) -> None:
         self.mountpoint = mountpoint
 
+    def close(self) -> None:
+        """Nothing to release: the mount belongs to the fixture that made it."""
+
     def blob_path(self, digest: str) -> str:
         alg, _, hexpart = digest.partition(":")
         return os.path.join(self.mountpoint, "blobs", alg, hexpart)

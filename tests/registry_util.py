@@ -305,10 +305,20 @@ class CountingProxy:
                     conn.close()
                     return
                 started = time.monotonic()
+                expected = resp.getheader("Content-Length")
                 try:
                     while True:
-                        chunk = resp.read(64 << 10)
+                        try:
+                            chunk = resp.read1(64 << 10)
+                        except Exception:  # noqa: BLE001 - upstream died mid-body
+                            chunk = b""
                         if not chunk:
+                            if expected is not None and record["sent"] < int(expected):
+                                # cut short upstream: cut the client off too, as a
+                                # registry that stops does
+                                self.close_connection = True
+                                self.connection.shutdown(socket.SHUT_RDWR)
+                                return
                             break
                         if chunked:
                             self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))

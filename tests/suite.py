@@ -2,10 +2,10 @@
 (``content/testsuite/testsuite.go``, reference §10) plus the local-store tests worth porting
 (``content/local/store_test.go``), written anew in Python.
 
-Every case is a function taking a :class:`Target`: a store-like object (``info``,
-``update``, ``walk``, ``delete``, ``reader_at``, ``writer``, ``status``, ``list_statuses``,
-``abort``, with LocalStore's signatures) for a fresh, empty store, plus what the suite may
-ask of it. Cases are registered in :data:`CASES` with the capabilities they need.
+Every case is a function taking a :class:`Target`: a :class:`store.api.Store` (the
+interface every implementation has; ``Target`` checks it) for a fresh, empty store, plus
+what the suite may ask of it. Cases are registered in :data:`CASES` with the capabilities
+they need.
 
 Capabilities (:data:`ALL_CAPS`):
 
@@ -49,7 +49,7 @@ import os
 import random
 import stat
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from store import (
     AlreadyExists,
@@ -62,17 +62,15 @@ from store import (
     Unavailable,
     digest_of,
 )
-from store.types import EPOCH, Status
+from store.api import Store, Writer
+from store.types import EPOCH
 
 __all__ = [
     "ALL_CAPS",
     "CASES",
     "EMPTY_DIGEST",
     "Case",
-    "ReaderAtLike",
-    "StoreLike",
     "Target",
-    "WriterLike",
     "copy_into",
     "write_blob",
 ]
@@ -82,58 +80,18 @@ ALL_CAPS = frozenset({"labels", "truncate", "filters", "layout"})
 EMPTY_DIGEST = digest_of(b"")
 
 
-class ReaderAtLike(Protocol):
-    size: int
-
-    def read_at(self, n: int, offset: int) -> bytes: ...
-
-    def close(self) -> None: ...
-
-
-class WriterLike(Protocol):
-    def write(self, data: bytes) -> int: ...
-
-    def digest(self) -> str: ...
-
-    def status(self) -> Status: ...
-
-    def truncate(self, size: int) -> None: ...
-
-    def commit(
-        self, size: int = 0, expected: str | None = None, labels: Mapping[str, str] | None = None
-    ) -> Any: ...
-
-    def close(self) -> None: ...
-
-
-class StoreLike(Protocol):
-    def info(self, digest: str) -> Info: ...
-
-    def update(self, info: Info, *fieldpaths: str) -> Info: ...
-
-    def walk(self, fn: Callable[[Info], object], *filters: str) -> None: ...
-
-    def delete(self, digest: str) -> None: ...
-
-    def reader_at(self, digest: str) -> Any: ...
-
-    def writer(self, ref: str, *, total: int = 0, expected: str | None = None) -> Any: ...
-
-    def status(self, ref: str) -> Status: ...
-
-    def list_statuses(self, *filters: str) -> list[Status]: ...
-
-    def abort(self, ref: str) -> None: ...
-
-
 @dataclasses.dataclass
 class Target:
     """What a case runs against: a fresh empty store and what it can do."""
 
-    store: StoreLike
+    store: Store
     caps: frozenset[str] = ALL_CAPS
     root: str | None = None
     slack: dt.timedelta = dt.timedelta(milliseconds=1)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.store, Store):  # every case runs through the interface
+            raise TypeError(f"{type(self.store).__name__} lacks the store.api.Store methods")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +181,7 @@ def check_info(
 
 def check_status(
     t: Target,
-    w: WriterLike,
+    w: Writer,
     ref: str,
     offset: int,
     total: int,
@@ -246,7 +204,7 @@ def check_locked(t: Target, ref: str) -> None:
     expect_error(Unavailable, t.store.writer, ref)
 
 
-def write_blob(store: StoreLike, ref: str, data: bytes, *, size: int = 0,
+def write_blob(store: Store, ref: str, data: bytes, *, size: int = 0,
                expected: str | None = None, labels: Mapping[str, str] | None = None) -> None:
     """containerd's content.WriteBlob: content that already exists is success."""
     try:
@@ -276,7 +234,7 @@ class _ReaderAt:
         return self._data[offset : offset + n]
 
 
-def copy_into(w: WriterLike, source: Any, size: int, expected: str | None,
+def copy_into(w: Writer, source: Any, size: int, expected: str | None,
               labels: Mapping[str, str] | None = None) -> None:
     """containerd's content.Copy: continue at the writer's offset, positioning ``source``
     by ``read_at``, ``seek`` or reading and discarding (in that order of preference), then
@@ -310,7 +268,7 @@ def copy_into(w: WriterLike, source: Any, size: int, expected: str | None,
         pass
 
 
-def walk_all(store: StoreLike, *filters: str) -> list[Info]:
+def walk_all(store: Store, *filters: str) -> list[Info]:
     out: list[Info] = []
     store.walk(out.append, *filters)
     return out
@@ -420,7 +378,7 @@ _RESUME_SIZES = (500, 5000, 50000)
 _RESUME_FRACTIONS = (0.0, 0.1, 0.5, 0.9, 1.0)
 
 
-def _resume_matrix(t: Target, finish: Callable[[WriterLike, bytes, int, int, str], None]) -> None:
+def _resume_matrix(t: Target, finish: Callable[[Writer, bytes, int, int, str], None]) -> None:
     """containerd's checkResume: write a prefix, close, reopen with size and digest, check
     the offset, let ``finish`` complete and commit, then check Info."""
     s = t.store
@@ -444,7 +402,7 @@ def _resume_matrix(t: Target, finish: Callable[[WriterLike, bytes, int, int, str
 
 @case("ResumeTruncate", "truncate")
 def resume_truncate(t: Target) -> None:
-    def finish(w: WriterLike, data: bytes, limit: int, size: int, dgst: str) -> None:
+    def finish(w: Writer, data: bytes, limit: int, size: int, dgst: str) -> None:
         w.truncate(0)
         assert w.status().offset == 0
         assert w.digest() == EMPTY_DIGEST
@@ -456,7 +414,7 @@ def resume_truncate(t: Target) -> None:
 
 @case("ResumeDiscard")
 def resume_discard(t: Target) -> None:
-    def finish(w: WriterLike, data: bytes, limit: int, size: int, dgst: str) -> None:
+    def finish(w: Writer, data: bytes, limit: int, size: int, dgst: str) -> None:
         assert w.write(data[limit:]) == size - limit
         w.commit(size, dgst)
 

@@ -4,6 +4,7 @@ tampering on disk (issue 15): each test failed before its fix."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import subprocess
@@ -218,3 +219,105 @@ def test_blob_file_of_another_size_is_data_loss_on_every_face(
         mnt.allowed_log.append(r"data loss")
     finally:
         assert srv.stop() == 0, srv.stderr
+
+
+# 2. the metadata database replaced under live processes ----------------------------------
+
+def _remove_db(root: str) -> None:
+    db = os.path.join(root, ".contentfs", "meta.db")
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(db + suffix):
+            os.unlink(db + suffix)
+
+
+def _truncate_db(db: str) -> None:
+    """Cut the database to 100 bytes, its pages checkpointed out of the log first (else
+    the log alone still holds a whole database)."""
+    import sqlite3
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    conn.close()
+    os.truncate(db, 100)
+
+
+def test_store_reopens_a_database_removed_or_moved_under_it(store: LocalStore) -> None:
+    with store.writer("a") as w:
+        w.write(b"a")
+        da = w.commit()
+    _remove_db(store.root)
+    store.update(store.info(da).__class__(da, 1, store.info(da).created_at,
+                                          store.info(da).updated_at, {"k": "v"}))
+    with LocalStore(store.root) as other:  # a CLI: it sees what the daemon acknowledged
+        assert other.info(da).labels == {"k": "v"}
+    # truncated: the next process moves it aside and rebuilds; the daemon follows
+    db = os.path.join(store.root, ".contentfs", "meta.db")
+    _truncate_db(db)
+    with LocalStore(store.root) as other:
+        assert other.info(da).labels == {}
+    assert any(n.startswith("meta.db.corrupt-") for n in os.listdir(os.path.dirname(db)))
+    with store.writer("b") as w:
+        w.write(b"b")
+        db_ = w.commit(labels={"x": "y"})
+    with LocalStore(store.root) as other:
+        assert other.info(db_).labels == {"x": "y"}
+
+
+def test_daemons_follow_a_replaced_database(mounter: MountFactory, tmp_path: Any) -> None:
+    """Delete meta.db under a mount and a server: labels set through both afterwards are
+    seen by the CLI and survive a restart. Truncate it: after the CLI rebuilds it, ingests
+    through the mount and ctr go on working."""
+    from tests.grpc_util import ctr
+    mnt, srv = _faces(tmp_path, mounter)
+    try:
+        data = b"labelled after the database went\n"
+        dgst = digest_of(data)
+        hexd = dgst.split(":")[1]
+        assert cli(mnt.root, "ingest", "r", data=data).returncode == 0
+        _remove_db(mnt.root)
+        run("setfattr", "-n", "user.by-mount", "-v", "1", mnt.blob(hexd))
+        p = ctr(srv.address, "content", "label", dgst, "by-ctr=2")
+        assert p.returncode == 0, p.stderr
+        p = cli(mnt.root, "info", dgst, "--json")
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["labels"] == {"by-mount": "1", "by-ctr": "2"}, p.stdout
+
+        db = os.path.join(mnt.root, ".contentfs", "meta.db")
+        _truncate_db(db)
+        p = cli(mnt.root, "ls", "-q")  # moves it aside, rebuilds
+        assert p.returncode == 0 and b"moved to" in p.stderr, p
+        with open(mnt.ingest("after"), "wb") as f:
+            f.write(b"through the mount\n")
+        run("setfattr", "-n", "user.k", "-v", "m", mnt.ingest("after"))
+        run("setfattr", "-n", "user.contentfs.commit", mnt.ingest("after"))
+        p = ctr(srv.address, "content", "ingest", "after-ctr", input=b"through ctr\n")
+        assert p.returncode == 0, p.stderr
+        p = ctr(srv.address, "content", "label", digest_of(b"through ctr\n"), "k=c")
+        assert p.returncode == 0, p.stderr
+    finally:
+        assert srv.stop() == 0, srv.stderr
+    mnt.allowed_log.append(r"meta\.db")
+    mnt.unmount()
+    labels = {i["digest"]: i["labels"] for i in json.loads(cli(mnt.root, "ls", "--json").stdout)}
+    assert labels[dgst] == {}, labels  # the rebuild lost them, as it says
+    assert labels[digest_of(b"through the mount\n")] == {"k": "m"}
+    assert labels[digest_of(b"through ctr\n")] == {"k": "c"}
+
+
+def test_immutable_database_is_an_io_error_not_busy(store_root: str) -> None:
+    """``chattr +i`` on meta.db: a change fails at once with its own message (EROFS/EIO,
+    exit 1), not as a busy lock (exit 7, after a 10 s wait)."""
+    with LocalStore(store_root) as s, s.writer("r") as w:
+        w.write(b"x")
+        dgst = w.commit()
+    db = os.path.join(store_root, ".contentfs", "meta.db")
+    p = run("chattr", "+i", db, check=False)
+    assert p.returncode == 0, f"chattr +i needs an ext4-like filesystem: {p.stderr!r}"
+    try:
+        p = cli(store_root, "label", dgst, "a=b", timeout=60)
+        err = p.stderr.decode()
+        assert p.returncode == 1, p
+        assert "cannot be written" in err and "unavailable" not in err, err
+        assert "Traceback" not in err
+    finally:
+        run("chattr", "-i", db)
+    assert cli(store_root, "label", dgst, "a=b").returncode == 0

@@ -17,7 +17,7 @@ import datetime as dt
 import queue
 from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
 from google.protobuf.field_mask_pb2 import FieldMask
@@ -159,13 +159,15 @@ class RemoteStore:
             fn(info)
 
     def list(self, *filters: str) -> list[Info]:
-        out: list[Info] = []
+        return builtins.list(self.iter_infos(*filters))
+
+    def iter_infos(self, *filters: str) -> Iterator[Info]:
+        """The List stream, decoded as it arrives (flat memory for any count)."""
         try:
             for batch in self._list(pb.ListContentRequest(filters=filters), metadata=self._md):
-                out.extend(_info(i) for i in batch.info)
+                yield from (_info(i) for i in batch.info)
         except grpc.RpcError as exc:
             _raise(exc)
-        return out
 
     def delete(self, digest: str) -> None:
         self._call(self._delete, pb.DeleteContentRequest(digest=digest))
@@ -367,3 +369,12 @@ class RemoteWriter:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"offset={self._offset}"
         return f"<RemoteWriter ref={self.ref!r} {state}>"
+
+
+if TYPE_CHECKING:  # mypy checks that RemoteStore has the store interface
+
+    def _conforms(s: RemoteStore, w: RemoteWriter, r: RemoteReaderAt) -> None:
+        from store import api
+
+        checked: tuple[api.Store, api.InfoIterator, api.Writer, api.ReaderAt] = (s, s, w, r)
+        del checked

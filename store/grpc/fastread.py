@@ -37,9 +37,9 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from store.api import BlobFiles, FileReader, ReaderAt
 from store.digest import parse_digest
 from store.errors import StoreError
-from store.reader import FileReaderAt
 
 from .errors import GrpcError, to_grpc
 from .pb import content_pb2 as pb
@@ -75,10 +75,11 @@ KNOWN_NAMESPACES = 256
 class _Open:
     """A blob the lane keeps open, with what identifies its file."""
 
-    __slots__ = ("reader", "path", "dev", "ino", "size")
+    __slots__ = ("reader", "fd", "path", "dev", "ino", "size")
 
-    def __init__(self, reader: FileReaderAt, path: str, st: os.stat_result) -> None:
+    def __init__(self, reader: ReaderAt, fd: int, path: str, st: os.stat_result) -> None:
         self.reader = reader
+        self.fd = fd
         self.path = path
         self.dev = st.st_dev
         self.ino = st.st_ino
@@ -267,9 +268,8 @@ class ReadLane:
             # a namespace sees its own records only (one indexed lookup; the file
             # being there says nothing about this namespace)
             try:
-                if not self._service.view(metadata).holds(req.digest):
-                    return None
-            except (StoreError, GrpcError):
+                self._service.view(metadata).info(req.digest)
+            except (StoreError, GrpcError, OSError):
                 return None
         offset = req.offset if req.offset > 0 else 0
         size = blob.size
@@ -277,7 +277,7 @@ class ReadLane:
         n = end - offset
         if n <= 0 or n > READ_CHUNK:
             return None
-        data = os.pread(blob.reader.fileno(), n, offset)
+        data = os.pread(blob.fd, n, offset)
         if len(data) != n:
             return None
         return encode_read_response(0, data)
@@ -286,12 +286,19 @@ class ReadLane:
         """Open a committed blob to keep; None if it is not one (the full path reports)."""
         try:
             dgst = parse_digest(digest)
-            reader = self._service.store.reader_at(dgst)
+            store = self._service.store
+            if not isinstance(store, BlobFiles):
+                return None
+            reader = store.reader_at(dgst)
         except (StoreError, OSError):
             return None
-        path = self._service.store.layout.blob_path(dgst)
+        if not isinstance(reader, FileReader):
+            reader.close()
+            return None
+        path = store.blob_path(dgst)
+        fd = reader.fileno()
         try:
-            st = os.fstat(reader.fileno())
+            st = os.fstat(fd)
             lst = os.lstat(path)
         except OSError:
             reader.close()
@@ -299,7 +306,7 @@ class ReadLane:
         if (lst.st_dev, lst.st_ino) != (st.st_dev, st.st_ino):
             reader.close()
             return None
-        blob = _Open(reader, path, st)
+        blob = _Open(reader, fd, path, st)
         if len(self._open) >= OPEN_BLOBS:
             oldest = next(iter(self._open))
             self._open.pop(oldest).reader.close()

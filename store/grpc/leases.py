@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from store.local import LocalStore
+from store.api import LeaseManager, Namespaced, Store
 from store.types import Lease
 
 from .errors import GrpcError
@@ -33,15 +33,19 @@ def lease_to_pb(lease: Lease) -> lpb.Lease:
 class LeasesService:
     """The six Leases RPCs over one store (plain methods; ``server`` binds them)."""
 
-    def __init__(self, store: LocalStore) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
 
-    def _view(self, metadata: Sequence[tuple[str, str]]) -> LocalStore:
+    def _view(self, metadata: Sequence[tuple[str, str]]) -> LeaseManager:
         ns = check_namespace(metadata)
         if ns is None:
             raise GrpcError(grpc.StatusCode.FAILED_PRECONDITION,
                             "namespace is required: failed precondition")
-        return self.store.namespace(ns)
+        if isinstance(self.store, Namespaced):
+            view = self.store.namespace(ns)
+            if isinstance(view, LeaseManager):
+                return view
+        raise GrpcError(grpc.StatusCode.UNIMPLEMENTED, "this store has no leases")
 
     def create(self, req: lpb.CreateRequest, md: Sequence[tuple[str, str]]) -> lpb.CreateResponse:
         lease = self._view(md).create_lease(req.id or None, dict(req.labels))

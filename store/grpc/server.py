@@ -31,6 +31,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 from google.protobuf import empty_pb2
 
+from store.api import Store
 from store.errors import StoreError
 from store.local import LocalStore
 
@@ -325,7 +326,7 @@ class Server:
 
 
 def build_server(
-    store: LocalStore, *, debug: bool = False, read_lane: bool = True
+    store: Store, *, debug: bool = False, read_lane: bool = True
 ) -> tuple[Server, futures.ThreadPoolExecutor]:
     """A server with the three services, not yet bound or started, and its pool.
 

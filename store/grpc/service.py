@@ -1,4 +1,4 @@
-"""containerd's Content service (1.6 server behaviour) over a LocalStore, free of any
+"""containerd's Content service (1.6 server behaviour) over any store, free of any
 server framework: each RPC is a plain method taking decoded requests and returning (or
 yielding) responses, raising StoreError or GrpcError. ``server`` binds them to grpcio.
 
@@ -32,11 +32,11 @@ from typing import cast
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from store.api import IdleCloser, InfoIterator, Namespaced, Store, Writer
 from store.digest import Digest, parse_digest
 from store.errors import InvalidArgument, NotFound, StoreError
-from store.local import LocalStore, printable_ref
+from store.text import printable_ref
 from store.types import EPOCH, Info, Status, to_ns
-from store.writer import LocalWriter
 
 from .errors import GrpcError
 from .pb import content_pb2 as pb
@@ -143,10 +143,10 @@ class ContentService:
     :meth:`view` turns it into the store the call works on, where containerd's store
     would check the namespace (after the server's own argument checks)."""
 
-    def __init__(self, store: LocalStore) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
 
-    def view(self, metadata: Iterable[tuple[str, str | bytes]]) -> LocalStore:
+    def view(self, metadata: Iterable[tuple[str, str | bytes]]) -> Store:
         """The store a call works on, from its metadata. The one place that decides:
 
         * no ``containerd-namespace`` header: the raw store, the layer beneath any
@@ -157,13 +157,23 @@ class ContentService:
         """
         ns = check_namespace(metadata)
         if ns is None:
-            return self.store.namespace(None)
+            return self._raw_view()
         lease = None
         for key, value in metadata:
             if key == LEASE_KEY:
                 lease = value if isinstance(value, str) else value.decode("utf-8", "replace")
                 break
-        return self.store.namespace(ns, lease=lease or None)
+        return self._namespace_view(ns, lease or None)
+
+    def _raw_view(self) -> Store:
+        if isinstance(self.store, Namespaced):
+            return self.store.namespace(None)
+        return self.store
+
+    def _namespace_view(self, ns: str, lease: str | None) -> Store:
+        if isinstance(self.store, Namespaced):
+            return self.store.namespace(ns, lease=lease)
+        return self.store  # a store without namespaces (a remote one): its own
 
     def info(self, req: pb.InfoRequest, metadata: Sequence[tuple[str, str]]) -> pb.InfoResponse:
         dgst = _validated(req.digest)
@@ -183,7 +193,13 @@ class ContentService:
         self, req: pb.ListContentRequest, metadata: Sequence[tuple[str, str]]
     ) -> Iterator[pb.ListContentResponse]:
         store = self.view(metadata)
-        infos = store.iter_infos(*req.filters)  # streamed: flat memory for any count
+        infos: Iterator[Info]
+        if isinstance(store, InfoIterator):  # streamed: flat memory for any count
+            infos = store.iter_infos(*req.filters)
+        else:
+            found: list[Info] = []
+            store.walk(found.append, *req.filters)
+            infos = iter(found)
         while batch := list(itertools.islice(infos, LIST_BATCH)):
             yield pb.ListContentResponse(info=[info_to_pb(i) for i in batch])
 
@@ -270,7 +286,7 @@ class ContentService:
         total = req.total
         expected = req.expected
         writer = store.writer(ref, total=max(0, total), expected=expected or None)
-        if on_end is not None:
+        if on_end is not None and isinstance(writer, IdleCloser):
             on_end(writer.close_if_idle)
         # 1.6 always encodes both times: Go's zero time until a STAT fills them in
         zero = Timestamp(seconds=ZERO_SECONDS)
@@ -322,7 +338,7 @@ class ContentService:
 
     @staticmethod
     def _write(
-        writer: LocalWriter, req: WriteRequest, msg: pb.WriteContentResponse
+        writer: Writer, req: WriteRequest, msg: pb.WriteContentResponse
     ) -> None:
         current = writer.offset
         if req.offset > 0 and req.offset != current:
@@ -341,7 +357,7 @@ class ContentService:
             msg.offset += n
 
     @staticmethod
-    def _exists(store: LocalStore, digest: str) -> bool:
+    def _exists(store: Store, digest: str) -> bool:
         try:
             store.info(digest)
         except (NotFound, InvalidArgument):

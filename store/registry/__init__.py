@@ -6,6 +6,7 @@ from .auth import Credentials, docker_config_credentials
 from .client import RegistryClient
 from .fetch import FetchResult, fetch_image, fetch_object, resolve
 from .progress import TerminalProgress
+from .push import PushResult, push_image, push_object
 from .reference import Reference, parse_reference
 from .transfer import BlobResult, Progress
 
@@ -14,6 +15,7 @@ __all__ = [
     "Credentials",
     "FetchResult",
     "Progress",
+    "PushResult",
     "Reference",
     "RegistryClient",
     "TerminalProgress",
@@ -21,5 +23,7 @@ __all__ = [
     "fetch_image",
     "fetch_object",
     "parse_reference",
+    "push_image",
+    "push_object",
     "resolve",
 ]

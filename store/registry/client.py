@@ -83,7 +83,8 @@ class RegistryClient:
 
     # errors -----------------------------------------------------------------------
 
-    def _unavailable(self, what: str, detail: str) -> Unavailable:
+    def unavailable(self, what: str, detail: str) -> Unavailable:
+        """The error for a registry that cannot be reached or answered badly."""
         return Unavailable(f"registry {self.host}: {what}: {detail}")
 
     def _check(self, resp: httpx.Response, what: str) -> None:
@@ -98,9 +99,9 @@ class RegistryClient:
                 f" (HTTP {code}{': ' + detail if detail else ''}); give credentials with"
                 " --user USER[:PASSWORD] or in ~/.docker/config.json")
         if code == 404:
-            raise NotFound(f"{what} on registry {self.host}")
+            raise NotFound(f"{what} on registry {self.host}{' (' + detail + ')' if detail else ''}")
         if code in _RETRY_STATUS or code >= 500:
-            raise self._unavailable(what, f"HTTP {code}{': ' + detail if detail else ''}")
+            raise self.unavailable(what, f"HTTP {code}{': ' + detail if detail else ''}")
         raise InvalidArgument(f"registry {self.host}: {what}: HTTP {code}"
                               f"{': ' + detail if detail else ''}")
 
@@ -136,7 +137,7 @@ class RegistryClient:
                 raise self._auth_failed(exc, what) from None
             except httpx.TransportError as exc:
                 if last:
-                    raise self._unavailable(what, _transport_detail(exc)) from None
+                    raise self.unavailable(what, _transport_detail(exc)) from None
                 log.info("registry %s: %s: %s; retrying", self.host, what, exc)
                 time.sleep(delay)
                 delay *= 2
@@ -171,12 +172,13 @@ class RegistryClient:
                         raise InvalidArgument(f"{what}: larger than {limit} bytes")
                     chunks.append(chunk)
             except httpx.TransportError as exc:
-                raise self._unavailable(what, _transport_detail(exc)) from None
+                raise self.unavailable(what, _transport_detail(exc)) from None
             return b"".join(chunks), resp.headers
 
-    def exists(self, path: str, what: str) -> bool:
+    def exists(self, path: str, what: str, *, accept: str | None = None) -> bool:
         """HEAD: True for 2xx, False for 404."""
-        with self.open("HEAD", path, what, ok_missing=True) as resp:
+        headers = {"Accept": accept} if accept else None
+        with self.open("HEAD", path, what, headers=headers, ok_missing=True) as resp:
             return resp.status_code != 404
 
     def send(
@@ -193,7 +195,7 @@ class RegistryClient:
         except AuthFailed as exc:
             raise self._auth_failed(exc, what) from None
         except httpx.TransportError as exc:
-            raise self._unavailable(what, _transport_detail(exc)) from None
+            raise self.unavailable(what, _transport_detail(exc)) from None
         self._check(resp, what)
         return resp
 

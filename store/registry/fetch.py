@@ -209,7 +209,7 @@ class _Fetch:
                 except httpx.TransportError as exc:  # mid-body: resume from the offset
                     failures += 1
                     if failures > self.client.retries:
-                        raise self.client._unavailable(what, str(exc) or type(exc).__name__
+                        raise self.client.unavailable(what, str(exc) or type(exc).__name__
                                                        ) from None
                     log.info("%s: %s at %d bytes; resuming", what, exc, writer.offset)
                     time.sleep(0.25 * 2 ** (failures - 1))
@@ -357,7 +357,7 @@ def fetch_object(client: RegistryClient, ref: Reference, obj: str | None, out: B
                 size += len(chunk)
                 sink.write(chunk)
         except httpx.TransportError as exc:
-            raise client._unavailable(what, str(exc) or type(exc).__name__) from None
+            raise client.unavailable(what, str(exc) or type(exc).__name__) from None
     if hasher.hexdigest() != hexpart:
         raise DataLoss(f"{what}: the bytes have digest {alg}:{hasher.hexdigest()}")
     return Descriptor(media_type, Digest(dgst), size)
