@@ -943,6 +943,7 @@ def gc_cmd(ctx: click.Context, dry_run: bool, as_json: bool, cmd_root: str | Non
             "ingests": [{"namespace": ns, "ref": ref} for ns, ref in result.ingests],
             "leases": [{"namespace": ns, "id": i} for ns, i in result.leases],
             "held_seconds": round(result.held_s, 6),
+            "remarked": result.remarked,
         }, indent=2))
         return
     for dgst, size in result.removed:

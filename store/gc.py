@@ -11,9 +11,11 @@ the raw store has a record of.
 One run:
 
 1. finish what an earlier, killed run left in the journal (``gc_doomed``);
-2. in one SQLite write transaction (writers wait only for this step; its length is
-   ``GcResult.held_s``): mark, delete the records of unmarked blobs and expired leases,
-   and journal the digests whose last record went;
+2. mark on a read snapshot (a connection of its own: nobody waits), then, in one SQLite
+   write transaction (writers wait only for this step; its length is
+   ``GcResult.held_s``): if nothing was committed since the snapshot, delete the
+   records of unmarked blobs and expired leases and journal the digests whose last
+   record went; else mark again first, under the lock (``GcResult.remarked``);
 3. for each journalled digest, under that digest's commit lock (so never while a commit,
    a shared writer or a delete works on it): unlink the file unless a record or a live
    ingest claimed it meanwhile, then drop it from the journal;
@@ -25,6 +27,7 @@ finishes it) or nothing done.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -93,9 +96,24 @@ def _split_bref(bref: str) -> tuple[str, str]:
     return (ns, ref) if sep else ("default", bref)
 
 
+@dataclasses.dataclass
+class _Plan:
+    """What one mark decided: records to delete, expired leases, files to journal."""
+
+    gone: list[tuple[str, str]]  # (namespace, digest) records
+    leases: list[tuple[str, str]]  # expired (namespace, id)
+    doomed: list[str]  # digests whose last record goes: unlink unless claimed again
+    dead_ingests: list[tuple[str, int]]  # (backend ref, updated ns)
+
+
 def collect(store: GcStore, *, dry_run: bool = False, now_ns: int | None = None) -> GcResult:
     """One garbage collection over the whole root (every namespace); see the module
-    docstring. ``dry_run`` changes nothing and reports what would go."""
+    docstring. ``dry_run`` changes nothing and reports what would go.
+
+    The mark runs on a snapshot, on a connection of its own, without holding anyone
+    off; then, under the write lock, if the database has not changed since the snapshot
+    only the (few) deletions run; else the mark runs again under the lock, so it sees
+    every commit and label that raced with it."""
     now = time.time_ns() if now_ns is None else now_ns
     meta = store.meta
     result = GcResult()
@@ -103,90 +121,106 @@ def collect(store: GcStore, *, dry_run: bool = False, now_ns: int | None = None)
         _unlink(store, meta.doomed(), result)
     # ingests are files: read them before taking the database
     ingests = [(st.ref, st) for st in store.backend_statuses()]
-    expectations = meta.all_ingest_expectations()
-    dead_ingests: list[tuple[str, int]] = []
-    doomed: list[str] = []
-    with meta.exclusive() as c:
-        t0 = time.monotonic()
-        live_leases: set[tuple[str, str]] = set()
-        for ns, lease, labels_json in c.execute("SELECT ns, id, labels FROM leases"):
-            if lease_expired(json.loads(labels_json), now):
-                result.leases.append((ns, lease))
-            else:
-                live_leases.add((ns, lease))
-        roots: dict[str, set[str]] = {}
-        leased_ingests: set[tuple[str, str]] = set()
-        for ns, lease, rtype, rid in c.execute(
-            "SELECT ns, lease, type, id FROM lease_resources"
-        ):
-            if (ns, lease) not in live_leases:
-                continue
-            if rtype == "content":
-                roots.setdefault(ns, set()).add(rid)
-            elif rtype == "ingests":
-                leased_ingests.add((ns, rid))
-        protected: set[str] = set()  # files kept whatever records say
-        for bref, st in ingests:
-            ns, ref = _split_bref(bref)
-            updated = int(st.updated_at.timestamp() * 1e9)
-            if (ns, ref) in leased_ingests or updated + INGEST_EXPIRY_NS > now:
-                exp = expectations.get(bref)
-                if exp:
-                    protected.add(exp)
-                    roots.setdefault(ns, set()).add(exp)
-            else:
-                dead_ingests.append((bref, updated))
-        live_brefs = {b for b, _ in ingests} - {b for b, _ in dead_ingests}
-        for bref, exp in expectations.items():  # shared writers: a record, no bytes yet
-            if bref not in live_brefs and bref not in {b for b, _ in dead_ingests}:
-                ns, _ = _split_bref(bref)
-                protected.add(exp)
-                roots.setdefault(ns, set()).add(exp)
-        for ns, dgst in c.execute(
-            "SELECT ns, digest FROM labels WHERE key = ? AND ns != ''", (ROOT_LABEL,)
-        ):
-            roots.setdefault(ns, set()).add(dgst)
-        edges: dict[str, dict[str, list[str]]] = {}
-        for ns, dgst, target in c.execute(
-            "SELECT ns, digest, value FROM labels WHERE key >= ? AND key < ? AND ns != ''",
-            (REF_PREFIX, REF_PREFIX[:-1] + chr(ord(REF_PREFIX[-1]) + 1)),
-        ):
-            edges.setdefault(ns, {}).setdefault(dgst, []).append(target)
-        marked = {ns: _mark(seeds, edges.get(ns, {})) for ns, seeds in roots.items()}
-        edges.clear()
-        gone: list[tuple[str, str]] = []
-        for ns, dgst in c.execute("SELECT ns, digest FROM blobs WHERE ns != ''"):
-            if dgst not in marked.get(ns, ()):
-                gone.append((ns, dgst))
-        marked.clear()
-        result.records = len(gone)
-        candidates = sorted({d for _, d in gone} - protected)
-        if not dry_run:
-            c.executemany("DELETE FROM blobs WHERE ns = ? AND digest = ?", gone)
-            c.executemany("DELETE FROM labels WHERE ns = ? AND digest = ?", gone)
-            c.executemany("DELETE FROM lease_resources WHERE ns = ? AND type = 'content'"
-                          " AND id = ?", gone)
-            for ns, lease in result.leases:
-                c.execute("DELETE FROM leases WHERE ns = ? AND id = ?", (ns, lease))
-                c.execute("DELETE FROM lease_resources WHERE ns = ? AND lease = ?", (ns, lease))
-        gone_set = set(gone)
-        # records this run keeps (other namespaces, the raw store) still hold the file
-        still = {d for ns, d in _remaining(c, candidates) if (ns, d) not in gone_set}
-        doomed = [d for d in candidates if d not in still]
-        if not dry_run:
-            c.executemany("INSERT OR IGNORE INTO gc_doomed(digest) VALUES (?)",
-                          [(d,) for d in doomed])
-        result.held_s = time.monotonic() - t0
+    with meta.snapshot() as (snap, unchanged):
+        plan = _plan(snap, ingests, now)
+        with meta.exclusive() as c:
+            t0 = time.monotonic()
+            if not unchanged():
+                plan = _plan(c, ingests, now)
+                result.remarked = True
+            result.records = len(plan.gone)
+            result.leases = plan.leases
+            if not dry_run:
+                _apply(c, plan)
+            result.held_s = time.monotonic() - t0
     if dry_run:
-        for dgst in doomed:
+        for dgst in plan.doomed:
             size = _size(store, dgst)
             if size is not None:
                 result.removed.append((dgst, size))
-        result.ingests = [_split_bref(b) for b, _ in dead_ingests]
+        result.ingests = [_split_bref(b) for b, _ in plan.dead_ingests]
         return result
-    _unlink(store, doomed, result)
-    _abort_ingests(store, dead_ingests, now, result)
+    _unlink(store, plan.doomed, result)
+    _abort_ingests(store, plan.dead_ingests, now, result)
     return result
+
+
+def _plan(
+    c: sqlite3.Connection, ingests: list[tuple[str, Status]], now: int
+) -> _Plan:
+    """Mark (roots, then ``gc.ref.content`` edges, per namespace) and decide."""
+    expectations: dict[str, str] = dict(c.execute(
+        "SELECT ref, expected FROM ingests WHERE expected IS NOT NULL"))
+    expired: list[tuple[str, str]] = []
+    live_leases: set[tuple[str, str]] = set()
+    for ns, lease, labels_json in c.execute("SELECT ns, id, labels FROM leases"):
+        if lease_expired(json.loads(labels_json), now):
+            expired.append((ns, lease))
+        else:
+            live_leases.add((ns, lease))
+    roots: dict[str, set[str]] = {}
+    leased_ingests: set[tuple[str, str]] = set()
+    for ns, lease, rtype, rid in c.execute("SELECT ns, lease, type, id FROM lease_resources"):
+        if (ns, lease) not in live_leases:
+            continue
+        if rtype == "content":
+            roots.setdefault(ns, set()).add(rid)
+        elif rtype == "ingests":
+            leased_ingests.add((ns, rid))
+    protected: set[str] = set()  # files kept whatever records say
+    dead: list[tuple[str, int]] = []
+    for bref, st in ingests:
+        ns, ref = _split_bref(bref)
+        updated = int(st.updated_at.timestamp() * 1e9)
+        if (ns, ref) in leased_ingests or updated + INGEST_EXPIRY_NS > now:
+            exp = expectations.get(bref)
+            if exp:
+                protected.add(exp)
+                roots.setdefault(ns, set()).add(exp)
+        else:
+            dead.append((bref, updated))
+    seen = {b for b, _ in ingests}
+    for bref, exp in expectations.items():  # shared writers: a record, no bytes yet
+        if bref not in seen:
+            ns, _ = _split_bref(bref)
+            protected.add(exp)
+            roots.setdefault(ns, set()).add(exp)
+    for ns, dgst in c.execute(
+        "SELECT ns, digest FROM labels WHERE key = ? AND ns != ''", (ROOT_LABEL,)
+    ):
+        roots.setdefault(ns, set()).add(dgst)
+    edges: dict[str, dict[str, list[str]]] = {}
+    for ns, dgst, target in c.execute(
+        "SELECT ns, digest, value FROM labels WHERE key >= ? AND key < ? AND ns != ''",
+        (REF_PREFIX, REF_PREFIX[:-1] + chr(ord(REF_PREFIX[-1]) + 1)),
+    ):
+        edges.setdefault(ns, {}).setdefault(dgst, []).append(target)
+    marked = {ns: _mark(seeds, edges.get(ns, {})) for ns, seeds in roots.items()}
+    edges.clear()
+    gone: list[tuple[str, str]] = []
+    for ns, dgst in c.execute("SELECT ns, digest FROM blobs WHERE ns != ''"):
+        if dgst not in marked.get(ns, ()):
+            gone.append((ns, dgst))
+    marked.clear()
+    candidates = sorted({d for _, d in gone} - protected)
+    gone_set = set(gone)
+    # records this run keeps (other namespaces, the raw store) still hold the file
+    still = {d for ns, d in _remaining(c, candidates) if (ns, d) not in gone_set}
+    return _Plan(gone, expired, [d for d in candidates if d not in still], dead)
+
+
+def _apply(c: sqlite3.Connection, plan: _Plan) -> None:
+    """Delete the plan's records and leases and journal its files, in the caller's
+    transaction."""
+    c.executemany("DELETE FROM blobs WHERE ns = ? AND digest = ?", plan.gone)
+    c.executemany("DELETE FROM labels WHERE ns = ? AND digest = ?", plan.gone)
+    c.executemany("DELETE FROM lease_resources WHERE ns = ? AND type = 'content' AND id = ?",
+                  plan.gone)
+    for ns, lease in plan.leases:
+        c.execute("DELETE FROM leases WHERE ns = ? AND id = ?", (ns, lease))
+        c.execute("DELETE FROM lease_resources WHERE ns = ? AND lease = ?", (ns, lease))
+    c.executemany("INSERT OR IGNORE INTO gc_doomed(digest) VALUES (?)",
+                  [(d,) for d in plan.doomed])
 
 
 def _remaining(c: sqlite3.Connection, digests: list[str]) -> Iterable[tuple[str, str]]:

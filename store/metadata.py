@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -580,6 +580,33 @@ class MetadataDB:
                 raise _db_error(self.path, exc) from None
             finally:
                 conn.isolation_level = level
+
+    @contextmanager
+    def snapshot(self) -> Iterator[tuple[sqlite3.Connection, Callable[[], bool]]]:
+        """A read snapshot on a connection of its own (nobody waits for it), and a check
+        that tells, later (e.g. under ``exclusive``), whether anyone has committed a
+        change to the database since the snapshot began."""
+        conn = sqlite3.connect(self.path, check_same_thread=False, timeout=10,
+                               isolation_level=None)
+        try:
+            conn.execute("BEGIN")
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+            conn.execute("SELECT count(*) FROM blobs").fetchone()  # the snapshot starts here
+
+            def unchanged() -> bool:
+                if conn.in_transaction:  # end the snapshot: data_version is read outside
+                    conn.execute("COMMIT")
+                return bool(conn.execute("PRAGMA data_version").fetchone()[0] == version)
+
+            try:
+                yield conn, unchanged
+            finally:
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            raise _db_error(self.path, exc) from None
+        finally:
+            conn.close()
 
     def doomed(self) -> list[str]:
         with self._tx() as c:

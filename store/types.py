@@ -48,7 +48,8 @@ class GcResult:
     ingests: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # ns, ref
     leases: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # ns, id
     records: int = 0  # namespace records of blobs deleted
-    held_s: float = 0.0  # how long writers were held off (the marking transaction)
+    held_s: float = 0.0  # how long writers were held off (the write transaction)
+    remarked: bool = False  # the database changed during the mark: marked again, locked
 
     @property
     def bytes_freed(self) -> int:
