@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import hashlib
 import json
 import os
 import re
 import stat
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import IO, Any, NoReturn, TypeVar
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import IO, TYPE_CHECKING, Any, NoReturn, TypeAlias, TypeVar
 
 import click
 
@@ -36,9 +38,16 @@ from store import (
     parse_digest,
     parse_filters,
 )
+from store.digest import split_digest
 from store.identifiers import DEFAULT_NAMESPACE, validate_identifier
 
 from .progress import Progress
+
+if TYPE_CHECKING:
+    from store.grpc.client import RemoteStore, RemoteWriter
+
+#: What the store commands work on: a root directory, or a store over gRPC (--address).
+AnyStore: TypeAlias = "LocalStore | RemoteStore"
 
 #: Exit status per store error class; stable for scripts (documented in the README).
 EXIT_CODES: dict[type[StoreError], int] = {
@@ -129,7 +138,25 @@ class _Group(click.Group):
             fail(f"{where}{exc.strerror or exc}")
 
 
-def root_option(f: F) -> F:
+def _remember_address(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.ensure_object(dict)["address"] = value
+
+
+_ADDRESS_HELP = ("Work on the store at this gRPC address instead of a root: containerd's or"
+                 " `contentfs serve`'s socket, unix:///PATH or tcp://HOST:PORT"
+                 " (default: $CONTENTFS_ADDRESS).")
+
+
+def address_option(f: F) -> F:
+    """``--address ADDR``, before the command or after it: a remote store."""
+    return click.option(
+        "--address", metavar="ADDR", default=None, expose_value=False,
+        callback=_remember_address, help=_ADDRESS_HELP,
+    )(f)
+
+
+def local_root_option(f: F) -> F:
     """``--root`` after the command name too (``contentfs ls --root R``)."""
     return click.option(
         "--root",
@@ -138,6 +165,11 @@ def root_option(f: F) -> F:
         default=None,
         help="Store directory (default: $CONTENTFS_ROOT, else a per-user data directory).",
     )(f)
+
+
+def root_option(f: F) -> F:
+    """Where the store is, after the command name too: ``--root R`` or ``--address A``."""
+    return local_root_option(address_option(f))
 
 
 def namespace_option(f: F) -> F:
@@ -161,23 +193,65 @@ def namespace_option(f: F) -> F:
 
 
 def chosen_namespace(ctx: click.Context) -> str:
-    """The namespace of this invocation, validated as containerd's identifiers."""
+    """The namespace of this invocation (``-n``, else ``$CONTENTFS_NAMESPACE``, else
+    ``default``), validated as containerd's identifiers (InvalidArgument, exit 3)."""
     ns = (
-        (ctx.obj or {}).get("namespace")
+        (ctx.find_root().obj or {}).get("namespace")
         or os.environ.get("CONTENTFS_NAMESPACE")
         or DEFAULT_NAMESPACE
     )
     return validate_identifier("namespace", ns)
 
 
+def chosen_address(ctx: click.Context, cmd_root: str | None) -> str | None:
+    """The remote store's address, or None for a root. ``--root`` and ``--address`` are
+    mutually exclusive, and so are ``$CONTENTFS_ROOT`` and ``$CONTENTFS_ADDRESS`` when
+    neither option is given; an option wins over the other one's variable."""
+    obj = ctx.find_root().obj or {}
+    address: str | None = obj.get("address")
+    root = cmd_root or obj.get("root")
+    if address and root:
+        raise click.UsageError("--root and --address are mutually exclusive", ctx)
+    if address or root:
+        return address or None
+    env_address = os.environ.get("CONTENTFS_ADDRESS")
+    if env_address and os.environ.get("CONTENTFS_ROOT"):
+        raise click.UsageError(
+            "$CONTENTFS_ROOT and $CONTENTFS_ADDRESS are both set: choose with --root or"
+            " --address", ctx)
+    return env_address or None
+
+
+def open_remote(ctx: click.Context, address: str) -> RemoteStore:
+    """The store at ``address`` in the chosen namespace. What is written through it is
+    held by the lease ``contentfs``, so containerd's garbage collection keeps it."""
+    from store.grpc.client import DEFAULT_TIMEOUT, KEEP_LEASE, RemoteStore
+
+    namespace = chosen_namespace(ctx)
+    timeout = os.environ.get("CONTENTFS_TIMEOUT")
+    try:
+        seconds = float(timeout) if timeout else DEFAULT_TIMEOUT
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise click.UsageError(f"$CONTENTFS_TIMEOUT={timeout}: expected seconds > 0", ctx)
+    store = RemoteStore(address, namespace=namespace, timeout=seconds, lease=KEEP_LEASE)
+    ctx.call_on_close(store.close)
+    return store
+
+
 def open_store(
     ctx: click.Context, cmd_root: str | None, *, create: bool = False, reading: bool = False,
     raw: bool = False,
-) -> LocalStore:
-    """Open the chosen store, as the view of the chosen namespace (``raw``: the raw
-    store). ``reading`` commands fall back to a read-only open when the root cannot be
-    written (read-only media, another user's store)."""
+) -> AnyStore:
+    """Open the chosen store: a root, as the view of the chosen namespace (``raw``: the
+    raw store beneath the namespaces), or a remote one (``--address``). ``reading``
+    commands fall back to a read-only open when the root cannot be written (read-only
+    media, another user's store)."""
     ns = None if raw else chosen_namespace(ctx)
+    address = chosen_address(ctx, cmd_root)
+    if address is not None:
+        return open_remote(ctx, address)
     root = cmd_root or ctx.obj.get("root") or default_root()
     explicit = bool(cmd_root or ctx.obj.get("root") or os.environ.get("CONTENTFS_ROOT"))
     if not os.path.isdir(root):
@@ -193,6 +267,18 @@ def open_store(
         store = LocalStore(root, readonly=True)
     ctx.call_on_close(store.close)
     return store.namespace(ns)
+
+
+def open_local(
+    ctx: click.Context, cmd_root: str | None, command: str, *, create: bool = False,
+    reading: bool = False, raw: bool = False,
+) -> LocalStore:
+    """``open_store`` for commands that need a root: NotImplemented for ``--address``."""
+    store = open_store(ctx, cmd_root, create=create, reading=reading, raw=raw)
+    if not isinstance(store, LocalStore):
+        raise NotImplemented(  # noqa: F901 - the store's error class, not the constant
+            f"{command} with a remote store (--address): not supported yet")
+    return store
 
 
 _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
@@ -251,6 +337,7 @@ def parse_pairs(pairs: Iterable[str]) -> dict[str, str]:
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@address_option
 @click.option(
     "--root",
     metavar="ROOT",
@@ -339,7 +426,7 @@ def info_cmd(ctx: click.Context, digest: str, as_json: bool, cmd_root: str | Non
     click.echo(f"created_at: {rfc3339(info.created_at)}")
     click.echo(f"updated_at: {rfc3339(info.updated_at)}")
     for k, v in sorted(info.labels.items()):
-        click.echo(f"label:      {k}={v}")
+        click.echo(f"label:      {printable(k)}={printable(v)}")
 
 
 @cli.command("get")
@@ -353,25 +440,53 @@ def get_cmd(ctx: click.Context, digest: str, output: str | None, cmd_root: str |
     """Write a blob's bytes to standard output (or FILE). On a terminal, a progress bar
     is shown on standard error unless the bytes themselves go to the terminal."""
     store = open_store(ctx, cmd_root, reading=True)
-    with store.reader_at(digest) as reader:
-        if output is not None:
-            try:
-                fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            except OSError as exc:
-                fail(f"{output}: {exc.strerror or exc}")
-        else:
-            sys.stdout.buffer.flush()
-            fd = sys.stdout.fileno()
+    # the blob first: a missing one creates no output file
+    reader = store.reader_at(digest) if isinstance(store, LocalStore) else None
+    size = reader.size if reader is not None else store.info(digest).size
+    if output is not None:
         try:
-            to_terminal = os.isatty(fd)
-            progress = Progress("reading", reader.size)
-            if to_terminal:
-                progress.shown = False
-            with progress:
-                _copy_out(reader.fileno(), fd, reader.size, progress)
-        finally:
-            if output is not None:
-                os.close(fd)
+            fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            fail(f"{output}: {exc.strerror or exc}")
+    else:
+        sys.stdout.buffer.flush()
+        fd = sys.stdout.fileno()
+    try:
+        with _get_progress(fd, size) as progress:
+            if reader is not None:
+                _copy_out(reader.fileno(), fd, size, progress)
+                return
+            assert not isinstance(store, LocalStore)
+            for chunk in _prefetched(store.read_chunks(digest)):
+                _write_all(fd, chunk)
+                progress.advance(len(chunk))
+    finally:
+        if reader is not None:
+            reader.close()
+        if output is not None:
+            os.close(fd)
+
+
+def _get_progress(fd: int, size: int) -> Progress:
+    progress = Progress("reading", size)
+    if os.isatty(fd):  # the bytes themselves go to the terminal
+        progress.shown = False
+    return progress
+
+
+def _prefetched(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """``chunks``, the next one fetched (in a thread) while the caller uses this one."""
+    with ThreadPoolExecutor(1, thread_name_prefix="contentfs-read") as pool:
+        ahead: Future[bytes | None] = pool.submit(next, chunks, None)
+        while (chunk := ahead.result()) is not None:
+            ahead = pool.submit(next, chunks, None)
+            yield chunk
+
+
+def _write_all(fd: int, chunk: bytes) -> None:
+    view = memoryview(chunk)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _copy_out(src: int, dst: int, size: int, progress: Progress | None = None) -> None:
@@ -475,7 +590,7 @@ def ingest_cmd(
             source.close()
 
 
-def _merge_labels(store: LocalStore, digest: str, labels: dict[str, str]) -> None:
+def _merge_labels(store: AnyStore, digest: str, labels: dict[str, str]) -> None:
     info = store.info(digest)
     store.update(Info(info.digest, info.size, info.created_at, info.updated_at, labels),
                  *(f"labels.{k}" for k in labels))
@@ -489,11 +604,14 @@ def _source_size(source: IO[bytes]) -> int | None:
     return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
-def _resume_input(store: LocalStore, ref: str, source: IO[bytes], writer: LocalWriter) -> None:
+def _resume_input(
+    store: AnyStore, ref: str, source: IO[bytes], writer: LocalWriter | RemoteWriter
+) -> None:
     """Position ``source`` after the bytes a resumed ingest already holds, checking that
-    they are the same bytes, so a resume never commits a mix of two inputs. A seekable
-    source that differs restarts the ingest at zero; a stream that differs (or ends
-    early) is FailedPrecondition, with the ingest left as it was."""
+    they are the same bytes (a remote store: that they have the same digest), so a
+    resume never commits a mix of two inputs. A seekable source that differs restarts
+    the ingest at zero; a stream that differs (or ends early) is FailedPrecondition,
+    with the ingest left as it was."""
     held = writer.offset
     if held == 0:
         return
@@ -501,16 +619,12 @@ def _resume_input(store: LocalStore, ref: str, source: IO[bytes], writer: LocalW
         start = source.tell() if source.seekable() else None
     except OSError:
         start = None
-    done = 0
-    with open(store.ingest_data_path(ref), "rb") as stored:
-        while done < held:
-            want = stored.read(min(held - done, _CHUNK))
-            got = source.read(len(want)) if want else b""
-            if not want or got != want:
-                break
-            done += len(want)
-        else:
-            return
+    if isinstance(store, LocalStore):
+        want, got = _compare_stored(store, ref, source, held)
+    else:
+        want, got = _compare_digest(writer.digest(), source, held)
+    if want == got:
+        return
     if start is not None:
         source.seek(start)
         writer.truncate(0)
@@ -523,6 +637,39 @@ def _resume_input(store: LocalStore, ref: str, source: IO[bytes], writer: LocalW
     raise FailedPrecondition(
         f"ingest {ref}: input differs from the {held} bytes already stored"
         f" (`contentfs abort {ref}` starts over)")
+
+
+def _compare_stored(
+    store: LocalStore, ref: str, source: IO[bytes], held: int
+) -> tuple[bytes, bytes]:
+    """Read the input along the stored bytes; the first pair that differs (equal when
+    the input starts with all ``held`` bytes)."""
+    done = 0
+    with open(store.ingest_data_path(ref), "rb") as stored:
+        while done < held:
+            want = stored.read(min(held - done, _CHUNK))
+            if not want:  # the stored data is shorter than its offset: never the same
+                return b"\0", b"\1"
+            got = source.read(len(want))
+            if got != want:
+                return want, got
+            done += len(want)
+    return b"", b""
+
+
+def _compare_digest(held_digest: str, source: IO[bytes], held: int) -> tuple[bytes, bytes]:
+    """Hash the first ``held`` bytes of the input: (digest held, digest of the input),
+    the input's marked short when it ends before ``held`` bytes."""
+    alg, _ = split_digest(parse_digest(held_digest))
+    hasher = hashlib.new(alg)
+    done = 0
+    while done < held:
+        chunk = source.read(min(held - done, _CHUNK))
+        if not chunk:
+            return b"x", b""  # shorter
+        hasher.update(chunk)
+        done += len(chunk)
+    return held_digest.encode(), f"{alg}:{hasher.hexdigest()}".encode()
 
 
 def _chunks(source: IO[bytes]) -> Iterator[bytes]:
@@ -578,7 +725,7 @@ def rm_cmd(ctx: click.Context, digests: tuple[str, ...], cmd_root: str | None) -
         try:
             store.delete(digest)
         except StoreError as exc:
-            click.echo(f"contentfs: {exc}", err=True)
+            click.echo(f"contentfs: {printable(str(exc))}", err=True)
             first_error = first_error or exc
             continue
         click.echo(digest)
@@ -619,8 +766,8 @@ def verify_cmd(ctx: click.Context, digests: tuple[str, ...], cmd_root: str | Non
     digest. Exits non-zero if any is corrupt or missing."""
     store = open_store(ctx, cmd_root, reading=True)
     # a full run also reports what sits at a blob's path without being one
-    targets = list(digests) or sorted(
-        [i.digest for i in store.list()] + list(store.stray_names()))
+    strays = list(store.stray_names()) if isinstance(store, LocalStore) else []
+    targets = list(digests) or sorted([i.digest for i in store.list()] + strays)
     sizes = {}
     for digest in targets:
         try:
@@ -695,14 +842,24 @@ def umount_cmd(mountpoint: str, lazy: bool) -> None:
               help="unix:///PATH (default: a socket in the user's runtime dir) "
                    "or tcp://127.0.0.1:PORT.")
 @click.option("--debug", is_flag=True, help="Log every call.")
-@root_option
+@click.option("--write-idle-timeout", metavar="SECONDS", type=click.FloatRange(min=0),
+              default=60.0, show_default=True,
+              help="Cancel a Write stream whose client sends nothing for this long (its"
+                   " ingest stays, resumable); 0 never does.")
+@local_root_option
 @click.pass_context
-def serve_cmd(ctx: click.Context, address: str | None, debug: bool, cmd_root: str | None) -> None:
+def serve_cmd(ctx: click.Context, address: str | None, debug: bool,
+              write_idle_timeout: float, cmd_root: str | None) -> None:
     """Serve the store over containerd's gRPC Content API (for `ctr -a SOCKET content ...`)."""
     from store.grpc.server import serve_main
 
+    if (ctx.find_root().obj or {}).get("address"):
+        raise click.UsageError(
+            "serve serves a root (--root); its --address is where it listens, after the"
+            " command", ctx)
     store = open_store(ctx, cmd_root, create=True, raw=True)
-    sys.exit(serve_main(store, address, debug=debug))
+    assert isinstance(store, LocalStore)
+    sys.exit(serve_main(store, address, debug=debug, write_idle_timeout=write_idle_timeout))
 
 # registries: fetch, push, fetch-object, push-object (thin wrappers over store.registry) ---
 
@@ -779,7 +936,7 @@ def fetch_cmd(
 
     if all_platforms and platforms:
         raise click.UsageError("--all-platforms and --platform exclude each other")
-    store = open_store(ctx, cmd_root, create=True)
+    store = open_local(ctx, cmd_root, "fetch", create=True)
     parsed, client = _registry_client(ref, plain_http, skip_verify, user, concurrency + 2)
     with client, _transfer_progress(as_json) as progress:
         result = fetch_image(store, client, parsed, platforms=platforms,
@@ -806,6 +963,62 @@ def fetch_object_cmd(ref: str, obj: str | None, plain_http: bool, skip_verify: b
         fetch_object(client, parsed, obj, out)
         out.flush()
 
+
+@cli.command("push")
+@click.argument("ref")
+@click.argument("digest")
+@click.option("--platform", "platforms", metavar="OS/ARCH[/VARIANT]", multiple=True,
+              help="Push only these platforms' manifests of an index (repeatable).")
+@click.option("--concurrency", type=click.IntRange(1, 64), default=3, show_default=True,
+              help="Blobs uploaded at once.")
+@registry_options
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+@root_option
+@click.pass_context
+def push_cmd(
+    ctx: click.Context, ref: str, digest: str, platforms: tuple[str, ...], concurrency: int,
+    plain_http: bool, skip_verify: bool, user: str | None, as_json: bool,
+    cmd_root: str | None,
+) -> None:
+    """Push the blob DIGEST and everything it references (an index's manifests, their
+    configs and layers) to REF, skipping what the registry has; a manifest or index is
+    tagged REF's tag. Prints DIGEST."""
+    from store.registry import push_image
+
+    store = open_local(ctx, cmd_root, "push", reading=True)
+    dgst = parse_digest(digest)
+    parsed, client = _registry_client(ref, plain_http, skip_verify, user, concurrency + 2)
+    with client, _transfer_progress(as_json) as progress:
+        result = push_image(store, client, parsed, dgst, platforms=platforms,
+                            concurrency=concurrency, progress=progress)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        click.echo(result.digest)
+
+
+@cli.command("push-object")
+@click.argument("ref")
+@click.argument("digest")
+@click.argument("media_type", metavar="MEDIATYPE")
+@registry_options
+@root_option
+@click.pass_context
+def push_object_cmd(ctx: click.Context, ref: str, digest: str, media_type: str,
+                    plain_http: bool, skip_verify: bool, user: str | None,
+                    cmd_root: str | None) -> None:
+    """Push one blob of the store to REF's repository, as `ctr content push-object`: a
+    manifest or index MEDIATYPE is stored as a manifest under REF's tag, anything else
+    as a blob."""
+    from store.registry import push_object
+
+    store = open_local(ctx, cmd_root, "push-object", reading=True)
+    dgst = parse_digest(digest)
+    parsed, client = _registry_client(ref, plain_http, skip_verify, user)
+    with client:
+        push_object(store, client, parsed, dgst, media_type)
+    click.echo(dgst)
+
 @cli.command("namespaces")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the names (the default).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of names.")
@@ -814,7 +1027,7 @@ def fetch_object_cmd(ref: str, obj: str | None, plain_http: bool, skip_verify: b
 def namespaces_cmd(ctx: click.Context, quiet: bool, as_json: bool, cmd_root: str | None) -> None:
     """List the namespaces of the store: those holding blobs, leases or ingests, and
     always `default`."""
-    names = open_store(ctx, cmd_root, reading=True, raw=True).namespaces()
+    names = open_local(ctx, cmd_root, "namespaces", reading=True, raw=True).namespaces()
     if as_json:
         click.echo(json.dumps(names))
         return
@@ -867,7 +1080,7 @@ def lease_create_cmd(
     if expire is not None:
         until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=parse_duration(expire))
         pairs[EXPIRE_LABEL] = rfc3339(until)
-    lease = open_store(ctx, cmd_root).create_lease(lease_id, pairs)
+    lease = open_local(ctx, cmd_root, "lease create").create_lease(lease_id, pairs)
     click.echo(lease.id)
 
 
@@ -883,7 +1096,7 @@ def lease_ls_cmd(
     cmd_root: str | None,
 ) -> None:
     """List the namespace's leases, optionally matching FILTERS (id, labels.KEY)."""
-    leases = open_store(ctx, cmd_root, reading=True).leases(*filters)
+    leases = open_local(ctx, cmd_root, "lease ls", reading=True).leases(*filters)
     if as_json:
         click.echo(json.dumps([lease_json(lease) for lease in leases], indent=2))
         return
@@ -908,7 +1121,7 @@ def lease_rm_cmd(
     ctx: click.Context, ids: tuple[str, ...], sync: bool, cmd_root: str | None
 ) -> None:
     """Delete leases; print each id deleted. With --sync, run gc afterwards."""
-    store = open_store(ctx, cmd_root)
+    store = open_local(ctx, cmd_root, "lease rm")
     first_error: StoreError | None = None
     for lease_id in ids:
         try:
@@ -934,7 +1147,7 @@ def gc_cmd(ctx: click.Context, dry_run: bool, as_json: bool, cmd_root: str | Non
     gc.root label, live lease or gc.ref.content label keeps, expired leases and ingests
     idle for 24 h outside a lease. Unclaimed blobs are never removed. Prints each digest
     removed (or, with --dry-run, that would be) with its size, then the bytes freed."""
-    result = open_store(ctx, cmd_root, raw=True).gc(dry_run=dry_run)
+    result = open_local(ctx, cmd_root, "gc", raw=True).gc(dry_run=dry_run)
     if as_json:
         click.echo(json.dumps({
             "dry_run": dry_run,
@@ -951,62 +1164,6 @@ def gc_cmd(ctx: click.Context, dry_run: bool, as_json: bool, cmd_root: str | Non
     verb = "would free" if dry_run else "freed"
     click.echo(f"contentfs: {verb} {result.bytes_freed} bytes in {len(result.removed)} blobs",
                err=True)
-
-
-@cli.command("push")
-@click.argument("ref")
-@click.argument("digest")
-@click.option("--platform", "platforms", metavar="OS/ARCH[/VARIANT]", multiple=True,
-              help="Push only these platforms' manifests of an index (repeatable).")
-@click.option("--concurrency", type=click.IntRange(1, 64), default=3, show_default=True,
-              help="Blobs uploaded at once.")
-@registry_options
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-@root_option
-@click.pass_context
-def push_cmd(
-    ctx: click.Context, ref: str, digest: str, platforms: tuple[str, ...], concurrency: int,
-    plain_http: bool, skip_verify: bool, user: str | None, as_json: bool,
-    cmd_root: str | None,
-) -> None:
-    """Push the blob DIGEST and everything it references (an index's manifests, their
-    configs and layers) to REF, skipping what the registry has; a manifest or index is
-    tagged REF's tag. Prints DIGEST."""
-    from store.registry import push_image
-
-    store = open_store(ctx, cmd_root, reading=True)
-    dgst = parse_digest(digest)
-    parsed, client = _registry_client(ref, plain_http, skip_verify, user, concurrency + 2)
-    with client, _transfer_progress(as_json) as progress:
-        result = push_image(store, client, parsed, dgst, platforms=platforms,
-                            concurrency=concurrency, progress=progress)
-    if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2))
-    else:
-        click.echo(result.digest)
-
-
-@cli.command("push-object")
-@click.argument("ref")
-@click.argument("digest")
-@click.argument("media_type", metavar="MEDIATYPE")
-@registry_options
-@root_option
-@click.pass_context
-def push_object_cmd(ctx: click.Context, ref: str, digest: str, media_type: str,
-                    plain_http: bool, skip_verify: bool, user: str | None,
-                    cmd_root: str | None) -> None:
-    """Push one blob of the store to REF's repository, as `ctr content push-object`: a
-    manifest or index MEDIATYPE is stored as a manifest under REF's tag, anything else
-    as a blob."""
-    from store.registry import push_object
-
-    store = open_store(ctx, cmd_root, reading=True)
-    dgst = parse_digest(digest)
-    parsed, client = _registry_client(ref, plain_http, skip_verify, user)
-    with client:
-        push_object(store, client, parsed, dgst, media_type)
-    click.echo(dgst)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,6 +5,7 @@
     InvalidArgument     EINVAL   (E2BIG for labels: checked before the store is called)
     FailedPrecondition  EBADMSG  size or digest mismatch at commit ("Bad message")
     Unavailable         EBUSY    ref locked by another writer, commit of an open ingest
+      Unreachable       EIO      a remote store that is down or did not answer in time
     DataLoss            EIO      a blob no longer matches its digest
     NotImplemented      EINVAL
     OSError             its own errno (ENOSPC, EACCES, ...)
@@ -32,6 +33,7 @@ from store import (
     NotImplemented,
     StoreError,
     Unavailable,
+    Unreachable,
 )
 
 __all__ = ["ERRNO", "errno_of", "fuse_errors", "refuse"]
@@ -39,6 +41,7 @@ __all__ = ["ERRNO", "errno_of", "fuse_errors", "refuse"]
 log = logging.getLogger("fusefs")
 
 ERRNO: dict[type[StoreError], int] = {
+    Unreachable: errno.EIO,
     NotFound: errno.ENOENT,
     AlreadyExists: errno.EEXIST,
     InvalidArgument: errno.EINVAL,

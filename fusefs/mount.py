@@ -119,13 +119,20 @@ def _clear_dead_mount(mountpoint: str) -> None:
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
             raise
-        log.warning("%s: clearing a dead mount left by a previous daemon", mountpoint)
+        _tell(f"{mountpoint}: clearing a dead mount left by a previous daemon")
         subprocess.run(["fusermount3", "-u", "-z", mountpoint], check=False,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if _mount_entry(mountpoint) is not None:
             subprocess.run(["umount", "-l", mountpoint], check=False)
         return
-    raise RuntimeError(f"{mountpoint}: already a mount point")
+    raise RuntimeError(f"{mountpoint} is already a mount point"
+                       f" (unmount it first: contentfs umount {mountpoint})")
+
+
+def _tell(message: str) -> None:
+    """A user-facing line on stderr, plain as the CLI's (no log format): before the
+    mount answers, the daemon's stderr is still the caller's terminal."""
+    print(f"contentfs: {message}", file=sys.stderr, flush=True)
 
 
 def _raise_readahead(mountpoint: str) -> None:
@@ -220,8 +227,11 @@ def _run(root: str, mountpoint: str, opts: MountOptions, *, debug: bool, ready_f
     try:
         _clear_dead_mount(mountpoint)
         store = LocalStore(root, readonly=opts.readonly).namespace(opts.namespace)
-    except (OSError, RuntimeError, StoreError) as exc:
-        log.error("cannot mount %s at %s: %s", root, mountpoint, exc)
+    except RuntimeError as exc:
+        _tell(f"cannot mount {root}: {exc}")
+        return 1
+    except (OSError, StoreError) as exc:
+        _tell(f"cannot mount {root} at {mountpoint}: {exc}")
         return 1
     lock_fd = _take_pidfile(mountpoint)
     ops = ContentOps(store, readonly=opts.readonly)
@@ -234,7 +244,7 @@ def _run(root: str, mountpoint: str, opts: MountOptions, *, debug: bool, ready_f
     try:
         pyfuse3.init(ops, mountpoint, fuse_options)
     except RuntimeError as exc:
-        log.error("cannot mount %s at %s: %s", root, mountpoint, exc)
+        _tell(f"cannot mount {root} at {mountpoint}: {exc}")
         store.close()
         return 1
     log.info("mounted %s at %s (%s)", root, mountpoint, ",".join(sorted(fuse_options)))

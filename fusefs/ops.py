@@ -218,7 +218,8 @@ class ContentOps(pyfuse3.Operations):
             self.unlinked[ino] = (created_ns, updated_ns)
 
     def _orphan_entry(self, node: Node) -> pyfuse3.EntryAttributes:
-        """Attributes of an open file removed since it was opened (fstat after rm)."""
+        """Attributes of an open file removed since it was opened (fstat after rm, here
+        or by another process)."""
         created, updated = self.unlinked[node.ino]
         handle = self.handles[min(self.open_files[node.ino])]
         assert not isinstance(handle, DirHandle)
@@ -226,6 +227,8 @@ class ContentOps(pyfuse3.Operations):
         with fuse_errors(f"stat removed {node.key}"):
             st = os.fstat(fd)
         if node.kind is Kind.BLOB:
+            if not created:  # its metadata went with it: the file's mtime is its commit
+                created = updated = st.st_mtime_ns
             attr = view.blob_attr(node.ino, st, created, updated)
         else:
             size = handle.writer.offset if isinstance(handle, WriteHandle) else st.st_size
@@ -409,9 +412,15 @@ class ContentOps(pyfuse3.Operations):
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
-        if inode in self.unlinked:
-            return self._orphan_entry(node)
-        return self._entry_of(node)
+        if inode not in self.unlinked:
+            try:
+                return self._entry_of(node)
+            except pyfuse3.FUSEError as exc:
+                if exc.errno != errno.ENOENT or inode not in self.open_files:
+                    raise
+                # removed by another process (contentfs rm/abort, containerd) while open
+                self.unlinked[inode] = (0, 0)
+        return self._orphan_entry(node)
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, n in inode_list:

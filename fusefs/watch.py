@@ -79,7 +79,7 @@ async def watch_store(ops: ContentOps) -> None:
     watches: dict[int, str] = {}  # wd -> "" (root), "blobs", _META, or an algorithm
     db_name = os.path.basename(layout.db).encode()
 
-    def arm() -> None:
+    def arm(first: bool = False) -> None:
         for path, tag, mask in [(layout.root, "", _DIR_EVENTS),
                                 (layout.blobs, "blobs", _DIR_EVENTS),
                                 (layout.private, _META, _META_EVENTS)] + [
@@ -88,11 +88,14 @@ async def watch_store(ops: ContentOps) -> None:
                 wd = ino.add(path, mask)
                 if wd >= 0:
                     watches[wd] = tag
+                    if not first and tag in ALGORITHMS:
+                        # a blob may have arrived in the new directory before the watch
+                        _added_before_watch(ops, tag, path)
 
     db_dirty = False  # the metadata database changed: labels may have moved
     last_check = -math.inf
     try:
-        arm()
+        arm(first=True)
         while True:
             wait = (last_check + DB_CHECK_INTERVAL - trio.current_time() if db_dirty
                     else math.inf)
@@ -150,6 +153,21 @@ def _handle(ops: ContentOps, watches: dict[int, str], data: bytes,
                     pass
                 pyfuse3.invalidate_entry_async(alg_ino, name, ignore_enoent=True)
     return rearm, changed
+
+
+def _added_before_watch(ops: ContentOps, alg: str, path: str) -> None:
+    """``blobs/<alg>/`` appeared while the mount runs: drop the kernel's cached misses
+    for what it already holds (its blobs came before our watch on it)."""
+    alg_ino = ops.nodes.alg_ino(alg)
+    if alg_ino is None:
+        return
+    ops.drop_listing(alg)
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return
+    for name in names:
+        pyfuse3.invalidate_entry_async(alg_ino, os.fsencode(name), ignore_enoent=True)
 
 
 async def _relabelled(ops: ContentOps) -> None:

@@ -13,6 +13,7 @@ from .errors import (
     NotImplemented,
     StoreError,
     Unavailable,
+    Unreachable,
 )
 from .filters import Filter, parse_filters
 from .labels import MAX_LABEL_SIZE, validate_labels
@@ -40,6 +41,7 @@ __all__ = [
     "Status",
     "StoreError",
     "Unavailable",
+    "Unreachable",
     "digest_of",
     "parse_digest",
     "parse_filters",

@@ -6,6 +6,7 @@
      +-- InvalidArgument     (also ValueError)   bad digest, ref, filter, fieldpath or label
      +-- FailedPrecondition                      size or digest mismatch at commit, closed writer
      +-- Unavailable                             ref locked by another writer, database busy
+     |    +-- Unreachable                        a remote store that did not answer in time
      +-- DataLoss                                a blob no longer matches its digest
      +-- NotImplemented                          an operation the store does not support
 
@@ -25,6 +26,7 @@ __all__ = [
     "NotImplemented",
     "StoreError",
     "Unavailable",
+    "Unreachable",
 ]
 
 
@@ -65,6 +67,14 @@ class FailedPrecondition(StoreError):
 
 class Unavailable(StoreError):
     kind = "unavailable"
+
+
+class Unreachable(Unavailable):
+    """A remote store that cannot be reached or did not answer within its deadline.
+
+    Still Unavailable (a client that retries later does the right thing); adapters that
+    must tell "busy" from "gone" (the mount: EBUSY versus EIO) branch on this class.
+    """
 
 
 class DataLoss(StoreError):

@@ -60,7 +60,10 @@ def test_error_hierarchy_is_closed() -> None:
               store.NotImplemented]
     assert {c for c in vars(store).values()
             if isinstance(c, type) and issubclass(c, store.StoreError)} == {
-        store.StoreError, *errors}
+        store.StoreError, *errors, store.Unreachable}
+    # the one refinement: a remote store that is gone, still of the Unavailable kind
+    assert store.Unreachable.__mro__[1] is store.Unavailable
+    assert store.Unreachable.kind == store.Unavailable.kind
     assert issubclass(store.NotFound, LookupError)
     assert issubclass(store.InvalidArgument, ValueError)
     assert str(store.NotFound("content sha256:ab")) == "content sha256:ab: not found"

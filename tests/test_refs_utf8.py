@@ -146,6 +146,14 @@ def test_fuse_refuses_non_utf8_name_and_survives(mounter: fuse_util.MountFactory
     with pytest.raises(OSError) as exc:
         os.rename(m.ingest("ok"), ingest + BAD)
     assert exc.value.errno == errno.EINVAL
+    # labels are UTF-8 text too (they are protobuf strings as well)
+    for name, value in ((b"user." + BAD, b"v"), (b"user.k", BAD)):
+        with pytest.raises(OSError) as exc:
+            os.setxattr(m.ingest("ok"), name, value)
+        assert exc.value.errno == errno.EINVAL
+        proc = subprocess.run([b"setfattr", b"-n", name, b"-v", value,
+                               os.fsencode(m.ingest("ok"))], capture_output=True)
+        assert proc.returncode == 1 and b"Invalid argument" in proc.stderr, proc.stderr
     assert os.listdir(m.ingest("")) == ["ok"]  # the mount is alive
     assert _ingest_dirs(m.root) == [hashlib.sha256(b"ok").hexdigest()]
     assert _ingest_rows(m.root) == 0
@@ -192,3 +200,26 @@ def test_grpc_lists_legacy_ref(inproc: InProcessServer) -> None:
     proc = ctr(inproc.address, "content", "active")
     assert proc.returncode == 0, proc.stderr
     assert SHOWN in proc.stdout.decode() and "plain" in proc.stdout.decode()
+
+
+def test_grpc_refuses_non_utf8_ref_on_the_wire(inproc: InProcessServer) -> None:
+    """No protobuf client can build such a request; raw bytes get what containerd's Go
+    server answers (INTERNAL, "error unmarshalling request"), and nothing is written."""
+    channel = grpc.insecure_channel(f"unix:{inproc.socket}")
+    field = b"\x12" + bytes([len(BAD)]) + BAD  # WriteContentRequest.ref (field 2)
+    status_req = b"\x0a" + bytes([len(BAD)]) + BAD  # StatusRequest.ref (field 1)
+    try:
+        for name, kind, req in (("Write", "stream_stream", iter([field])),
+                                ("Status", "unary_unary", status_req),
+                                ("Abort", "unary_unary", status_req)):
+            call = getattr(channel, kind)(grpc_util.SERVICE + name,
+                                          request_serializer=lambda b: b,
+                                          response_deserializer=lambda b: b)
+            with pytest.raises(grpc.RpcError) as exc:
+                result = call(req, metadata=grpc_util.NS, timeout=30)
+                if kind == "stream_stream":
+                    list(result)
+            assert exc.value.code() == grpc.StatusCode.INTERNAL, (name, exc.value)
+    finally:
+        channel.close()
+    assert _ingest_dirs(inproc.store.root) == [] and _ingest_rows(inproc.store.root) == 0

@@ -4,6 +4,20 @@ Talks to ``contentfs serve`` or to containerd itself. gRPC status codes come bac
 store's error classes (:func:`store.grpc.errors.from_grpc`); codes with no class
 (OUT_OF_RANGE, UNKNOWN, ...) as :class:`~store.grpc.errors.RemoteError`.
 
+Every call has a deadline (``timeout``, seconds): a unary call as a whole, a stream per
+message (a List batch, a Write exchange), so a long ingest or listing is fine while a
+server that stops answering is not waited for. A server that cannot be reached, or does
+not answer in time, is :class:`~store.errors.Unreachable` (an Unavailable): the
+connection's failures come back as UNAVAILABLE with grpc's own text, while a server's
+Unavailable (a locked ref) ends with containerd's sentinel ``: unavailable``. The channel
+reconnects within about a second once the server is back.
+
+With ``lease`` set, writes, deletes and aborts carry the ``containerd-lease`` header for
+that lease, created on first use without expiry: containerd keeps what a live lease holds
+through garbage collection, ingests included, and moves an ingest's hold to its blob at
+commit (reference §5.3, §5.6). A server without the Leases service (an older ``contentfs
+serve``) collects nothing behind its users' backs, so there the header is left off.
+
 A :class:`RemoteWriter` is one Write stream, used as containerd's Go proxy writer does:
 open = STAT, each ``write`` = one WRITE (split to stay under the message limit), commit =
 COMMIT then half-close, close = half-close. ``close`` and ``commit`` return only once the
@@ -14,26 +28,57 @@ from __future__ import annotations
 
 import builtins
 import datetime as dt
+import hashlib
+import heapq
+import itertools
+import logging
 import queue
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from store.digest import Digest
-from store.errors import FailedPrecondition
+from store.digest import Digest, parse_digest, split_digest
+from store.errors import (
+    DataLoss,
+    FailedPrecondition,
+    NotFound,
+    StoreError,
+    Unavailable,
+    Unreachable,
+)
 from store.errors import NotImplemented as NotSupported
 from store.types import EPOCH, Info, Status, from_ns
 
 from .errors import RemoteError, from_grpc
 from .pb import content_pb2 as pb
+from .pb import leases_pb2 as lpb
 
-__all__ = ["RemoteReaderAt", "RemoteStore", "RemoteWriter", "channel_target"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "KEEP_LEASE",
+    "RemoteReaderAt",
+    "RemoteStore",
+    "RemoteWriter",
+    "channel_target",
+]
+
+log = logging.getLogger("store.grpc.client")
+_Metadata = tuple[tuple[str, str], ...]
 
 SERVICE = "/containerd.services.content.v1.Content/"
+LEASES = "/containerd.services.leases.v1.Leases/"
+#: Seconds a call (or one message of a stream) may take before it fails as Unreachable.
+DEFAULT_TIMEOUT = 10.0
+#: The lease the CLI and the mount hold what they write in (see the module docstring).
+KEEP_LEASE = "contentfs"
+#: Bytes per Read call when a whole blob is read (``read_chunks``, ``verify``).
+READ_CHUNK = 4 << 20
 MAX_MESSAGE = 16 << 20
 #: Largest data payload per WRITE message (the Go client sends its callers' buffers, at
 #: most 1 MiB from content.Copy; bigger buffers are split here).
@@ -72,24 +117,107 @@ def _status(msg: pb.Status) -> Status:
     )
 
 
-def _raise(exc: grpc.RpcError) -> NoReturn:
-    raise from_grpc(exc.code(), exc.details()) from None
+class _Alarm:
+    """One armed deadline of the watchdog; ``fired`` once it cancelled its call."""
+
+    __slots__ = ("call", "deadline", "fired", "seconds")
+
+    def __init__(self, call: Any, seconds: float) -> None:
+        self.call = call
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+        self.fired = False
+
+
+class _Watchdog:
+    """Cancels stream calls that get no answer within their deadline: one daemon thread
+    for every call of a store, sleeping until the earliest deadline."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, _Alarm]] = []
+        self._armed: set[_Alarm] = set()
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def arm(self, call: Any, seconds: float) -> _Alarm:
+        alarm = _Alarm(call, seconds)
+        with self._cond:
+            self._armed.add(alarm)
+            heapq.heappush(self._heap, (alarm.deadline, next(self._seq), alarm))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="contentfs-deadlines", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+        return alarm
+
+    def touch(self, alarm: _Alarm) -> None:
+        """Restart ``alarm``'s deadline (a stream that made progress)."""
+        with self._cond:
+            alarm.deadline = time.monotonic() + alarm.seconds
+            heapq.heappush(self._heap, (alarm.deadline, next(self._seq), alarm))
+
+    def disarm(self, alarm: _Alarm) -> None:
+        with self._cond:
+            self._armed.discard(alarm)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    while self._heap and (
+                        self._heap[0][2] not in self._armed
+                        or self._heap[0][0] != self._heap[0][2].deadline
+                    ):
+                        heapq.heappop(self._heap)  # disarmed, or touched since
+                    if not self._heap:
+                        self._cond.wait()
+                        continue
+                    wait = self._heap[0][0] - time.monotonic()
+                    if wait <= 0:
+                        break
+                    self._cond.wait(wait)
+                alarm = heapq.heappop(self._heap)[2]
+                self._armed.discard(alarm)
+                alarm.fired = True
+            alarm.call.cancel()
 
 
 class RemoteStore:
-    """The store API over gRPC, in ``namespace`` (every call carries it)."""
+    """The store API over gRPC, in ``namespace`` (every call carries it), each call with
+    a deadline of ``timeout`` seconds; with ``lease``, what it writes is held by that
+    lease (see the module docstring)."""
 
-    def __init__(self, address: str, *, namespace: str = "default") -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        namespace: str = "default",
+        timeout: float = DEFAULT_TIMEOUT,
+        lease: str | None = None,
+    ) -> None:
         self.address = address
         self.namespace = namespace
+        self.timeout = timeout
+        self.lease = lease
         self._channel = grpc.insecure_channel(
             channel_target(address),
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
                 ("grpc.max_send_message_length", MAX_MESSAGE),
+                # back within about a second once a restarted server listens again
+                # (grpc's default backoff grows to two minutes)
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000),
             ],
         )
-        self._md: tuple[tuple[str, str], ...] = (("containerd-namespace", namespace),)
+        self._md: _Metadata = (("containerd-namespace", namespace),)
+        self._lease_lock = threading.Lock()
+        self._lease_state = "unknown" if lease else "none"  # -> "held" | "unsupported"
+        self._watchdog = _Watchdog()
         ch = self._channel
         self._info = ch.unary_unary(
             SERVICE + "Info", pb.InfoRequest.SerializeToString, pb.InfoResponse.FromString
@@ -126,6 +254,9 @@ class RemoteStore:
         self._abort = ch.unary_unary(
             SERVICE + "Abort", pb.AbortRequest.SerializeToString, lambda b: b
         )
+        self._lease_create = ch.unary_unary(
+            LEASES + "Create", lpb.CreateRequest.SerializeToString, lpb.CreateResponse.FromString
+        )
 
     def close(self) -> None:
         self._channel.close()
@@ -136,11 +267,69 @@ class RemoteStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: Callable[..., Any], request: Any) -> Any:
+    def error(self, exc: grpc.RpcError, alarm: _Alarm | None = None) -> StoreError:
+        """The store error for a failed call (Unreachable for the connection's failures
+        and missed deadlines, else by its code)."""
+        code, details = exc.code(), exc.details() or ""
+        if (alarm is not None and alarm.fired) or code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return Unreachable(f"store at {self.address}: no answer within {self.timeout:g} s")
+        if code == grpc.StatusCode.UNAVAILABLE and not details.endswith(
+            ": " + Unavailable.kind
+        ):
+            return Unreachable(f"store at {self.address}: {details}")
+        return from_grpc(code, details)
+
+    def _call(
+        self, method: Callable[..., Any], request: Any, md: _Metadata | None = None
+    ) -> Any:
         try:
-            return method(request, metadata=self._md)
+            return method(request, metadata=md or self._md, timeout=self.timeout)
         except grpc.RpcError as exc:
-            _raise(exc)
+            raise self.error(exc) from None
+
+    def _next(self, call: Any, alarm: _Alarm) -> Any:
+        """The next message of a stream within the deadline; StopIteration at its end."""
+        self._watchdog.touch(alarm)
+        try:
+            return next(call)
+        except grpc.RpcError as exc:
+            raise self.error(exc, alarm) from None
+
+    # Leases --------------------------------------------------------------------------
+
+    def _write_md(self) -> _Metadata:
+        """Metadata for calls that change what the lease holds: with the lease header
+        once the lease exists (created here on first use)."""
+        if self._lease_state == "unknown":
+            with self._lease_lock:
+                if self._lease_state == "unknown":
+                    self._create_lease()
+        if self._lease_state == "held":
+            assert self.lease is not None
+            return (*self._md, ("containerd-lease", self.lease))
+        return self._md
+
+    def _create_lease(self) -> None:
+        try:
+            self._lease_create(
+                lpb.CreateRequest(id=self.lease), metadata=self._md, timeout=self.timeout
+            )
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                log.debug("store at %s has no Leases service: writing without a lease",
+                          self.address)
+                self._lease_state = "unsupported"
+                return
+            if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise self.error(exc) from None
+        self._lease_state = "held"
+
+    def _lease_lost(self) -> None:
+        """The server said the lease does not exist (someone removed it): create it again
+        on the next call."""
+        with self._lease_lock:
+            if self._lease_state == "held":
+                self._lease_state = "unknown"
 
     # Manager / Provider ------------------------------------------------------------
 
@@ -162,15 +351,31 @@ class RemoteStore:
         return builtins.list(self.iter_infos(*filters))
 
     def iter_infos(self, *filters: str) -> Iterator[Info]:
-        """The List stream, decoded as it arrives (flat memory for any count)."""
+        """The List stream, decoded as it arrives (flat memory for any count); each batch
+        within the deadline."""
+        call = self._list(pb.ListContentRequest(filters=filters), metadata=self._md)
+        alarm = self._watchdog.arm(call, self.timeout)
         try:
-            for batch in self._list(pb.ListContentRequest(filters=filters), metadata=self._md):
+            while True:
+                try:
+                    batch = self._next(call, alarm)
+                except StopIteration:
+                    break
                 yield from (_info(i) for i in batch.info)
-        except grpc.RpcError as exc:
-            _raise(exc)
+        finally:
+            self._watchdog.disarm(alarm)
+            call.cancel()  # a consumer that stopped early ends the stream
 
     def delete(self, digest: str) -> None:
-        self._call(self._delete, pb.DeleteContentRequest(digest=digest))
+        """Delete a blob (NotFound if absent); it also leaves the lease."""
+        try:
+            self._call(self._delete, pb.DeleteContentRequest(digest=digest), self._write_md())
+        except NotFound as exc:
+            if self._lease_state == "held" and "lease" in str(exc):
+                self._lease_lost()
+                self._call(self._delete, pb.DeleteContentRequest(digest=digest), self._write_md())
+            else:
+                raise
 
     def reader_at(self, digest: str) -> RemoteReaderAt:
         """A reader for a blob (NotFound if absent); its size is taken now."""
@@ -181,10 +386,38 @@ class RemoteStore:
             chunks = self._read(
                 pb.ReadContentRequest(digest=digest, offset=offset, size=size),
                 metadata=self._md,
+                timeout=self.timeout,
             )
             return b"".join(c.data for c in chunks)
         except grpc.RpcError as exc:
-            _raise(exc)
+            raise self.error(exc) from None
+
+    def read_chunks(self, digest: str, chunk: int = READ_CHUNK) -> Iterator[bytes]:
+        """A blob's bytes in order, ``chunk`` bytes per Read call (NotFound if absent).
+        DataLoss if the blob ends before the size its Info gave."""
+        size = self.info(digest).size
+        offset = 0
+        while offset < size:
+            data = self._read_range(digest, offset, min(chunk, size - offset))
+            if not data:
+                raise DataLoss(f"content {digest}: ends at {offset} of {size} bytes")
+            offset += len(data)
+            yield data
+
+    def verify(self, digest: str, progress: Callable[[int], object] | None = None) -> Info:
+        """Read a blob back and rehash it. DataLoss if its bytes do not match its digest.
+        ``progress`` is called with the size of each chunk hashed."""
+        dgst = parse_digest(digest)
+        info = self.info(dgst)
+        alg, want = split_digest(dgst)
+        hasher = hashlib.new(alg)
+        for data in self.read_chunks(dgst):
+            hasher.update(data)
+            if progress is not None:
+                progress(len(data))
+        if hasher.hexdigest() != want:
+            raise DataLoss(f"content {dgst}: bytes read hash to {alg}:{hasher.hexdigest()}")
+        return info
 
     # IngestManager / Ingester --------------------------------------------------------
 
@@ -196,18 +429,23 @@ class RemoteStore:
         return [_status(s) for s in resp.statuses]
 
     def abort(self, ref: str) -> None:
-        self._call(self._abort, pb.AbortRequest(ref=ref))
+        self._call(self._abort, pb.AbortRequest(ref=ref), self._write_md())
 
     def writer(self, ref: str, *, total: int = 0, expected: str | None = None) -> RemoteWriter:
         """Open a Write stream for ``ref``: Unavailable if it is held, AlreadyExists if
         ``expected`` is committed. The caller must ``close()`` or ``commit()``."""
-        return RemoteWriter(
-            lambda requests: self._write(requests, metadata=self._md), ref, total, expected
-        )
+        try:
+            return RemoteWriter(self, self._write_md(), ref, total, expected)
+        except NotFound as exc:  # only a lease can be missing when a stream opens
+            if self._lease_state != "held" or "lease" not in str(exc):
+                raise
+        self._lease_lost()
+        return RemoteWriter(self, self._write_md(), ref, total, expected)
 
 
 class RemoteReaderAt:
-    """Positional reads of one blob, one Read call each (containerd's remote ReaderAt)."""
+    """Positional reads of one blob, one Read call each (containerd's remote ReaderAt),
+    each within the store's deadline."""
 
     def __init__(self, store: RemoteStore, digest: str, size: int) -> None:
         self._store = store
@@ -251,13 +489,21 @@ class _Requests:
 
 
 class RemoteWriter:
-    """One Write stream (containerd's proxy writer)."""
+    """One Write stream (containerd's proxy writer); each exchange within the store's
+    deadline (a missed one ends the stream: Unreachable, the ingest kept for resuming)."""
 
     def __init__(
-        self, open_call: Callable[[_Requests], Any], ref: str, total: int, expected: str | None
+        self,
+        store: RemoteStore,
+        md: _Metadata,
+        ref: str,
+        total: int,
+        expected: str | None,
     ) -> None:
+        self._store = store
         self._requests = _Requests()
-        self._call = open_call(self._requests)
+        self._call = store._write(self._requests, metadata=md)
+        self._alarm = store._watchdog.arm(self._call, store.timeout)
         self.ref = ref
         self._total = total
         self._expected = expected
@@ -272,13 +518,13 @@ class RemoteWriter:
             raise FailedPrecondition(f"ingest {self.ref}: writer is closed")
         self._requests.put(req)
         try:
-            resp: pb.WriteContentResponse = next(self._call)
+            resp: pb.WriteContentResponse = self._store._next(self._call, self._alarm)
         except StopIteration:
-            self._closed = True
+            self._end()
             raise RemoteError(grpc.StatusCode.UNKNOWN, "write stream ended early") from None
-        except grpc.RpcError as exc:
-            self._closed = True
-            _raise(exc)
+        except StoreError:
+            self._end()
+            raise
         self._offset = resp.offset
         self._digest = resp.digest
         self._last = resp
@@ -343,15 +589,23 @@ class RemoteWriter:
             self._finish()
         return Digest(resp.digest)
 
+    def _end(self) -> None:
+        self._closed = True
+        self._store._watchdog.disarm(self._alarm)
+
     def _finish(self) -> None:
-        """Half-close and drain, so the server has released the ref when this returns."""
+        """Half-close and drain, so the server has released the ref when this returns
+        (or the deadline passed: then the stream is cancelled, which releases it too)."""
         self._closed = True
         self._requests.put(None)
+        self._store._watchdog.touch(self._alarm)
         try:
             for _ in self._call:
                 pass  # containerd repeats its last response once
         except grpc.RpcError:
             pass  # an error ending the stream was raised by the exchange that caused it
+        finally:
+            self._end()
 
     def close(self) -> None:
         """Keep the ingest for resuming. A second close, or one after commit, does nothing."""
