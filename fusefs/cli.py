@@ -37,6 +37,7 @@ from store import (
     Unavailable,
     parse_digest,
     parse_filters,
+    prepare_root,
 )
 from store.digest import split_digest
 from store.identifiers import DEFAULT_NAMESPACE, validate_identifier
@@ -245,20 +246,18 @@ def open_store(
     raw: bool = False,
 ) -> AnyStore:
     """Open the chosen store: a root, as the view of the chosen namespace (``raw``: the
-    raw store beneath the namespaces), or a remote one (``--address``). ``reading``
-    commands fall back to a read-only open when the root cannot be written (read-only
-    media, another user's store)."""
+    raw store beneath the namespaces), or a remote one (``--address``). For a root,
+    ``create`` (commands that write) makes a missing root, parents too; other commands
+    say ``no store at ROOT`` (exit 4), except for the default root, which is always
+    made. ``reading`` commands fall back to a read-only open when the root cannot be
+    written (read-only media, another user's store)."""
     ns = None if raw else chosen_namespace(ctx)
     address = chosen_address(ctx, cmd_root)
     if address is not None:
         return open_remote(ctx, address)
     root = cmd_root or ctx.obj.get("root") or default_root()
     explicit = bool(cmd_root or ctx.obj.get("root") or os.environ.get("CONTENTFS_ROOT"))
-    if not os.path.isdir(root):
-        if create or not explicit:
-            os.makedirs(root, mode=0o755, exist_ok=True)
-        else:
-            fail(f"store root {root}: not a directory", EXIT_CODES[NotFound])
+    prepare_root(root, create=create or not explicit)
     try:
         store = LocalStore(root)
     except (OSError, Unavailable) as exc:
@@ -543,7 +542,7 @@ def ingest_cmd(
     starts over; a stream that differs is refused). Content that already exists is
     success.
     """
-    store = open_store(ctx, cmd_root)
+    store = open_store(ctx, cmd_root, create=True)
     label_map = parse_pairs(labels)
     expected = parse_digest(expected_digest) if expected_digest else None
     source: IO[bytes]
@@ -743,7 +742,7 @@ def label_cmd(
     ctx: click.Context, digest: str, pairs: tuple[str, ...], cmd_root: str | None
 ) -> None:
     """Set (KEY=VALUE) or remove (KEY=) labels of a blob; print its labels."""
-    store = open_store(ctx, cmd_root)
+    store = open_store(ctx, cmd_root, create=True)
     if pairs:
         changes = parse_pairs(pairs)
         info = store.info(digest)
@@ -802,7 +801,7 @@ def verify_cmd(ctx: click.Context, digests: tuple[str, ...], cmd_root: str | Non
     "mount",
     context_settings={"ignore_unknown_options": False},
 )
-@click.argument("root", type=click.Path(file_okay=False))
+@click.argument("root", type=click.Path())
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @click.option("-o", "options", metavar="OPT[,OPT...]", multiple=True,
               help="Mount options: ro, allow_other, default_permissions, ... "

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import pyfuse3
 import trio
 
-from store import LocalStore, StoreError
+from store import LocalStore, StoreError, prepare_root
 from store.identifiers import DEFAULT_NAMESPACE, validate_identifier
 
 from .ops import ContentOps
@@ -43,6 +43,9 @@ GENERIC_OPTIONS = frozenset({
 })
 GENERIC_PREFIXES = ("x-", "comment=", "setuid=", "fsname=", "subtype=")
 #: FUSE options passed to the kernel/libfuse as given.
+#: Exit status for a store root that is missing (read-only mount) or no directory: the
+#: CLI's code for NotFound.
+EXIT_NO_STORE = 4
 FUSE_OPTIONS = frozenset({"allow_other", "allow_root", "default_permissions", "ro"})
 
 
@@ -174,7 +177,8 @@ def mount_main(
 ) -> int:
     """Mount store ``root`` at ``mountpoint``; see the module docstring. Returns the exit
     status: 0 after a clean unmount (or, in the parent, once the daemon answers), 1 on a
-    failure, 2 on bad options."""
+    failure, 2 on bad options, 4 for no store at ``root`` (read-only) or a root that is
+    no directory. A read-write mount makes a missing root, parents too."""
     _setup_logging(debug, quiet=not foreground)
     try:
         opts = parse_options(options)
@@ -183,14 +187,15 @@ def mount_main(
         return 2
     root = os.path.abspath(root)
     mountpoint = os.path.abspath(mountpoint)
-    for path, what in ((root, "store root"), (mountpoint, "mount point")):
-        try:
-            isdir = os.path.isdir(path)
-        except OSError:
-            isdir = True  # e.g. a dead mount: handled below
-        if not isdir and not _mount_entry(path):
-            print(f"contentfs: {what} {path}: not a directory", file=sys.stderr)
-            return 1
+    if not _mount_entry(root):
+        try:  # a read-write mount makes a missing root, as the CLI's writing commands
+            prepare_root(root, create=not opts.readonly)
+        except StoreError as exc:
+            print(f"contentfs: {exc}", file=sys.stderr)
+            return EXIT_NO_STORE
+    if not os.path.isdir(mountpoint) and not _mount_entry(mountpoint):
+        print(f"contentfs: mount point {mountpoint}: not a directory", file=sys.stderr)
+        return 1
     ready_r, ready_w = os.pipe()
     if not foreground:
         pid = os.fork()

@@ -88,12 +88,17 @@ FIGURES: tuple[Figure, ...] = (
            "ctr content ingest on containerd", "rate", ">", 1.0),
     Figure("cli_get", "CLI get, big blob", "contentfs get", "ctr content get on containerd",
            "rate", ">", 1.0),
+    Figure("fetch_registry", "fetch an image from a registry", "contentfs fetch",
+           "ctr content fetch into containerd", "rate", ">=", 1.0),
+    Figure("fetch_registry_skopeo", "fetch an image from a registry", "contentfs fetch",
+           "skopeo copy docker:// oci:", "rate", ">=", 1.0),
     Figure("rss_mount", "mount daemon peak RSS", "contentfs mount (VmHWM)",
            "containerd (VmHWM)", "memory", "<", 150.0),
     Figure("rss_serve", "serve daemon peak RSS", "contentfs serve (VmHWM)",
            "containerd (VmHWM)", "memory", "<", 150.0),
 )
 BY_NAME = {f.name: f for f in FIGURES}
+REGISTRY_FIGS = frozenset({"fetch_registry", "fetch_registry_skopeo"})
 
 
 @dataclasses.dataclass
@@ -351,6 +356,7 @@ class Containerd:
             raise BenchError("containerd not found (apt-get install containerd)")
         base.mkdir(parents=True, exist_ok=True)
         self.sock = sock
+        self.daemon_root = base / "root"
         config = base / "config.toml"
         config.write_text(
             "version = 2\n"
@@ -542,6 +548,7 @@ class Params:
     keep: bool
     json_path: Path
     quick: bool
+    layer_size: int = 512 * MiB
 
 
 class Bench:
@@ -569,6 +576,7 @@ class Bench:
         self.containerd: Containerd | None = None
         self.rss: dict[str, dict[str, float]] = {}
         self.start_errors: dict[str, str] = {}
+        self.prepared = False
 
     # setup ------------------------------------------------------------------------------
 
@@ -577,6 +585,9 @@ class Bench:
 
     def prepare(self) -> None:
         p = self.p
+        self.prepared = not p.only <= REGISTRY_FIGS
+        if not self.prepared:  # the registry figures make their own data
+            return
         say(f"preparing data in {self.work}: 2 x {human(p.size)}, {p.blobs} small blobs")
         self.big = self.work / "big.bin"
         self.big_hex = make_random_file(self.big, p.size, 1)
@@ -612,10 +623,11 @@ class Bench:
             c = Containerd(self.work / "containerd", self.socks / "c.sock")
             self.containerd = c
             self.stack.callback(c.stop)
-            with open(self.big, "rb") as fh:
-                run(ctr(c.sock, "content", "ingest", "bench-big"), stdin=fh)
-            run(ctr(c.sock, "content", "label", f"sha256:{self.big_hex}",
-                    "containerd.io/gc.root=bench"))
+            if self.prepared:
+                with open(self.big, "rb") as fh:
+                    run(ctr(c.sock, "content", "ingest", "bench-big"), stdin=fh)
+                run(ctr(c.sock, "content", "label", f"sha256:{self.big_hex}",
+                        "containerd.io/gc.root=bench"))
             self.rss["containerd"] = {"start": c.daemon.rss_mb()}
         return self.containerd
 
@@ -685,6 +697,8 @@ class Bench:
             self.measure("cli_get", self.fig_cli_get)
         if self.serve is not None:
             self.measure("rss_serve", lambda r: self.fig_rss(r, self.serve))
+        if self.wanted("fetch_registry", "fetch_registry_skopeo"):
+            self.run_registry_figures()
         for name in p.only:
             if name not in self.results:
                 res = Result(BY_NAME[name], error=self.start_errors.get(name, "not run"))
@@ -877,6 +891,175 @@ class Bench:
                    self.ctr_get(self.containerd.sock), self.rate(self.p.size))
 
 
+    # registries ---------------------------------------------------------------------------
+
+    def run_registry_figures(self) -> None:
+        """``contentfs fetch`` of a one-layer image (``--layer-size``) from a local
+        docker-registry, alternated with ``ctr content fetch`` into containerd and with
+        ``skopeo copy docker:// oci:``; each run starts with none of the image's content
+        where it writes (a fresh root / OCI directory; containerd's copy deleted and
+        garbage-collected, checked on disk)."""
+        try:
+            reg = Registry(self.work / "registry", self.logs)
+            self.stack.callback(reg.stop)
+            ref = reg.push_image(self.work / "image", self.p.layer_size)
+        except BenchError as exc:
+            for name in ("fetch_registry", "fetch_registry_skopeo"):
+                self.start_errors[name] = f"registry: {exc}"
+            say(f"  cannot start the registry: {exc}")
+            return
+        rate = self.rate(self.p.layer_size)
+        runs = self.p.slow_runs
+
+        def ours() -> float:
+            root = self.work / "fetch-root"
+            shutil.rmtree(root, ignore_errors=True)
+            t = timed([str(BIN / "contentfs"), "--root", str(root), "fetch", "--plain-http",
+                       ref.name])
+            if not (root / "blobs" / "sha256" / ref.layer_hex).is_file():
+                raise BenchError("contentfs fetch: the layer is not in the store")
+            shutil.rmtree(root, ignore_errors=True)
+            return t
+
+        def skopeo() -> float:
+            out = self.work / "skopeo-oci"
+            shutil.rmtree(out, ignore_errors=True)
+            t = timed(["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false",
+                       f"docker://{ref.name}", f"oci:{out}:v1"])
+            if not (out / "blobs" / "sha256" / ref.layer_hex).is_file():
+                raise BenchError("skopeo copy: the layer is not in the layout")
+            shutil.rmtree(out, ignore_errors=True)
+            return t
+
+        if "fetch_registry" in self.p.only:
+            if self.containerd is None:
+                self.guard("containerd", self.start_containerd)
+            c = self.containerd
+            if c is not None:
+                blob = c.daemon_root / "io.containerd.content.v1.content" / "blobs" / \
+                    "sha256" / ref.layer_hex
+
+                def ctr_fetch() -> float:
+                    t = timed(ctr(c.sock, "content", "fetch", "--plain-http", ref.name))
+                    if not blob.is_file():
+                        raise BenchError("ctr content fetch: the layer is not in containerd")
+                    run(ctr(c.sock, "images", "rm", ref.name), check=False)
+                    run(ctr(c.sock, "content", "rm", *ref.digests))
+                    run(ctr(c.sock, "content", "prune", "references"))  # a synchronous GC
+                    wait_until("containerd GC of the fetched layer", lambda: not blob.exists(),
+                               c.daemon, timeout=30)
+                    return t
+
+                self.measure("fetch_registry",
+                             lambda r: self.pairs(r, runs, ours, ctr_fetch, rate))
+        self.measure("fetch_registry_skopeo",
+                     lambda r: self.pairs(r, runs, ours, skopeo, rate))
+
+
+@dataclasses.dataclass
+class Image:
+    name: str  # HOST:PORT/REPO:TAG
+    layer_hex: str
+    digests: list[str]  # every blob of the image
+
+
+class Registry:
+    """Debian's docker-registry (distribution) on 127.0.0.1, filesystem storage."""
+
+    def __init__(self, base: Path, logdir: Path) -> None:
+        exe = shutil.which("docker-registry")
+        if exe is None:
+            raise BenchError("docker-registry not found (apt-get install docker-registry)")
+        base.mkdir(parents=True, exist_ok=True)
+        import socket
+
+        with socket.socket() as sk:
+            sk.bind(("127.0.0.1", 0))
+            self.port = sk.getsockname()[1]
+        config = base / "config.yml"
+        config.write_text(
+            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {base / 'data'}\n"
+            f"http:\n  addr: 127.0.0.1:{self.port}\n")
+        self.daemon = Daemon("docker-registry", [exe, "serve", str(config)],
+                             logdir / "registry.log")
+        import urllib.request
+
+        def up() -> bool:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/v2/", timeout=2).close()
+                return True
+            except OSError:
+                return False
+
+        try:
+            wait_until("docker-registry", up, self.daemon)
+        except BaseException:
+            self.daemon.stop()
+            raise
+
+    def push_image(self, layout: Path, layer_size: int) -> Image:
+        """An OCI image with one layer: a tar of ``layer_size`` random bytes, written as a
+        layout and pushed with skopeo (which gzips it on the way)."""
+        import tarfile
+
+        blobs = layout / "blobs" / "sha256"
+        blobs.mkdir(parents=True, exist_ok=True)
+        data = layout / "payload"
+        make_random_file(data, layer_size, 7)
+        tar_path = layout / "layer.tar"
+        with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tf:
+            tf.add(data, arcname="payload")
+        data.unlink()
+        h = hashlib.sha256()
+        with open(tar_path, "rb") as fh:
+            while chunk := fh.read(MiB):
+                h.update(chunk)
+        layer_hex = h.hexdigest()
+        tar_size = tar_path.stat().st_size
+        tar_path.rename(blobs / layer_hex)
+
+        def put(doc: dict[str, Any]) -> tuple[str, int]:
+            raw = json.dumps(doc).encode()
+            hexd = hashlib.sha256(raw).hexdigest()
+            (blobs / hexd).write_bytes(raw)
+            return hexd, len(raw)
+
+        cfg_hex, cfg_size = put({"architecture": "amd64", "os": "linux", "rootfs": {
+            "type": "layers", "diff_ids": [f"sha256:{layer_hex}"]}, "config": {}})
+        man_hex, man_size = put({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": f"sha256:{cfg_hex}", "size": cfg_size},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": f"sha256:{layer_hex}", "size": tar_size}]})
+        (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+        (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": f"sha256:{man_hex}", "size": man_size,
+            "annotations": {"org.opencontainers.image.ref.name": "v1"}}]}))
+        name = f"127.0.0.1:{self.port}/bench/img:v1"
+        run(["skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false",
+             f"oci:{layout}:v1", f"docker://{name}"])
+        shutil.rmtree(layout, ignore_errors=True)
+        # skopeo compresses the layer on its way to a registry: read what it stored
+        import urllib.request
+
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/v2/bench/img/manifests/v1",
+            headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            raw = resp.read()
+        stored = json.loads(raw)
+        layer = stored["layers"][0]["digest"]
+        return Image(name, layer.split(":", 1)[1],
+                     [f"sha256:{hashlib.sha256(raw).hexdigest()}", stored["config"]["digest"],
+                      layer])
+
+    def stop(self) -> None:
+        self.daemon.stop()
+
+
 # --------------------------------------------------------------------------------------
 # output
 
@@ -964,6 +1147,8 @@ def parse_args(argv: Sequence[str]) -> Params:
                     help="where the temporary store, data and daemons live (default $TMPDIR "
                          "or /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    ap.add_argument("--layer-size", type=parse_size,
+                    help="the registry image's layer (default 512M; quick 16M)")
     a = ap.parse_args(argv)
     q = a.quick
     only = frozenset(BY_NAME) if not a.only else frozenset(a.only.split(","))
@@ -985,6 +1170,7 @@ def parse_args(argv: Sequence[str]) -> Params:
         keep=a.keep,
         json_path=a.json_path or REPO / "bench-results" / f"bench-{stamp}.json",
         quick=q,
+        layer_size=a.layer_size or (16 * MiB if q else 512 * MiB),
     )
 
 

@@ -62,7 +62,7 @@ from .text import is_text, printable_ref
 from .types import GcResult, Info, Lease, Status, format_time, from_ns
 from .writer import IngestState, LocalWriter
 
-__all__ = ["MAX_REF_SIZE", "LocalStore"]
+__all__ = ["MAX_REF_SIZE", "ROOT_MODE", "LocalStore", "NoStore", "prepare_root"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,43 @@ def _check_new_ref(ref: str) -> None:
         raise InvalidArgument(f"ref {printable_ref(ref)}: not valid UTF-8")
 
 
+#: Mode of a store root that contentfs creates (parents too), as containerd's 0755 dirs.
+ROOT_MODE = 0o755
+
+
+class NoStore(NotFound):
+    """NotFound for a store root that is missing or no directory. Its message is said
+    as it is, without the ``: not found`` suffix (it names the problem already)."""
+
+    def __init__(self, message: str) -> None:
+        Exception.__init__(self, message)
+
+
+def prepare_root(root: str, *, create: bool) -> str:
+    """Check (``create``: make, parents too) the store directory ``root``; return it.
+
+    One wording for every face (CLI, mount, serve): a missing root is NotFound
+    ``no store at ROOT`` unless ``create`` (commands that write make it, as containerd
+    makes its root); a path that exists but is no directory is NotFound ``store root
+    ROOT: not a directory``.
+    """
+    if os.path.isdir(root):
+        return root
+    if os.path.lexists(root):
+        raise NoStore(f"store root {root}: not a directory")
+    if not create:
+        raise NoStore(f"no store at {root}")
+    try:
+        os.makedirs(root, mode=ROOT_MODE, exist_ok=True)
+    except NotADirectoryError:  # a parent is a file
+        raise NoStore(f"store root {root}: not a directory") from None
+    except FileExistsError:  # a parent is a dangling symlink, or a race made a file
+        raise NoStore(f"store root {root}: not a directory") from None
+    if not os.path.isdir(root):
+        raise NoStore(f"store root {root}: not a directory")
+    return root
+
+
 class LocalStore:
     """A content store rooted at a directory in containerd's local layout.
 
@@ -121,8 +158,7 @@ class LocalStore:
     ) -> None:
         self.layout = Layout(root)
         self.root = self.layout.root
-        if not os.path.isdir(self.root):
-            raise NotFound(f"store root {self.root}")
+        prepare_root(self.root, create=False)
         self.readonly = readonly
         if namespace is not None:
             validate_identifier("namespace", namespace)

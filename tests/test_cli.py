@@ -459,7 +459,7 @@ def test_root_before_after_and_env(store_root: str, tmp_path: os.PathLike[str]) 
     missing = os.path.join(os.fspath(tmp_path), "missing")
     r = run("--root", missing, "ls")
     assert r.code == EXIT_CODES[NotFound]
-    assert r.error_line() == f"contentfs: store root {missing}: not a directory"
+    assert r.error_line() == f"contentfs: no store at {missing}"
     assert not os.path.exists(missing)
     r = run("ls", env={"CONTENTFS_ROOT": missing})
     assert r.code == EXIT_CODES[NotFound]

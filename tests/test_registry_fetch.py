@@ -364,3 +364,23 @@ def test_tls_is_verified_by_default(images: Images, tmp_path: Any) -> None:
     res = contentfs("--root", str(tmp_path / "s"), "fetch", images.ref("test/single:v1"),
                     timeout=60)
     assert res.returncode == 7, res.stderr
+
+
+def test_tls_registry(images: Images, tmp_path: Any) -> None:
+    """A registry with a self-signed certificate: refused by default (the certificate is
+    verified), fetched with --skip-verify, and with the CA trusted through SSL_CERT_FILE."""
+    reg = Registry(str(tmp_path / "tls"), tls=True)
+    try:
+        skopeo_copy(f"oci:{images.layout}:arm", f"docker://{reg.host}/tls/img:v1")
+        ref = f"{reg.host}/tls/img:v1"
+        refused = contentfs("--root", str(tmp_path / "a"), "fetch", ref)
+        assert refused.returncode == 7, refused.stderr
+        assert b"certificate" in refused.stderr.lower(), refused.stderr
+        skipped = contentfs("--root", str(tmp_path / "b"), "fetch", "--skip-verify", ref)
+        assert skipped.returncode == 0, skipped.stderr
+        assert skipped.stdout.decode().strip() == images.arm
+        trusted = contentfs("--root", str(tmp_path / "c"), "fetch", ref,
+                            env={"SSL_CERT_FILE": reg.cert})
+        assert trusted.returncode == 0, trusted.stderr
+    finally:
+        reg.stop()
