@@ -279,7 +279,7 @@ async def _serve(ops: ContentOps, mountpoint: str, ready_fd: int, daemon: bool,
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_on_signals)
         nursery.start_soon(_announce, mountpoint, ready_fd, daemon, log_file)
-        nursery.start_soon(watch_store, ops)
+        nursery.start_soon(watch_store, ops.store, ops.blobs)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
