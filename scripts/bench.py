@@ -1470,6 +1470,75 @@ def parse_args(argv: Sequence[str]) -> Params:
     )
 
 
+# --------------------------------------------------------------------------------------
+# gc_many: a figure of its own (no baseline), run with --gc-many
+
+
+def gc_many(blobs: int, tmpdir: str, keep: bool) -> dict[str, Any]:
+    """``contentfs gc`` over ``blobs`` blobs in namespace ``default``: a tenth are roots
+    (``containerd.io/gc.root``), each with nine children reached through
+    ``containerd.io/gc.ref.content.*`` labels, so everything is marked and nothing goes.
+    Returns wall time, peak RSS of the gc process (its own rusage) and how long writers
+    were held off (the marking transaction), from ``contentfs gc --json``."""
+    import sqlite3
+
+    from store import LocalStore
+
+    work = Path(tempfile.mkdtemp(prefix="contentfs-gc-", dir=tmpdir))
+    try:
+        root = work / "root"
+        blob_dir = root / "blobs" / "sha256"
+        blob_dir.mkdir(parents=True)
+        say(f"gc_many: writing {blobs} blobs in {root}")
+        names = make_small_blobs(blob_dir, blobs)
+        LocalStore(str(root)).close()  # the schema
+        db = sqlite3.connect(str(root / ".contentfs" / "meta.db"))
+        now = time.time_ns()
+        roots = max(1, blobs // 10)
+        with db:
+            db.executemany(
+                "INSERT INTO blobs(ns, digest, size, created_ns, updated_ns)"
+                " VALUES ('default', ?, ?, ?, ?)",
+                [(f"sha256:{h}", (blob_dir / h).stat().st_size, now, now) for h in names])
+            rows = []
+            for i in range(roots):
+                parent = f"sha256:{names[i]}"
+                rows.append((parent, "containerd.io/gc.root", "bench"))
+                for j in range(i + roots, blobs, roots)[:9]:
+                    rows.append((parent, f"containerd.io/gc.ref.content.l.{j}",
+                                 f"sha256:{names[j]}"))
+            db.executemany("INSERT INTO labels(ns, digest, key, value)"
+                           " VALUES ('default', ?, ?, ?)", rows)
+        db.close()
+        say(f"gc_many: contentfs gc over {blobs} blobs ({roots} roots)")
+        started = time.monotonic()
+        proc = subprocess.Popen([str(BIN / "contentfs"), "--root", str(root), "gc", "--json"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = proc.communicate()
+        seconds = time.monotonic() - started
+        if proc.returncode != 0:
+            raise BenchError(f"contentfs gc failed: {err.decode()[-2000:]}")
+        report = json.loads(out)
+        left = len(os.listdir(blob_dir))
+        if report["removed"] or left != blobs:
+            raise BenchError(f"gc removed {len(report['removed'])} rooted blobs")
+        return {"blobs": blobs, "roots": roots, "seconds": round(seconds, 3),
+                "held_seconds": report["held_seconds"],
+                "remarked": report.get("remarked"),
+                "peak_rss_mb": round(_child_peak_mb(), 1)}
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _child_peak_mb() -> float:
+    """Peak RSS of the largest child waited for so far (ru_maxrss of RUSAGE_CHILDREN, kB
+    on Linux): the gc process, the only child gc_many starts."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Turn SIGINT, SIGTERM and SIGHUP into KeyboardInterrupt so cleanup runs."""
@@ -1498,7 +1567,15 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = parse_args(sys.argv[1:] if argv is None else argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "--gc-many":
+        # gc_many [N]: self-contained, no baseline; target: peak RSS < 150 MB
+        n = int(args[1]) if len(args) > 1 else 100_000
+        res = gc_many(n, os.environ.get("TMPDIR", "/tmp"), keep=False)
+        res["met"] = res["peak_rss_mb"] < 150.0
+        print(json.dumps(res, indent=2))
+        return 0 if res["met"] else 1
+    p = parse_args(args)
     try:
         old = load(p.compare) if p.compare is not None else None
         doc = load(p.json_path) if p.show else measure_all(p)
