@@ -25,10 +25,11 @@ import pyfuse3
 import trio
 
 from store import LocalStore, StoreError
+from store.api import Store
 
 from .ops import ContentOps
 
-__all__ = ["MountOptions", "mount_main", "parse_options", "umount_main"]
+__all__ = ["MountOptions", "is_address", "mount_main", "parse_options", "umount_main"]
 
 log = logging.getLogger("fusefs")
 
@@ -52,6 +53,13 @@ class MountOptions:
         self.readonly = False
         self.auto_unmount = True
         self.fuse: set[str] = set()
+        self.namespace: str | None = None
+        self.timeout: float | None = None
+
+
+def is_address(source: str) -> bool:
+    """Whether a mount source names a gRPC store (``unix://``, ``tcp://``), not a root."""
+    return source.startswith(("unix://", "tcp://"))
 
 
 def parse_options(options: Iterable[str]) -> MountOptions:
@@ -66,6 +74,15 @@ def parse_options(options: Iterable[str]) -> MountOptions:
                 out.auto_unmount = True
             elif opt == "noauto_unmount":
                 out.auto_unmount = False
+            elif opt.startswith("namespace="):
+                out.namespace = opt.partition("=")[2]
+            elif opt.startswith("timeout="):
+                try:
+                    out.timeout = float(opt.partition("=")[2])
+                except ValueError:
+                    out.timeout = -1.0
+                if not out.timeout > 0:
+                    raise ValueError(f"mount option {opt!r}: expected seconds > 0")
             elif opt in FUSE_OPTIONS:
                 out.fuse.add(opt)
                 out.readonly = out.readonly or opt == "ro"
@@ -163,19 +180,28 @@ def mount_main(
     foreground: bool,
     debug: bool,
     log_file: str | None = None,
+    remote: bool = False,
 ) -> int:
-    """Mount store ``root`` at ``mountpoint``; see the module docstring. Returns the exit
-    status: 0 after a clean unmount (or, in the parent, once the daemon answers), 1 on a
-    failure, 2 on bad options."""
+    """Mount store ``root`` at ``mountpoint`` (``remote``: ``root`` is the address of a
+    gRPC store); see the module docstring. Returns the exit status: 0 after a clean
+    unmount (or, in the parent, once the daemon answers), 1 on a failure, 2 on bad
+    options."""
     _setup_logging(debug, quiet=not foreground)
     try:
         opts = parse_options(options)
     except ValueError as exc:
         print(f"contentfs: {exc}", file=sys.stderr)
         return 2
-    root = os.path.abspath(root)
+    if not remote and (opts.namespace is not None or opts.timeout is not None):
+        print("contentfs: mount options namespace= and timeout= need a store address",
+              file=sys.stderr)
+        return 2
+    if not remote:
+        root = os.path.abspath(root)
     mountpoint = os.path.abspath(mountpoint)
-    for path, what in ((root, "store root"), (mountpoint, "mount point")):
+    checks = [(mountpoint, "mount point")] if remote else [
+        (root, "store root"), (mountpoint, "mount point")]
+    for path, what in checks:
         try:
             isdir = os.path.isdir(path)
         except OSError:
@@ -198,7 +224,7 @@ def mount_main(
         os.close(ready_r)
     try:
         return _run(root, mountpoint, opts, debug=debug, ready_fd=ready_w,
-                    daemon=not foreground, log_file=log_file)
+                    daemon=not foreground, log_file=log_file, remote=remote)
     finally:
         with contextlib.suppress(OSError):
             os.close(ready_w)
@@ -214,11 +240,22 @@ def _wait_ready(ready_r: int, pid: int) -> int:
     return code if code > 0 else 1
 
 
+def _open_store(root: str, opts: MountOptions, *, remote: bool) -> Store:
+    """The store to mount: a root, or (``remote``) the gRPC store at ``root``, whose
+    writes are held by the lease ``contentfs`` so containerd's GC keeps them."""
+    if not remote:
+        return LocalStore(root, readonly=opts.readonly)
+    from store.grpc.client import DEFAULT_TIMEOUT, KEEP_LEASE, RemoteStore
+
+    return RemoteStore(root, namespace=opts.namespace or "default",
+                       timeout=opts.timeout or DEFAULT_TIMEOUT, lease=KEEP_LEASE)
+
+
 def _run(root: str, mountpoint: str, opts: MountOptions, *, debug: bool, ready_fd: int,
-         daemon: bool, log_file: str | None) -> int:
+         daemon: bool, log_file: str | None, remote: bool = False) -> int:
     try:
         _clear_dead_mount(mountpoint)
-        store = LocalStore(root, readonly=opts.readonly)
+        store = _open_store(root, opts, remote=remote)
     except RuntimeError as exc:
         _tell(f"cannot mount {root}: {exc}")
         return 1
