@@ -28,6 +28,7 @@ from store import LocalStore, StoreError
 from store.api import Store
 
 from .ops import ContentOps
+from .remote import RemoteOps
 
 __all__ = ["MountOptions", "is_address", "mount_main", "parse_options", "umount_main"]
 
@@ -247,8 +248,14 @@ def _open_store(root: str, opts: MountOptions, *, remote: bool) -> Store:
         return LocalStore(root, readonly=opts.readonly)
     from store.grpc.client import DEFAULT_TIMEOUT, KEEP_LEASE, RemoteStore
 
-    return RemoteStore(root, namespace=opts.namespace or "default",
-                       timeout=opts.timeout or DEFAULT_TIMEOUT, lease=KEEP_LEASE)
+    store = RemoteStore(root, namespace=opts.namespace or "default",
+                        timeout=opts.timeout or DEFAULT_TIMEOUT, lease=KEEP_LEASE)
+    try:
+        store.list_statuses()  # reachable, and the namespace is valid: say so now
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 def _run(root: str, mountpoint: str, opts: MountOptions, *, debug: bool, ready_fd: int,
@@ -263,7 +270,12 @@ def _run(root: str, mountpoint: str, opts: MountOptions, *, debug: bool, ready_f
         _tell(f"cannot mount {root} at {mountpoint}: {exc}")
         return 1
     lock_fd = _take_pidfile(mountpoint)
-    ops = ContentOps(store, readonly=opts.readonly)
+    ops: ContentOps | RemoteOps
+    if remote:
+        ops = RemoteOps(store, readonly=opts.readonly)
+    else:
+        assert isinstance(store, LocalStore)
+        ops = ContentOps(store, readonly=opts.readonly)
     fuse_options = set(pyfuse3.default_options) | opts.fuse
     fuse_options |= {f"fsname={root}", "subtype=contentfs"}
     if opts.auto_unmount:
@@ -296,14 +308,15 @@ def _run(root: str, mountpoint: str, opts: MountOptions, *, debug: bool, ready_f
     return code
 
 
-async def _serve(ops: ContentOps, mountpoint: str, ready_fd: int, daemon: bool,
+async def _serve(ops: ContentOps | RemoteOps, mountpoint: str, ready_fd: int, daemon: bool,
                  log_file: str | None) -> None:
     from .watch import watch_store
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_on_signals)
         nursery.start_soon(_announce, mountpoint, ready_fd, daemon, log_file)
-        nursery.start_soon(watch_store, ops)
+        if isinstance(ops, ContentOps):  # a remote store tells no changes: short caches
+            nursery.start_soon(watch_store, ops)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 

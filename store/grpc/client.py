@@ -215,9 +215,9 @@ class RemoteStore:
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
                 ("grpc.max_send_message_length", MAX_MESSAGE),
                 # back within about a second once a restarted server listens again
-                # (grpc's default backoff grows to two minutes)
+                # (grpc's default backoff grows to two minutes). Not the minimum: grpc
+                # uses it as the connect timeout too, which a loaded server needs.
                 ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.min_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 1000),
             ],
         )
@@ -572,6 +572,7 @@ class RemoteWriter:
         expected: str | None,
     ) -> None:
         self._store = store
+        self._lock = threading.Lock()
         self._requests = _Requests()
         self._call = store._write(self._requests, metadata=md)
         self._alarm = store._watchdog.arm(self._call, store.timeout)
@@ -585,6 +586,12 @@ class RemoteWriter:
         self._stat()
 
     def _exchange(self, req: pb.WriteContentRequest) -> pb.WriteContentResponse:
+        if self._closed:
+            raise FailedPrecondition(f"ingest {self.ref}: writer is closed")
+        with self._lock:  # one exchange at a time: responses answer requests in order
+            return self._exchange_locked(req)
+
+    def _exchange_locked(self, req: pb.WriteContentRequest) -> pb.WriteContentResponse:
         if self._closed:
             raise FailedPrecondition(f"ingest {self.ref}: writer is closed")
         self._requests.put(req)
@@ -667,16 +674,17 @@ class RemoteWriter:
     def _finish(self) -> None:
         """Half-close and drain, so the server has released the ref when this returns
         (or the deadline passed: then the stream is cancelled, which releases it too)."""
-        self._closed = True
-        self._requests.put(None)
-        self._store._watchdog.touch(self._alarm)
-        try:
-            for _ in self._call:
-                pass  # containerd repeats its last response once
-        except grpc.RpcError:
-            pass  # an error ending the stream was raised by the exchange that caused it
-        finally:
-            self._end()
+        with self._lock:
+            self._closed = True
+            self._requests.put(None)
+            self._store._watchdog.touch(self._alarm)
+            try:
+                for _ in self._call:
+                    pass  # containerd repeats its last response once
+            except grpc.RpcError:
+                pass  # an error ending the stream was raised by the exchange that caused it
+            finally:
+                self._end()
 
     def close(self) -> None:
         """Keep the ingest for resuming. A second close, or one after commit, does nothing."""
