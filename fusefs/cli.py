@@ -15,6 +15,7 @@ import os
 import re
 import stat
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, TYPE_CHECKING, Any, NoReturn, TypeAlias, TypeVar
@@ -36,8 +37,10 @@ from store import (
     Unavailable,
     parse_digest,
     parse_filters,
+    prepare_root,
 )
 from store.digest import split_digest
+from store.verify import verify_many
 
 from .progress import Progress
 
@@ -231,19 +234,17 @@ def open_remote(ctx: click.Context, address: str) -> RemoteStore:
 def open_store(
     ctx: click.Context, cmd_root: str | None, *, create: bool = False, reading: bool = False
 ) -> AnyStore:
-    """Open the chosen store: a root, or a remote one (``--address``). ``reading``
-    commands fall back to a read-only open when the root cannot be written (read-only
-    media, another user's store)."""
+    """Open the chosen store: a root, or a remote one (``--address``). For a root,
+    ``create`` (commands that write) makes a missing root, parents too; other commands
+    say ``no store at ROOT`` (exit 4), except for the default root, which is always
+    made. ``reading`` commands fall back to a read-only open when the root cannot be
+    written (read-only media, another user's store)."""
     address = chosen_address(ctx, cmd_root)
     if address is not None:
         return open_remote(ctx, address)
     root = cmd_root or ctx.obj.get("root") or default_root()
     explicit = bool(cmd_root or ctx.obj.get("root") or os.environ.get("CONTENTFS_ROOT"))
-    if not os.path.isdir(root):
-        if create or not explicit:
-            os.makedirs(root, mode=0o755, exist_ok=True)
-        else:
-            fail(f"store root {root}: not a directory", EXIT_CODES[NotFound])
+    prepare_root(root, create=create or not explicit)
     try:
         store = LocalStore(root)
     except (OSError, Unavailable) as exc:
@@ -528,7 +529,7 @@ def ingest_cmd(
     starts over; a stream that differs is refused). Content that already exists is
     success.
     """
-    store = open_store(ctx, cmd_root)
+    store = open_store(ctx, cmd_root, create=True)
     label_map = parse_pairs(labels)
     expected = parse_digest(expected_digest) if expected_digest else None
     source: IO[bytes]
@@ -728,7 +729,7 @@ def label_cmd(
     ctx: click.Context, digest: str, pairs: tuple[str, ...], cmd_root: str | None
 ) -> None:
     """Set (KEY=VALUE) or remove (KEY=) labels of a blob; print its labels."""
-    store = open_store(ctx, cmd_root)
+    store = open_store(ctx, cmd_root, create=True)
     if pairs:
         changes = parse_pairs(pairs)
         info = store.info(digest)
@@ -763,21 +764,29 @@ def verify_cmd(ctx: click.Context, digests: tuple[str, ...], cmd_root: str | Non
     code = 0
     # the bar shares the terminal with the results: it is erased before each line
     shared = sys.stdout.isatty()
+    lock = threading.Lock()  # workers advance the bar; the main thread prints
+    hashed: dict[str, int] = {}
     with Progress("verifying", sum(sizes.values())) as progress:
-        for digest in targets:
-            before = progress.done
-            try:
-                store.verify(digest, progress=progress.advance)
-            except StoreError as exc:
+
+        def advance(digest: str, n: int) -> None:
+            with lock:
+                hashed[digest] = hashed.get(digest, 0) + n
+                progress.advance(n)
+
+        # blobs are hashed on every core; results are printed in the order of targets
+        for digest, result in verify_many(store, targets, progress=advance):
+            with lock:  # a blob that failed part-way counts as done
+                progress.advance(max(0, sizes[digest] - hashed.pop(digest, 0)))
+            if isinstance(result, StoreError):
                 bad += 1
-                code = code or exit_code(exc)
-                line = f"{digest}: FAILED ({printable(str(exc))})"
+                code = code or exit_code(result)
+                line = f"{digest}: FAILED ({printable(str(result))})"
             else:
                 line = f"{digest}: OK"
-            if shared:
-                progress.clear()
-            click.echo(line)
-            progress.advance(max(0, before + sizes[digest] - progress.done))
+            with lock:
+                if shared:
+                    progress.clear()
+                click.echo(line)
     if bad:
         click.echo(f"contentfs: {bad} of {len(targets)} blobs failed verification", err=True)
         sys.exit(code)
@@ -787,7 +796,7 @@ def verify_cmd(ctx: click.Context, digests: tuple[str, ...], cmd_root: str | Non
     "mount",
     context_settings={"ignore_unknown_options": False},
 )
-@click.argument("root", type=click.Path(file_okay=False))
+@click.argument("root", type=click.Path())
 @click.argument("mountpoint", type=click.Path(file_okay=False), required=False)
 @click.option("-o", "options", metavar="OPT[,OPT...]", multiple=True,
               help="Mount options: ro, allow_other, default_permissions, ... "
@@ -842,9 +851,14 @@ def umount_cmd(mountpoint: str, lazy: bool) -> None:
               help="unix:///PATH (default: a socket in the user's runtime dir) "
                    "or tcp://127.0.0.1:PORT.")
 @click.option("--debug", is_flag=True, help="Log every call.")
+@click.option("--write-idle-timeout", metavar="SECONDS", type=click.FloatRange(min=0),
+              default=60.0, show_default=True,
+              help="Cancel a Write stream whose client sends nothing for this long (its"
+                   " ingest stays, resumable); 0 never does.")
 @local_root_option
 @click.pass_context
-def serve_cmd(ctx: click.Context, address: str | None, debug: bool, cmd_root: str | None) -> None:
+def serve_cmd(ctx: click.Context, address: str | None, debug: bool,
+              write_idle_timeout: float, cmd_root: str | None) -> None:
     """Serve the store over containerd's gRPC Content API (for `ctr -a SOCKET content ...`)."""
     from store.grpc.server import serve_main
 
@@ -854,7 +868,7 @@ def serve_cmd(ctx: click.Context, address: str | None, debug: bool, cmd_root: st
             " command", ctx)
     store = open_store(ctx, cmd_root, create=True)
     assert isinstance(store, LocalStore)
-    sys.exit(serve_main(store, address, debug=debug))
+    sys.exit(serve_main(store, address, debug=debug, write_idle_timeout=write_idle_timeout))
 
 # registries: fetch, push, fetch-object, push-object (thin wrappers over store.registry) ---
 
@@ -918,6 +932,7 @@ def _transfer_progress(as_json: bool) -> Any:
 @registry_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @root_option
+@namespace_option
 @click.pass_context
 def fetch_cmd(
     ctx: click.Context, ref: str, platforms: tuple[str, ...], all_platforms: bool,
@@ -931,7 +946,7 @@ def fetch_cmd(
 
     if all_platforms and platforms:
         raise click.UsageError("--all-platforms and --platform exclude each other")
-    store = open_local(ctx, cmd_root, "fetch", create=True)
+    store = open_store(ctx, cmd_root, create=True)
     parsed, client = _registry_client(ref, plain_http, skip_verify, user, concurrency + 2)
     with client, _transfer_progress(as_json) as progress:
         result = fetch_image(store, client, parsed, platforms=platforms,
@@ -969,6 +984,7 @@ def fetch_object_cmd(ref: str, obj: str | None, plain_http: bool, skip_verify: b
 @registry_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @root_option
+@namespace_option
 @click.pass_context
 def push_cmd(
     ctx: click.Context, ref: str, digest: str, platforms: tuple[str, ...], concurrency: int,
@@ -980,7 +996,7 @@ def push_cmd(
     tagged REF's tag. Prints DIGEST."""
     from store.registry import push_image
 
-    store = open_local(ctx, cmd_root, "push", reading=True)
+    store = open_store(ctx, cmd_root, reading=True)
     dgst = parse_digest(digest)
     parsed, client = _registry_client(ref, plain_http, skip_verify, user, concurrency + 2)
     with client, _transfer_progress(as_json) as progress:
@@ -998,6 +1014,7 @@ def push_cmd(
 @click.argument("media_type", metavar="MEDIATYPE")
 @registry_options
 @root_option
+@namespace_option
 @click.pass_context
 def push_object_cmd(ctx: click.Context, ref: str, digest: str, media_type: str,
                     plain_http: bool, skip_verify: bool, user: str | None,
@@ -1007,7 +1024,7 @@ def push_object_cmd(ctx: click.Context, ref: str, digest: str, media_type: str,
     as a blob."""
     from store.registry import push_object
 
-    store = open_local(ctx, cmd_root, "push-object", reading=True)
+    store = open_store(ctx, cmd_root, reading=True)
     dgst = parse_digest(digest)
     parsed, client = _registry_client(ref, plain_http, skip_verify, user)
     with client:

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import pyfuse3
 import trio
 
-from store import LocalStore, StoreError
+from store import LocalStore, StoreError, prepare_root
 from store.api import Store
 
 from .ops import ContentOps
@@ -44,6 +44,9 @@ GENERIC_OPTIONS = frozenset({
 })
 GENERIC_PREFIXES = ("x-", "comment=", "setuid=", "fsname=", "subtype=")
 #: FUSE options passed to the kernel/libfuse as given.
+#: Exit status for a store root that is missing (read-only mount) or no directory: the
+#: CLI's code for NotFound.
+EXIT_NO_STORE = 4
 FUSE_OPTIONS = frozenset({"allow_other", "allow_root", "default_permissions", "ro"})
 
 
@@ -186,7 +189,8 @@ def mount_main(
     """Mount store ``root`` at ``mountpoint`` (``remote``: ``root`` is the address of a
     gRPC store); see the module docstring. Returns the exit status: 0 after a clean
     unmount (or, in the parent, once the daemon answers), 1 on a failure, 2 on bad
-    options."""
+    options, 4 for no store at ``root`` (read-only) or a root that is no directory. A
+    read-write mount makes a missing root, parents too."""
     _setup_logging(debug, quiet=not foreground)
     try:
         opts = parse_options(options)
@@ -200,16 +204,15 @@ def mount_main(
     if not remote:
         root = os.path.abspath(root)
     mountpoint = os.path.abspath(mountpoint)
-    checks = [(mountpoint, "mount point")] if remote else [
-        (root, "store root"), (mountpoint, "mount point")]
-    for path, what in checks:
-        try:
-            isdir = os.path.isdir(path)
-        except OSError:
-            isdir = True  # e.g. a dead mount: handled below
-        if not isdir and not _mount_entry(path):
-            print(f"contentfs: {what} {path}: not a directory", file=sys.stderr)
-            return 1
+    if not remote and not _mount_entry(root):
+        try:  # a read-write mount makes a missing root, as the CLI's writing commands
+            prepare_root(root, create=not opts.readonly)
+        except StoreError as exc:
+            print(f"contentfs: {exc}", file=sys.stderr)
+            return EXIT_NO_STORE
+    if not os.path.isdir(mountpoint) and not _mount_entry(mountpoint):
+        print(f"contentfs: mount point {mountpoint}: not a directory", file=sys.stderr)
+        return 1
     ready_r, ready_w = os.pipe()
     if not foreground:
         pid = os.fork()
@@ -316,7 +319,7 @@ async def _serve(ops: ContentOps | RemoteOps, mountpoint: str, ready_fd: int, da
         nursery.start_soon(_on_signals)
         nursery.start_soon(_announce, mountpoint, ready_fd, daemon, log_file)
         if isinstance(ops, ContentOps):  # a remote store tells no changes: short caches
-            nursery.start_soon(watch_store, ops)
+            nursery.start_soon(watch_store, ops.store, ops.blobs)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 

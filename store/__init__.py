@@ -17,7 +17,7 @@ from .errors import (
 )
 from .filters import Filter, parse_filters
 from .labels import MAX_LABEL_SIZE, validate_labels
-from .local import LocalStore
+from .local import LocalStore, prepare_root
 from .reader import FileReaderAt
 from .types import Info, Status
 from .writer import LocalWriter
@@ -44,5 +44,6 @@ __all__ = [
     "digest_of",
     "parse_digest",
     "parse_filters",
+    "prepare_root",
     "validate_labels",
 ]

@@ -55,7 +55,10 @@ class InotifyChanges:
     def fileno(self) -> int:
         return self._fd
 
-    def _arm(self) -> None:
+    def _arm(self, out: list[Change] | None = None) -> None:
+        """Watch the directories not watched yet. A ``blobs/<alg>/`` that appears while
+        the feed runs may already hold blobs that came before its watch: each is
+        reported in ``out``."""
         layout = self._layout
         wanted = [(layout.root, _ROOT, _DIR_EVENTS), (layout.blobs, _BLOBS, _DIR_EVENTS),
                   (layout.private, _META, _META_EVENTS)]
@@ -66,6 +69,8 @@ class InotifyChanges:
                 wd = int(self._libc.inotify_add_watch(self._fd, os.fsencode(path), mask))
                 if wd >= 0:  # else it does not exist (yet)
                     self._watches[wd] = tag
+                    if out is not None and tag in ALGORITHMS:
+                        out += _present(path, tag)
 
     def read(self) -> list[Change]:
         """What arrived since the last call; never blocks. OSError if inotify fails."""
@@ -99,10 +104,20 @@ class InotifyChanges:
         if labels:
             out.append(Change(ChangeKind.LABELS))
         if rearm:
-            self._arm()
+            self._arm(out)
         return out
 
     def close(self) -> None:
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
+
+
+def _present(path: str, algorithm: str) -> list[Change]:
+    """A change for each blob name already in ``path``."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return []
+    return [Change(ChangeKind.BLOBS, Digest(f"{algorithm}:{n}"))
+            for n in names if is_hex_name(algorithm, n)]

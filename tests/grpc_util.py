@@ -162,24 +162,39 @@ def ctr(
 
 
 class Containerd:
-    """A real containerd daemon on its own root, state and socket under ``base``."""
+    """A real containerd daemon on its own root, state and socket under ``base``.
 
-    def __init__(self, base: str) -> None:
+    With ``content_proxy`` (a unix socket path) its built-in content store is disabled
+    and the Content server there is its store (``[proxy_plugins.contentfs]``, reference
+    §14). The log is ``base/containerd.log``.
+    """
+
+    def __init__(self, base: str, content_proxy: str | None = None) -> None:
         require(CONTAINERD, "containerd")
         os.makedirs(base, exist_ok=True)
+        self.base = base
         self.socket = os.path.join(base, "containerd.sock")
         config = os.path.join(base, "config.toml")
+        disabled = ['"io.containerd.grpc.v1.cri"']
+        if content_proxy:
+            disabled.insert(0, '"io.containerd.content.v1.content"')
         with open(config, "w") as f:
             f.write(
                 "version = 2\n"
                 f'root = "{base}/root"\n'
                 f'state = "{base}/state"\n'
-                'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+                f"disabled_plugins = [{', '.join(disabled)}]\n"
                 "[grpc]\n"
                 f'  address = "{self.socket}"\n'
                 "[ttrpc]\n"
                 f'  address = "{self.socket}.ttrpc"\n'
             )
+            if content_proxy:
+                f.write(
+                    "[proxy_plugins.contentfs]\n"
+                    '  type = "content"\n'
+                    f'  address = "{content_proxy}"\n'
+                )
         self.log = open(os.path.join(base, "containerd.log"), "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [CONTAINERD, "--config", config], stdout=self.log, stderr=subprocess.STDOUT
@@ -207,9 +222,12 @@ class Containerd:
         return f"unix://{self.socket}"
 
     def _log(self) -> str:
+        return self.full_log()[-3000:]
+
+    def full_log(self) -> str:
         self.log.flush()
         with open(self.log.name, "rb") as f:
-            return f.read().decode(errors="replace")[-3000:]
+            return f.read().decode(errors="replace")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

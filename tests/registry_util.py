@@ -46,7 +46,7 @@ class Registry:
     """
 
     def __init__(self, base: str, *, users: dict[str, str] | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, tls: bool = False) -> None:
         require(REGISTRY, "docker-registry")
         os.makedirs(base, exist_ok=True)
         self.base = base
@@ -71,6 +71,15 @@ class Registry:
             "http:",
             f"  addr: 127.0.0.1:{self.port}",
         ]
+        self.tls = tls
+        self.cert = os.path.join(base, "cert.pem")
+        if tls:  # a self-signed certificate for 127.0.0.1
+            key = os.path.join(base, "key.pem")
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                            "-keyout", key, "-out", self.cert, "-days", "2",
+                            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                           check=True, capture_output=True)
+            lines += ["  tls:", f"    certificate: {self.cert}", f"    key: {key}"]
         if users:
             require(HTPASSWD, "htpasswd (apache2-utils)")
             htfile = os.path.join(base, "htpasswd")
@@ -103,7 +112,14 @@ class Registry:
             if self.proc.poll() is not None:
                 pytest.fail(f"docker-registry exited {self.proc.returncode}: {self.log()}")
             try:
-                urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2).close()
+                if self.tls:
+                    import ssl
+
+                    ctx = ssl.create_default_context(cafile=self.cert)
+                    urllib.request.urlopen(f"https://{self.host}/v2/", timeout=2,
+                                           context=ctx).close()
+                else:
+                    urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2).close()
                 return
             except urllib.error.HTTPError:
                 return  # 401 with auth: it answers
@@ -258,7 +274,8 @@ class CountingProxy:
     records each request's method, path, Range header and the body bytes it passed on,
     and can throttle bodies (``rate`` bytes per second) so a test can act mid-transfer."""
 
-    def __init__(self, upstream: str, rate: float | None = None) -> None:
+    def __init__(self, upstream: str, rate: float | None = None,
+                 bearer: tuple[str, str] | None = None) -> None:
         import http.server
         import threading
 
@@ -267,6 +284,11 @@ class CountingProxy:
         self.rate = rate
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
+        # token auth as Docker Hub does it: /v2/ answers 401 with a Bearer challenge; the
+        # realm (/token here) gives a token for the scopes asked, to USER:PASSWORD
+        self.bearer = bearer
+        self.tokens: dict[str, set[str]] = {}
+        self.token_requests: list[dict[str, Any]] = []
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -274,8 +296,70 @@ class CountingProxy:
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 pass
 
+            def _token(self) -> None:
+                import base64
+                import secrets
+                import urllib.parse
+
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+                auth = self.headers.get("Authorization", "")
+                user = None
+                if auth.startswith("Basic "):
+                    user = base64.b64decode(auth[6:]).decode()
+                proxy.token_requests.append({"query": query, "user": user})
+                assert proxy.bearer is not None
+                if user != ":".join(proxy.bearer):
+                    self.send_response(401)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                token = secrets.token_hex(8)
+                proxy.tokens[token] = set(query.get("scope", []))
+                body = json.dumps({"token": token}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _challenge(self) -> bool:
+                """True when the request may pass (a token with the scope it needs)."""
+                if proxy.bearer is None:
+                    return True
+                parts = self.path.split("?", 1)[0].split("/")
+                repo = "/".join(parts[2:-2]) if len(parts) > 4 else ""
+                action = "pull" if self.command in ("GET", "HEAD") else "push"
+                scope = f"repository:{repo}:{'pull' if action == 'pull' else 'pull,push'}"
+                auth = self.headers.get("Authorization", "")
+                token = auth[7:] if auth.startswith("Bearer ") else None
+                granted = proxy.tokens.get(token or "", set())
+                if any(g.startswith(f"repository:{repo}:") and action in g.split(":")[-1]
+                       for g in granted) or (not repo and token in proxy.tokens):
+                    return True
+                realm = f"http://127.0.0.1:{proxy.port}/token"
+                challenge = f'Bearer realm="{realm}",service="test-registry"'
+                if repo:
+                    challenge += f',scope="{scope}"'
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                body = b'{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}'
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", challenge)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return False
+
             def _forward(self) -> None:
                 import http.client
+
+                if proxy.bearer is not None and self.path.startswith("/token"):
+                    self._token()
+                    return
+                if not self._challenge():
+                    return
 
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None

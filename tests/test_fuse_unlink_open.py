@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -92,3 +93,24 @@ def test_ingest_open_for_reading_after_rm(mnt: Mount) -> None:
     with pytest.raises(OSError) as exc:
         os.stat(mnt.ingest("part"))
     assert exc.value.errno == errno.ENOENT
+
+
+def test_open_ingest_aborted_by_another_process(mnt: Mount) -> None:
+    """The same when the CLI aborts it: once the kernel asks again (ingest attributes
+    are cached for a second), the open file answers, not ENOENT."""
+    path = mnt.ingest("elsewhere")
+    with open(path, "wb") as f:
+        f.write(b"12345")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fuse_util.run(fuse_util.CONTENTFS, "--root", mnt.root, "abort", "elsewhere")
+        deadline = time.monotonic() + 10
+        while os.path.exists(path):  # until the kernel's entry has expired
+            assert time.monotonic() < deadline, "ingest still listed after abort"
+            time.sleep(0.1)
+        time.sleep(1.2)  # and its attributes
+        st = os.fstat(fd)
+        assert (st.st_nlink, st.st_size) == (0, 5)
+        assert os.pread(fd, 10, 0) == b"12345"
+    finally:
+        os.close(fd)

@@ -173,3 +173,66 @@ def test_kept_open_blob_deleted_then_committed_again(pair: _Pair, tmp_path: Any)
         assert [m.data for m in r.responses] == [b"xxx"]  # no header: the raw view
     finally:
         store.close()
+
+
+# -- the fallback: a grpcio without the internals the lane needs ---------------------------
+
+
+def _serve_and_read(store: LocalStore, tmp: str, name: str) -> None:
+    """A server built as ``contentfs serve`` builds it must have no lane and still serve
+    Read (whole, ranged, missing) through the generic handler."""
+    from store import NotFound
+    from store.grpc.client import RemoteStore
+
+    big = os.urandom((2 << 20) + 5)
+    dgst = _put(store, big)
+    server, pool = build_server(store)  # read_lane=True, as served
+    sock = os.path.join(tmp, f"{name}.sock")
+    server.add_insecure_port(f"unix:{sock}")
+    server.start()
+    remote = RemoteStore(f"unix://{sock}")
+    try:
+        assert server.lane is None
+        with remote.reader_at(dgst) as r:
+            assert r.size == len(big)
+            assert r.read_at(len(big), 0) == big
+            assert r.read_at(100, (1 << 20) - 7) == big[(1 << 20) - 7:(1 << 20) + 93]
+        with pytest.raises(NotFound):
+            remote.reader_at("sha256:" + "0" * 64)
+    finally:
+        remote.close()
+        server.stop(0).wait()
+        pool.shutdown(wait=True)
+
+
+def test_without_grpc_internals_read_falls_back(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    import grpc._channel
+    import grpc._server  # noqa: F401  (grpc's own modules hold the real internals)
+
+    monkeypatch.setitem(sys.modules, "grpc._cython", None)  # the lane's import fails
+    root = os.path.join(tmp_path, "root")
+    os.mkdir(root)
+    with LocalStore(root) as store:
+        _serve_and_read(store, str(tmp_path), "noimport")
+
+
+def test_with_changed_grpc_internals_read_falls_back(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    import grpc._channel
+    import grpc._cython
+    import grpc._server  # noqa: F401  (grpc's own modules keep the real internals)
+    from grpc._cython import cygrpc
+
+    # what the lane sees: a Cython layer that lost a name it uses
+    changed = types.SimpleNamespace(**{n: getattr(cygrpc, n) for n in dir(cygrpc)
+                                       if n != "ReceiveCloseOnServerOperation"})
+    monkeypatch.setattr(grpc._cython, "cygrpc", changed)
+    root = os.path.join(tmp_path, "root")
+    os.mkdir(root)
+    with LocalStore(root) as store:
+        _serve_and_read(store, str(tmp_path), "changed")

@@ -200,3 +200,26 @@ def test_grpc_lists_legacy_ref(inproc: InProcessServer) -> None:
     proc = ctr(inproc.address, "content", "active")
     assert proc.returncode == 0, proc.stderr
     assert SHOWN in proc.stdout.decode() and "plain" in proc.stdout.decode()
+
+
+def test_grpc_refuses_non_utf8_ref_on_the_wire(inproc: InProcessServer) -> None:
+    """No protobuf client can build such a request; raw bytes get what containerd's Go
+    server answers (INTERNAL, "error unmarshalling request"), and nothing is written."""
+    channel = grpc.insecure_channel(f"unix:{inproc.socket}")
+    field = b"\x12" + bytes([len(BAD)]) + BAD  # WriteContentRequest.ref (field 2)
+    status_req = b"\x0a" + bytes([len(BAD)]) + BAD  # StatusRequest.ref (field 1)
+    try:
+        for name, kind, req in (("Write", "stream_stream", iter([field])),
+                                ("Status", "unary_unary", status_req),
+                                ("Abort", "unary_unary", status_req)):
+            call = getattr(channel, kind)(grpc_util.SERVICE + name,
+                                          request_serializer=lambda b: b,
+                                          response_deserializer=lambda b: b)
+            with pytest.raises(grpc.RpcError) as exc:
+                result = call(req, metadata=grpc_util.NS, timeout=30)
+                if kind == "stream_stream":
+                    list(result)
+            assert exc.value.code() == grpc.StatusCode.INTERNAL, (name, exc.value)
+    finally:
+        channel.close()
+    assert _ingest_dirs(inproc.store.root) == [] and _ingest_rows(inproc.store.root) == 0

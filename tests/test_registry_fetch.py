@@ -364,3 +364,43 @@ def test_tls_is_verified_by_default(images: Images, tmp_path: Any) -> None:
     res = contentfs("--root", str(tmp_path / "s"), "fetch", images.ref("test/single:v1"),
                     timeout=60)
     assert res.returncode == 7, res.stderr
+
+
+def test_tls_registry(images: Images, tmp_path: Any) -> None:
+    """A registry with a self-signed certificate: refused by default (the certificate is
+    verified), fetched with --skip-verify, and with the CA trusted through SSL_CERT_FILE."""
+    reg = Registry(str(tmp_path / "tls"), tls=True)
+    try:
+        skopeo_copy(f"oci:{images.layout}:arm", f"docker://{reg.host}/tls/img:v1")
+        ref = f"{reg.host}/tls/img:v1"
+        refused = contentfs("--root", str(tmp_path / "a"), "fetch", ref)
+        assert refused.returncode == 7, refused.stderr
+        assert b"certificate" in refused.stderr.lower(), refused.stderr
+        skipped = contentfs("--root", str(tmp_path / "b"), "fetch", "--skip-verify", ref)
+        assert skipped.returncode == 0, skipped.stderr
+        assert skipped.stdout.decode().strip() == images.arm
+        trusted = contentfs("--root", str(tmp_path / "c"), "fetch", ref,
+                            env={"SSL_CERT_FILE": reg.cert})
+        assert trusted.returncode == 0, trusted.stderr
+    finally:
+        reg.stop()
+
+
+def test_fetch_into_containerd_through_its_content_api(images: Images, tmp_path: Any) -> None:
+    """``--address`` and ``-n``: contentfs fetches into a live containerd (its Content
+    API); what containerd then holds in that namespace is what ``ctr content fetch``
+    puts in another one, labels included, plus gc.root on the top object."""
+    ctrd = Containerd(str(tmp_path / "ctrd"))
+    try:
+        res = contentfs("--address", ctrd.address, "-n", "ours", "fetch", "--plain-http",
+                        images.ref("test/multi:v1"))
+        assert res.returncode == 0, res.stderr
+        out = ctr(ctrd.address, "content", "fetch", "--plain-http", "--all-platforms",
+                  images.ref("test/multi:v1"), namespace="theirs", timeout=120)
+        assert out.returncode == 0, out.stderr
+        ours = ctr_labels(ctrd.address, "ours")
+        theirs = ctr_labels(ctrd.address, "theirs")
+    finally:
+        ctrd.stop()
+    assert GC_ROOT in ours[images.index][1]
+    assert without_root(ours) == theirs

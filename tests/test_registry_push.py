@@ -164,3 +164,34 @@ def test_push_with_basic_auth(images: Images, tmp_path: Any) -> None:
             read_blob(images.layout, images.arm)
     finally:
         reg.stop()
+
+
+def test_token_auth_fetch_and_push(images: Images, second: Registry, tmp_path: Any) -> None:
+    """The Bearer flow (realm, service, scope) of Docker Hub and most registries, with a
+    token service in front of a real registry: pull scope to fetch, pull,push to push."""
+    from .registry_util import CountingProxy
+
+    gate = CountingProxy(second.host, bearer=("carol", "tok-pw"))
+    try:
+        root = str(tmp_path / "a")
+        fetched(images, root, "--platform", "linux/arm64")
+        target = f"{gate.host}/tok/img:v1"
+        env = {"HOME": str(tmp_path)}
+        anon = contentfs("--root", root, "push", "--plain-http", target, images.arm, env=env)
+        assert anon.returncode == 6, anon.stderr
+        assert gate.host.encode() in anon.stderr
+        pushed = contentfs("--root", root, "push", "--plain-http", "-u", "carol:tok-pw",
+                           target, images.arm, env=env)
+        assert pushed.returncode == 0, pushed.stderr
+        scopes = {s for r in gate.token_requests for s in r["query"].get("scope", [])}
+        assert "repository:tok/img:pull,push" in scopes
+        assert all(r["query"].get("service") == ["test-registry"] for r in gate.token_requests)
+        back = contentfs("--root", str(tmp_path / "b"), "fetch", "--plain-http",
+                         "-u", "carol:tok-pw", target, env=env)
+        assert back.returncode == 0, back.stderr
+        assert back.stdout.decode().strip() == images.arm
+        # uploads went with the token (never a 401 on a streamed PUT)
+        puts = [r for r in gate.requests if r["method"] == "PUT"]
+        assert puts and all(r["status"] == 201 for r in puts)
+    finally:
+        gate.stop()

@@ -321,3 +321,93 @@ def test_immutable_database_is_an_io_error_not_busy(store_root: str) -> None:
     finally:
         run("chattr", "-i", db)
     assert cli(store_root, "label", dgst, "a=b").returncode == 0
+
+
+# 3. idle Write streams must not starve other calls ----------------------------------------
+
+class _StalledWriters:
+    """``count`` Write streams over ``channels`` connections, each sending one chunk and
+    then nothing until ``release()``."""
+
+    def __init__(self, address: str, count: int, channels: int = 4) -> None:
+        sock = address[len("unix://"):]
+        # own subchannel pools: otherwise grpc shares one connection between the channels
+        self.channels = [grpc.insecure_channel(f"unix:{sock}",
+                                               options=[("grpc.use_local_subchannel_pool", 1)])
+                         for _ in range(channels)]
+        self.gate = threading.Event()
+        self.calls: list[Any] = []
+        for i in range(count):
+            ch = self.channels[i % channels]
+            write = ch.stream_stream(
+                "/containerd.services.content.v1.Content/Write",
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=pb.WriteContentResponse.FromString)
+            self.calls.append(write(self._requests(f"stall{i}"),
+                                    metadata=(("containerd-namespace", "default"),)))
+
+    def _requests(self, ref: str) -> Any:
+        yield pb.WriteContentRequest(action=pb.WRITE, ref=ref, data=b"first chunk")
+        self.gate.wait(120)
+
+    def release(self) -> None:
+        self.gate.set()
+        for call in self.calls:
+            call.cancel()
+        for ch in self.channels:
+            ch.close()
+
+
+def test_stalled_writers_do_not_starve_other_calls(tmp_path: Any) -> None:
+    import time
+
+    from tests.grpc_util import ctr
+    root = os.path.join(tmp_path, "root")
+    os.mkdir(root)
+    data = b"a blob to get\n"
+    assert cli(root, "ingest", "g", data=data).returncode == 0
+    srv = ServeProcess(root, os.path.join(tmp_path, "s.sock"), "--write-idle-timeout", "4")
+    stalled = None
+    try:
+        stalled = _StalledWriters(srv.address, 200)
+        # every stream has its first chunk on disk
+        deadline = time.monotonic() + 60
+        while len(cli(root, "active", "--json").stdout.split(b'"ref"')) - 1 < 200:
+            assert time.monotonic() < deadline, "the 200 writers did not all start"
+            time.sleep(0.2)
+        t0 = time.monotonic()
+        p = ctr(srv.address, "content", "ls", timeout=10)
+        t_ls = time.monotonic() - t0
+        assert p.returncode == 0 and digest_of(data).encode() in p.stdout, p
+        t0 = time.monotonic()
+        p = ctr(srv.address, "content", "get", digest_of(data), timeout=10)
+        t_get = time.monotonic() - t0
+        assert p.returncode == 0 and p.stdout == data, p
+        p = ctr(srv.address, "content", "active", timeout=10)
+        assert p.returncode == 0 and p.stdout.count(b"stall") == 200, p
+        print(f"with 200 stalled writers: ctr content ls {t_ls:.2f} s, get {t_get:.2f} s")
+        # idle streams are cancelled: their refs are free again, the ingests resumable
+        raw = RawContent(srv.address)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                r = raw.write([pb.WriteContentRequest(action=pb.STAT, ref="stall7")])
+                if r.code == grpc.StatusCode.OK:
+                    break
+                assert r.code == grpc.StatusCode.UNAVAILABLE, r
+                assert time.monotonic() < deadline, "the idle stream kept its ref lock"
+                time.sleep(0.5)
+            assert r.responses[0].offset == len(b"first chunk")
+            more = b"first chunk, then the rest"
+            r = raw.write([pb.WriteContentRequest(action=pb.COMMIT, ref="stall7",
+                                                  offset=len(b"first chunk"),
+                                                  data=more[len(b"first chunk"):])])
+            assert r.code == grpc.StatusCode.OK, r
+            assert r.responses[-1].digest == digest_of(more)
+        finally:
+            raw.close()
+    finally:
+        if stalled is not None:
+            stalled.release()
+        assert srv.stop() == 0, srv.stderr
+    assert "sent nothing for 4 s: cancelled" in srv.stderr

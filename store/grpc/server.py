@@ -14,6 +14,7 @@ cancelled and their writers closed, so their ingests stay resumable.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import signal
@@ -21,6 +22,7 @@ import socket
 import stat
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -52,9 +54,20 @@ INTROSPECTION = "containerd.services.introspection.v1.Introspection"
 #: containerd's default message limit, both directions (reference §8.1).
 MAX_MESSAGE = 16 << 20
 GRACE_SECONDS = 2.0
-#: Handler threads. A Write stream holds one for its whole life; calls beyond this many
-#: at once fail with RESOURCE_EXHAUSTED instead of queueing behind idle streams.
-WORKERS = 64
+#: Write streams open at once, over all connections: each holds a handler thread for its
+#: whole life (grpcio's sync server), idle or not. One more is RESOURCE_EXHAUSTED.
+WRITE_STREAMS = 256
+#: Handler threads beyond those Write streams can hold: headroom that idle Write streams
+#: never take, so short calls (Info, List, Status, Abort, Read...) are always answered.
+SHORT_WORKERS = 32
+WORKERS = WRITE_STREAMS + SHORT_WORKERS
+#: Calls in flight or queued for a thread before grpcio answers RESOURCE_EXHAUSTED.
+MAX_CALLS = 4 * WORKERS
+#: HTTP/2 streams one connection may have open at once; more wait in that client.
+STREAMS_PER_CONNECTION = 128
+#: A Write stream that waits this long for its client's next message is cancelled: its
+#: writer is closed and the ref lock freed; the ingest stays, resumable (0: never).
+WRITE_IDLE_TIMEOUT = 60.0
 
 Req = TypeVar("Req")
 
@@ -197,23 +210,102 @@ def _server_stream(
     )
 
 
-def _bidi_stream(
-    fn: Callable[[Iterator[Any], Any, Callable[[Callable[[], None]], object]], Iterator[Any]],
-    request_type: Any,
-    response_serializer: Any,
-) -> grpc.RpcMethodHandler:
-    def handler(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+class _WriteLimits:
+    """Admission and idleness of Write streams: at most ``streams`` open at once, and a
+    stream whose client sends nothing for ``idle`` seconds is cancelled (one reaper
+    thread checks every stream waiting for its next message)."""
+
+    def __init__(self, streams: int, idle: float) -> None:
+        self._slots = threading.BoundedSemaphore(streams)
+        self.streams = streams
+        self.idle = idle
+        self._lock = threading.Lock()
+        self._waiting: dict[int, tuple[float, grpc.ServicerContext]] = {}
+        self._ids = itertools.count()
+        self._reaper: threading.Thread | None = None
+
+    def admit(self) -> bool:
+        return self._slots.acquire(blocking=False)
+
+    def release(self) -> None:
+        self._slots.release()
+
+    def watch(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        """``requests``, timed: each wait for the next message counts as idle."""
+        if self.idle <= 0:
+            yield from requests
+            return
+        self._start_reaper()
+        key = next(self._ids)
         try:
-            yield from fn(requests, context.invocation_metadata(), context.add_callback)
+            while True:
+                with self._lock:
+                    self._waiting[key] = (time.monotonic(), context)
+                try:
+                    req = next(requests)
+                except StopIteration:
+                    return
+                finally:
+                    with self._lock:
+                        self._waiting.pop(key, None)
+                yield req
+        finally:
+            with self._lock:
+                self._waiting.pop(key, None)
+
+    def _start_reaper(self) -> None:
+        with self._lock:
+            if self._reaper is not None:
+                return
+            self._reaper = threading.Thread(target=self._reap, name="contentfs-idle-writes",
+                                            daemon=True)
+        self._reaper.start()
+
+    def _reap(self) -> None:
+        interval = min(1.0, self.idle / 4)
+        while True:
+            time.sleep(interval)
+            now = time.monotonic()
+            with self._lock:
+                stale = [(k, ctx) for k, (since, ctx) in self._waiting.items()
+                         if now - since >= self.idle]
+                for k, _ in stale:
+                    self._waiting.pop(k, None)
+            for _, ctx in stale:
+                log.warning("a Write stream sent nothing for %.0f s: cancelled (its ingest"
+                            " stays, resumable)", self.idle)
+                ctx.cancel()  # the call's end closes its writer (service.write on_end)
+
+
+def _write_stream(
+    fn: Callable[[Iterator[Any], Any, Callable[[Callable[[], None]], object]], Iterator[Any]],
+    limits: _WriteLimits,
+) -> grpc.RpcMethodHandler:
+    """The Write handler: admitted within ``limits`` and cancelled when idle."""
+
+    def handler(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        if not limits.admit():
+            _abort(context, GrpcError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many Write streams open ({limits.streams}): retry later"))
+        try:
+            yield from fn(limits.watch(requests, context), context.invocation_metadata(),
+                          context.add_callback)
         except _EXPECTED as exc:
             if not context.is_active():
-                return  # cancelled by the client or by shutdown: nobody to tell
+                return  # cancelled by the client, by shutdown or as idle: nobody to tell
             _abort(context, exc)
+        except grpc.RpcError:
+            if context.is_active():
+                raise
+            return  # the request stream ended by cancellation (client, shutdown, idle)
+        finally:
+            limits.release()
 
     return grpc.stream_stream_rpc_method_handler(
         handler,
-        request_deserializer=request_type.FromString,
-        response_serializer=response_serializer,
+        request_deserializer=_WriteDecoder.FromString,
+        response_serializer=_serialize,
     )
 
 
@@ -228,9 +320,13 @@ def _serialize(message: Any) -> bytes:
     return data
 
 
-def content_handler(service: ContentService) -> grpc.GenericRpcHandler:
+def content_handler(
+    service: ContentService, limits: _WriteLimits | None = None
+) -> grpc.GenericRpcHandler:
     """The Content service's method table."""
     s = _serialize
+    if limits is None:
+        limits = _WriteLimits(WRITE_STREAMS, WRITE_IDLE_TIMEOUT)
     return grpc.method_handlers_generic_handler(
         CONTENT,
         {
@@ -241,7 +337,7 @@ def content_handler(service: ContentService) -> grpc.GenericRpcHandler:
             "Read": _server_stream(service.read, pb.ReadContentRequest, None),
             "Status": _unary(service.status, pb.StatusRequest, s),
             "ListStatuses": _unary(service.list_statuses, pb.ListStatusesRequest, s),
-            "Write": _bidi_stream(service.write, _WriteDecoder, s),
+            "Write": _write_stream(service.write, limits),
             "Abort": _unary(service.abort, pb.AbortRequest, s),
         },
     )
@@ -308,23 +404,32 @@ class Server:
 
 
 def build_server(
-    store: Store, *, debug: bool = False, read_lane: bool = True
+    store: Store,
+    *,
+    debug: bool = False,
+    read_lane: bool = True,
+    write_idle_timeout: float = WRITE_IDLE_TIMEOUT,
 ) -> tuple[Server, futures.ThreadPoolExecutor]:
     """A server with the three services, not yet bound or started, and its pool.
 
     With ``read_lane`` (and a grpcio that allows it), Content.Read is served by the
     lane of :mod:`store.grpc.fastread`; else by the generic handler, like every call.
+    Idle Write streams never starve other calls: they are limited (WRITE_STREAMS, and
+    STREAMS_PER_CONNECTION per connection), the pool keeps SHORT_WORKERS threads beyond
+    them, and one idle for ``write_idle_timeout`` seconds is cancelled (0: never).
     """
     pool = futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="contentfs-grpc")
     service = ContentService(store)
+    limits = _WriteLimits(WRITE_STREAMS, write_idle_timeout)
     server = grpc.server(
         pool,
-        handlers=[content_handler(service), *other_handlers(str(uuid.uuid4()))],
+        handlers=[content_handler(service, limits), *other_handlers(str(uuid.uuid4()))],
         interceptors=[_LogCalls()] if debug else None,
-        maximum_concurrent_rpcs=WORKERS,
+        maximum_concurrent_rpcs=MAX_CALLS,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE),
             ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.max_concurrent_streams", STREAMS_PER_CONNECTION),
             ("grpc.so_reuseport", 0),
         ],
     )
@@ -332,7 +437,13 @@ def build_server(
     return Server(server, lane), pool
 
 
-def serve_main(store: LocalStore, address: str | None, *, debug: bool) -> int:
+def serve_main(
+    store: LocalStore,
+    address: str | None,
+    *,
+    debug: bool,
+    write_idle_timeout: float = WRITE_IDLE_TIMEOUT,
+) -> int:
     """Serve ``store`` until SIGINT/SIGTERM; return the exit status (0 after a clean stop,
     2 for an unusable address)."""
     logging.basicConfig(
@@ -346,7 +457,7 @@ def serve_main(store: LocalStore, address: str | None, *, debug: bool) -> int:
     except (ValueError, OSError) as exc:
         print(f"contentfs: {exc}", file=sys.stderr)
         return 2
-    server, pool = build_server(store, debug=debug)
+    server, pool = build_server(store, debug=debug, write_idle_timeout=write_idle_timeout)
     old_umask = os.umask(0o177) if addr.scheme == "unix" else None
     try:
         port = server.add_insecure_port(addr.grpc_target())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Iterable, Iterator
 from urllib.parse import urljoin
@@ -60,10 +61,15 @@ class RegistryClient:
         self.retries = retries
         self.base = f"{'http' if plain_http else 'https'}://{host}/v2/"
         limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        self._token_http = httpx.Client(verify=not skip_verify, follow_redirects=True,
-                                        timeout=timeout)
+        # one TLS context for both clients, from the system's CA store (what the machine's
+        # other tools trust; $SSL_CERT_FILE and $SSL_CERT_DIR apply), loaded once
+        tls = ssl.create_default_context()
+        if skip_verify:
+            tls.check_hostname = False
+            tls.verify_mode = ssl.CERT_NONE
+        self._token_http = httpx.Client(verify=tls, follow_redirects=True, timeout=timeout)
         self._http = httpx.Client(
-            verify=not skip_verify,
+            verify=tls,
             follow_redirects=True,
             timeout=httpx.Timeout(timeout),
             limits=limits,

@@ -20,18 +20,18 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import queue
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
 import httpx
 
+from ..api import Store, Writer
 from ..digest import Digest, digest_of, split_digest
 from ..errors import AlreadyExists, DataLoss, FailedPrecondition, NotFound
-from ..local import LocalStore
-from ..writer import LocalWriter
 from .client import MANIFEST_ACCEPT, RegistryClient
 from .images import (
     GC_ROOT,
@@ -99,6 +99,67 @@ def _check_bytes(data: bytes, desc: Descriptor, where: str) -> None:
                        f" {desc.size} bytes with {desc.digest}; nothing committed")
 
 
+class _WriteBehind:
+    """Writes (and so hashes) pieces on a second thread while the next ones arrive: the
+    socket read, the write and the digest release the GIL, so they overlap. At most
+    ``depth`` pieces wait (bounded memory). ``close`` waits until every piece queued is
+    written and raises the first write error (e.g. ENOSPC), if any."""
+
+    def __init__(self, writer: Writer, depth: int = 4) -> None:
+        self._writer = writer
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._closed = False
+        self.queued = writer.offset
+        self._thread = threading.Thread(target=self._run, name="contentfs-write",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (piece := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._writer.write(piece)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    self._error = exc
+
+    def put(self, piece: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(piece)
+        self.queued += len(piece)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+def _pieces(resp: httpx.Response) -> Iterator[bytes]:
+    """The body in pieces of about CHUNK bytes. The raw stream (what the socket gives,
+    joined) unless the server applied a Content-Encoding: httpx's own re-chunking of
+    ``iter_bytes(n)`` costs about four times the network read (measured: 256 MiB in
+    2.2 s against 0.5 s)."""
+    if resp.headers.get("Content-Encoding", "identity") != "identity":
+        yield from resp.iter_bytes(CHUNK)
+        return
+    held: list[bytes] = []
+    size = 0
+    for piece in resp.iter_raw():
+        held.append(piece)
+        size += len(piece)
+        if size >= CHUNK:
+            yield b"".join(held)
+            held.clear()
+            size = 0
+    if held:
+        yield b"".join(held)
+
+
 def resolve(client: RegistryClient, ref: Reference) -> tuple[Descriptor, bytes]:
     """GET the manifest or index ``ref`` names: its descriptor and bytes (checked against
     the reference's digest, else the registry's Docker-Content-Digest)."""
@@ -126,7 +187,7 @@ class _Node:
 
 
 class _Fetch:
-    def __init__(self, store: LocalStore, client: RegistryClient, ref: Reference,
+    def __init__(self, store: Store, client: RegistryClient, ref: Reference,
                  progress: Progress) -> None:
         self.store = store
         self.client = client
@@ -235,7 +296,7 @@ class _Fetch:
         except NotFound:
             pass
 
-    def _download(self, desc: Descriptor, writer: LocalWriter, what: str,
+    def _download(self, desc: Descriptor, writer: Writer, what: str,
                   stop: threading.Event) -> int:
         offset = writer.offset
         headers = {"Range": f"bytes={offset}-"} if offset else None
@@ -249,17 +310,23 @@ class _Fetch:
                     return 0
             elif offset:
                 writer.truncate(0)  # the registry ignored the range: take it all
-            for chunk in resp.iter_bytes(CHUNK):
-                if writer.offset + len(chunk) > desc.size:
-                    writer.close()
-                    self._drop(ref_key(desc))
-                    raise DataLoss(f"{what}: the registry sent more than the {desc.size}"
-                                   " bytes of its descriptor; nothing committed")
-                writer.write(chunk)
-                got += len(chunk)
-                self.progress.update(ref_key(desc), "downloading", writer.offset, desc.size)
-                if stop.is_set():
-                    raise Cancelled(ref_key(desc))
+            behind = _WriteBehind(writer)
+            try:
+                for chunk in _pieces(resp):
+                    if behind.queued + len(chunk) > desc.size:
+                        behind.close()
+                        writer.close()
+                        self._drop(ref_key(desc))
+                        raise DataLoss(f"{what}: the registry sent more than the {desc.size}"
+                                       " bytes of its descriptor; nothing committed")
+                    behind.put(chunk)
+                    got += len(chunk)
+                    self.progress.update(ref_key(desc), "downloading", writer.offset,
+                                         desc.size)
+                    if stop.is_set():
+                        raise Cancelled(ref_key(desc))
+            finally:
+                behind.close()  # what arrived is in the ingest, even when the body broke
         if writer.offset < desc.size:
             raise httpx.ReadError(f"body ended at {writer.offset} of {desc.size} bytes")
         return got
@@ -294,7 +361,7 @@ class _Fetch:
 
 
 def fetch_image(
-    store: LocalStore,
+    store: Store,
     client: RegistryClient,
     ref: Reference,
     *,
@@ -352,7 +419,7 @@ def fetch_object(client: RegistryClient, ref: Reference, obj: str | None, out: B
     with client.open("GET", path, what) as resp:
         media_type = resp.headers.get("Content-Type", "application/octet-stream")
         try:
-            for chunk in resp.iter_bytes(CHUNK):
+            for chunk in _pieces(resp):
                 hasher.update(chunk)
                 size += len(chunk)
                 sink.write(chunk)

@@ -19,8 +19,8 @@ import time
 from collections.abc import Iterator, Sequence
 from urllib.parse import quote
 
+from ..api import Store
 from ..errors import DataLoss, InvalidArgument, NotFound
-from ..local import LocalStore
 from .client import MANIFEST_ACCEPT, RegistryClient
 from .fetch import CHUNK
 from .images import (
@@ -66,7 +66,7 @@ class PushResult:
         }
 
 
-def _read_small(store: LocalStore, digest: str) -> bytes | None:
+def _read_small(store: Store, digest: str) -> bytes | None:
     """A blob's bytes if it is small enough to be a manifest, else None."""
     with store.reader_at(digest) as reader:
         if reader.size > MAX_MANIFEST:
@@ -74,7 +74,7 @@ def _read_small(store: LocalStore, digest: str) -> bytes | None:
         return reader.read_at(reader.size, 0)
 
 
-def _chunks(store: LocalStore, digest: str, size: int, progress: Progress, key: str,
+def _chunks(store: Store, digest: str, size: int, progress: Progress, key: str,
             stop: threading.Event | None) -> Iterator[bytes]:
     with store.reader_at(digest) as reader:
         if reader.size != size:
@@ -92,7 +92,7 @@ def _chunks(store: LocalStore, digest: str, size: int, progress: Progress, key: 
 
 
 class _Push:
-    def __init__(self, store: LocalStore, client: RegistryClient, ref: Reference,
+    def __init__(self, store: Store, client: RegistryClient, ref: Reference,
                  progress: Progress) -> None:
         self.store = store
         self.client = client
@@ -166,7 +166,7 @@ class _Push:
         return BlobResult(desc.digest, desc.size, desc.media_type, "uploaded", desc.size)
 
 
-def _describe(store: LocalStore, digest: str, media_type: str | None = None
+def _describe(store: Store, digest: str, media_type: str | None = None
               ) -> tuple[Descriptor, bytes | None]:
     info = store.info(digest)
     data = _read_small(store, digest)
@@ -179,7 +179,7 @@ def _describe(store: LocalStore, digest: str, media_type: str | None = None
 
 
 def push_image(
-    store: LocalStore,
+    store: Store,
     client: RegistryClient,
     ref: Reference,
     digest: str,
@@ -239,7 +239,7 @@ def push_image(
                       time.monotonic() - started)
 
 
-def push_object(store: LocalStore, client: RegistryClient, ref: Reference, digest: str,
+def push_object(store: Store, client: RegistryClient, ref: Reference, digest: str,
                 media_type: str) -> BlobResult:
     """Push one object as ``ctr content push-object``: a manifest or index media type is
     PUT as a manifest under the reference's tag (or its digest), anything else is

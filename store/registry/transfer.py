@@ -11,10 +11,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol, TypeVar
 
+from ..api import Store, Writer
 from ..errors import Unavailable
-from ..local import LocalStore
 from ..types import Info
-from ..writer import LocalWriter
 from .images import GC_ROOT, SOURCE_PREFIX
 
 __all__ = ["BlobResult", "Cancelled", "Progress", "merge_labels", "open_writer", "run_parallel"]
@@ -76,7 +75,7 @@ def wanted_labels(existing: Mapping[str, str], add: Mapping[str, str]) -> dict[s
     return out
 
 
-def merge_labels(store: LocalStore, digest: str, add: Mapping[str, str]) -> Info:
+def merge_labels(store: Store, digest: str, add: Mapping[str, str]) -> Info:
     """Add ``add`` to a committed blob's labels (see :func:`wanted_labels`)."""
     info = store.info(digest)
     changes = wanted_labels(info.labels, add)
@@ -86,8 +85,8 @@ def merge_labels(store: LocalStore, digest: str, add: Mapping[str, str]) -> Info
                         *(f"labels.{k}" for k in changes))
 
 
-def open_writer(store: LocalStore, ref: str, *, total: int, expected: str,
-                wait: float = 120.0, stop: threading.Event | None = None) -> LocalWriter:
+def open_writer(store: Store, ref: str, *, total: int, expected: str,
+                wait: float = 120.0, stop: threading.Event | None = None) -> Writer:
     """``store.writer`` that waits (backoff up to 1 s) while another process holds the
     ref, e.g. a second fetch of the same layer, up to ``wait`` seconds; then Unavailable.
     AlreadyExists passes through."""

@@ -1,0 +1,304 @@
+"""Ingests as files: the open writers, what ``stat`` shows of an ingest, and commit.
+
+An ingest open for writing owns the store's Writer for its ref until RELEASE. Writes
+append (a write before the end is ESPIPE, one past it zero-fills the gap); truncate
+restarts at 0, is a no-op at the current size and zero-extends beyond it. An ingest is
+committed by ``mv`` into ``blobs/<alg>/`` or ``setfattr -n user.contentfs.commit``;
+a failed commit is kept for ``user.contentfs.error``.
+
+close(2) returns before the kernel sends RELEASE, so opening a writer or committing
+waits up to BUSY_WAIT for a writer still held before answering EBUSY.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import functools
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import pyfuse3
+import trio
+
+from store import AlreadyExists, NotFound, StoreError, Unavailable
+from store.api import SyncWriter, TotalWriter, Writer
+from store.digest import Digest, split_digest
+from store.local import LocalStore
+from store.types import Status
+
+from . import view
+from .blobcache import BlobCache
+from .errors import fuse_errors, refuse
+from .handles import WriteHandle
+from .kernel import invalidate_entry
+from .view import INGEST_INO, Attr, Node, NodeTable, encode_ref
+
+__all__ = ["BUSY_WAIT", "Ingests"]
+
+log = logging.getLogger("fusefs")
+
+T = TypeVar("T")
+
+#: How long an open-for-write or a commit waits for a writer whose RELEASE is still in
+#: flight (close(2) returns before the kernel sends RELEASE) before answering EBUSY.
+BUSY_WAIT = 1.0
+_ZEROS = bytes(1 << 20)
+
+
+class Ingests:
+    """The ingests of one mount: open writers by ref, modes set by chmod, last errors."""
+
+    def __init__(self, store: LocalStore, nodes: NodeTable, blobs: BlobCache) -> None:
+        self.store = store
+        self.nodes = nodes
+        self.blobs = blobs
+        self.writers: dict[str, WriteHandle] = {}
+        self.modes: dict[str, int] = {}
+        self.errors: dict[str, str] = {}
+
+    # what an ingest shows --------------------------------------------------------------
+
+    def data_path(self, ref: str) -> str:
+        return self.store.ingest_data_path(ref)
+
+    def exists(self, ref: str) -> bool:
+        return ref in self.writers or os.path.isfile(self.data_path(ref))
+
+    def attr(self, ino: int, ref: str) -> Attr:
+        """Attributes of ingest ``ref``: its data file's, the size as written so far."""
+        st = os.stat(self.data_path(ref))
+        handle = self.writers.get(ref)
+        size = handle.writer.offset if handle is not None else st.st_size
+        return view.ingest_attr(ino, st, size, self.modes.get(ref))
+
+    def refs(self) -> set[str]:
+        """The active ingests (a store listing: call it from a worker thread)."""
+        return {s.ref for s in self.store.list_statuses()} | set(self.writers)
+
+    def status(self, ref: str) -> Status:
+        """The store's status of ``ref``, with the live writer's exact offset and times."""
+        st = self.store.status(ref)
+        handle = self.writers.get(ref)
+        if handle is not None:  # the writer's own times are exact (file mtimes are not)
+            live = handle.writer.status()
+            st = dataclasses.replace(live, expected=st.expected)
+        return st
+
+    async def digest(self, ref: str) -> str:
+        """Digest of the bytes written so far."""
+        handle = self.writers.get(ref)
+        if handle is not None:
+            return handle.writer.digest()
+        return await trio.to_thread.run_sync(_hash_file, self.data_path(ref))
+
+    def forget(self, ref: str) -> None:
+        """Ingest ``ref`` is gone (aborted or committed)."""
+        self.nodes.gone(ref)
+        self.modes.pop(ref, None)
+        self.errors.pop(ref, None)
+
+    # writers ---------------------------------------------------------------------------
+
+    async def open_writer(self, ref: str, flags: int, ino: int = 0) -> WriteHandle:
+        """Take the writer of ``ref`` for an open (O_TRUNC restarts it)."""
+        writer = await self.acquire(ref, f"open ingest {ref} for writing")
+        try:
+            with fuse_errors(f"open ingest {ref} for writing"):
+                if flags & os.O_TRUNC and writer.offset:
+                    writer.truncate(0)
+                read_fd = os.open(self.data_path(ref), os.O_RDONLY | os.O_CLOEXEC)
+        except BaseException:
+            writer.close()
+            raise
+        handle = WriteHandle(ref, writer, bool(flags & os.O_APPEND), read_fd, ino=ino)
+        self.writers[ref] = handle
+        self.errors.pop(ref, None)
+        return handle
+
+    async def acquire(self, ref: str, what: str, *, create: bool = True) -> Writer:
+        """Open the store writer for ``ref``, waiting (in a thread, by the store's own
+        wait) up to BUSY_WAIT while it is held. ``create=False`` only resumes an existing
+        ingest (ENOENT if it is gone)."""
+        open_writer = functools.partial(self.store.writer, ref, create=create, wait=BUSY_WAIT)
+        with fuse_errors(what):
+            return await trio.to_thread.run_sync(open_writer)
+
+    async def retry_busy(self, fn: Callable[[], T], what: str) -> T:
+        """Run ``fn`` in a thread, retrying for up to BUSY_WAIT while it is Unavailable."""
+        deadline = trio.current_time() + BUSY_WAIT
+        with fuse_errors(what):
+            while True:
+                try:
+                    return await trio.to_thread.run_sync(fn)
+                except Unavailable:
+                    if trio.current_time() >= deadline:
+                        raise
+                await trio.sleep(0.01)
+        raise AssertionError("unreachable")
+
+    def close_writer(self, handle: WriteHandle) -> None:
+        """RELEASE of a write open: the writer is closed (the ingest stays resumable)."""
+        if self.writers.get(handle.ref) is handle:
+            del self.writers[handle.ref]
+        os.close(handle.read_fd)
+        try:
+            handle.writer.close()
+        except (OSError, StoreError) as exc:
+            log.warning("close ingest %s: %s", handle.ref, exc)
+
+    def write(self, handle: WriteHandle, off: int, buf: bytes) -> int:
+        writer = handle.writer
+        with fuse_errors(f"write ingest {handle.ref}"):
+            if not handle.append:
+                if off < writer.offset:
+                    raise refuse(errno.ESPIPE, f"write ingest {handle.ref}: offset {off} is"
+                                 f" before the end ({writer.offset}); ingests are append-only")
+                _zero_fill(writer, off - writer.offset)
+            n = writer.write(buf)
+        handle.dirty = True
+        return n
+
+    async def sync(self, handle: WriteHandle, what: str) -> None:
+        """Make the bytes written through ``handle`` durable (FLUSH, FSYNC), in a thread;
+        a store whose writers cannot sync makes them durable at commit."""
+        handle.dirty = False
+        writer = handle.writer
+        if isinstance(writer, SyncWriter):
+            with fuse_errors(f"{what} ingest {handle.ref}"):
+                await trio.to_thread.run_sync(writer.sync)
+
+    async def truncate(self, ref: str, size: int, handle: WriteHandle | None) -> None:
+        """Set the size of ingest ``ref`` through ``handle``, its open writer, or a
+        writer taken for this call."""
+        if handle is None:
+            handle = self.writers.get(ref)
+        if handle is not None:
+            _truncate_writer(handle.writer, size)
+            handle.dirty = True
+            return
+        writer = await self.acquire(ref, f"truncate ingest {ref}", create=False)
+        try:
+            _truncate_writer(writer, size)
+        finally:
+            writer.close()
+
+    async def setattr(self, ref: str, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, handle: WriteHandle | None) -> None:
+        """chmod, truncate and utimes of an ingest; chown to another owner is EPERM."""
+        path = self.data_path(ref)
+        with fuse_errors(f"change ingest {ref}"):
+            st = os.stat(path)
+            if (fields.update_uid and attr.st_uid != st.st_uid) or (
+                    fields.update_gid and attr.st_gid != st.st_gid):
+                raise refuse(errno.EPERM, f"chown ingest {ref}: owner cannot change")
+            if fields.update_size:
+                await self.truncate(ref, attr.st_size, handle)
+            if fields.update_mode:
+                self.modes[ref] = attr.st_mode & 0o7777
+            if fields.update_atime or fields.update_mtime:
+                st = os.stat(path)
+                atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+                mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+                os.utime(path, ns=(atime, mtime))
+
+    def set_total(self, ref: str, total: int) -> None:
+        """The expected total of ingest ``ref`` (0: unknown)."""
+        handle = self.writers.get(ref)
+        if handle is not None and isinstance(handle.writer, TotalWriter):
+            handle.writer.set_total(total)
+        else:
+            self.store.set_ingest_hints(ref, total=total)
+
+    # rename and commit -----------------------------------------------------------------
+
+    async def rename(self, ref: str, new_ref: str) -> None:
+        """Give ingest ``ref`` the ref ``new_ref`` (replacing an ingest of that name)."""
+        await self.retry_busy(functools.partial(self.store.rename_ingest, ref, new_ref),
+                              f"rename ingest {ref} to {new_ref}")
+        self.nodes.rename_ingest(ref, new_ref)
+        if ref in self.modes:
+            self.modes[new_ref] = self.modes.pop(ref)
+        self.errors.pop(new_ref, None)
+        if ref in self.errors:
+            self.errors[new_ref] = self.errors.pop(ref)
+
+    async def commit(self, ref: str, expected: str | None) -> str:
+        """Commit ingest ``ref`` (waiting briefly for an in-flight RELEASE); return the
+        digest. Content that already exists is success. Failures are kept in
+        ``errors[ref]`` for ``user.contentfs.error``."""
+        what = f"commit ingest {ref}"
+        # never a fresh writer: an ingest aborted since is ENOENT, not the empty blob
+        writer = await self.acquire(ref, what, create=False)
+        actual = writer.digest()
+        try:
+            digest: str = await trio.to_thread.run_sync(
+                functools.partial(writer.commit, 0, expected))
+        except AlreadyExists:
+            digest = expected or actual
+            log.info("commit ingest %s: content %s already exists", ref, digest)
+            return digest
+        except (StoreError, OSError) as exc:
+            self.errors[ref] = f"{what}: {exc}"
+            with fuse_errors(what):
+                raise
+            raise
+        finally:
+            writer.close()
+        log.info("committed ingest %s as %s", ref, digest)
+        self.blobs.drop(view.blob_ino(digest))
+        self.blobs.drop_listing(split_digest(Digest(digest))[0])
+        self.errors.pop(ref, None)
+        return digest
+
+    async def commit_by_rename(self, ref: str, alg_dir: Node, name: str) -> None:
+        """``mv ingest/REF blobs/ALG/HEX``: commit expecting that digest. The kernel
+        moves the ingest's inode into blobs/; the next lookup finds the blob's own."""
+        digest = f"{alg_dir.key}:{name}"
+        await self.commit(ref, digest)
+        self.nodes.committed(ref, digest)
+        self.modes.pop(ref, None)
+        pyfuse3.invalidate_entry_async(alg_dir.ino, name.encode(), ignore_enoent=True)
+
+    async def commit_by_xattr(self, ref: str, expected: str | None) -> None:
+        """``setfattr -n user.contentfs.commit``: commit, then drop the kernel's entries
+        before replying, so the caller's next stat sees the blob (not a cached miss) and
+        no longer sees the ingest."""
+        digest = await self.commit(ref, expected)
+        self.forget(ref)
+        await invalidate_entry(INGEST_INO, encode_ref(ref).encode("utf-8", "surrogateescape"))
+        alg, hexpart = split_digest(Digest(digest))
+        alg_ino = self.nodes.alg_ino(alg)
+        if alg_ino is not None:
+            await invalidate_entry(alg_ino, hexpart.encode())
+
+
+def _zero_fill(writer: Writer, gap: int) -> None:
+    while gap > 0:
+        gap -= writer.write(memoryview(_ZEROS)[: min(gap, len(_ZEROS))])
+
+
+def _truncate_writer(writer: Writer, size: int) -> None:
+    """0 restarts, the current size is a no-op, larger zero-extends, smaller: EINVAL."""
+    if size == 0:
+        writer.truncate(0)
+    elif size > writer.offset:
+        _zero_fill(writer, size - writer.offset)
+    elif size < writer.offset:
+        raise refuse(errno.EINVAL, f"truncate ingest {writer.ref} to {size}: ingests"
+                     f" only shrink to 0 (current size {writer.offset})")
+
+
+def _hash_file(path: str) -> str:
+    """sha256 digest of a file's bytes (for an ingest no writer of ours holds)."""
+    hasher = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                hasher.update(chunk)
+    except FileNotFoundError:
+        raise NotFound(f"ingest data {path}") from None
+    return f"sha256:{hasher.hexdigest()}"
