@@ -487,6 +487,9 @@ class RemoteOps(pyfuse3.Operations):
             self.changed(digest)
             return
         if parent.kind is Kind.INGEST_DIR and (ref := decode_name(text)) is not None:
+            deadline = trio.current_time() + BUSY_WAIT
+            while ref in self.writers and trio.current_time() < deadline:
+                await trio.sleep(0.02)  # `echo x > f; rm f`: its RELEASE may be in flight
             with fuse_errors(f"abort ingest {ref}"):
                 await self.call(self.store.abort, ref)
             self._forget_ingest(ref)
