@@ -26,6 +26,7 @@ import trio
 
 from store import LocalStore, StoreError, prepare_root
 from store.api import Store
+from store.identifiers import DEFAULT_NAMESPACE, validate_identifier
 
 from .ops import ContentOps
 from .remote import RemoteOps
@@ -56,8 +57,10 @@ class MountOptions:
     def __init__(self) -> None:
         self.readonly = False
         self.auto_unmount = True
+        #: ``namespace=NS``: the namespace the mount shows (DESIGN §6)
+        self.namespace = DEFAULT_NAMESPACE
         self.fuse: set[str] = set()
-        self.namespace: str | None = None
+        #: ``timeout=SECONDS``: each call's deadline, for a remote store
         self.timeout: float | None = None
 
 
@@ -79,7 +82,10 @@ def parse_options(options: Iterable[str]) -> MountOptions:
             elif opt == "noauto_unmount":
                 out.auto_unmount = False
             elif opt.startswith("namespace="):
-                out.namespace = opt.partition("=")[2]
+                try:
+                    out.namespace = validate_identifier("namespace", opt[len("namespace="):])
+                except StoreError as exc:
+                    raise ValueError(f"mount option {opt!r}: {exc}") from None
             elif opt.startswith("timeout="):
                 try:
                     out.timeout = float(opt.partition("=")[2])
@@ -197,9 +203,8 @@ def mount_main(
     except ValueError as exc:
         print(f"contentfs: {exc}", file=sys.stderr)
         return 2
-    if not remote and (opts.namespace is not None or opts.timeout is not None):
-        print("contentfs: mount options namespace= and timeout= need a store address",
-              file=sys.stderr)
+    if not remote and opts.timeout is not None:
+        print("contentfs: mount option timeout= needs a store address", file=sys.stderr)
         return 2
     if not remote:
         root = os.path.abspath(root)
@@ -248,10 +253,10 @@ def _open_store(root: str, opts: MountOptions, *, remote: bool) -> Store:
     """The store to mount: a root, or (``remote``) the gRPC store at ``root``, whose
     writes are held by the lease ``contentfs`` so containerd's GC keeps them."""
     if not remote:
-        return LocalStore(root, readonly=opts.readonly)
+        return LocalStore(root, readonly=opts.readonly).namespace(opts.namespace)
     from store.grpc.client import DEFAULT_TIMEOUT, KEEP_LEASE, RemoteStore
 
-    store = RemoteStore(root, namespace=opts.namespace or "default",
+    store = RemoteStore(root, namespace=opts.namespace,
                         timeout=opts.timeout or DEFAULT_TIMEOUT, lease=KEEP_LEASE)
     try:
         store.list_statuses()  # reachable, and the namespace is valid: say so now
