@@ -36,7 +36,7 @@ from typing import IO, Any
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 MiB = 1 << 20
-NS = "bench"  # containerd namespace used for every ctr call
+NS = "default"  # namespace of every ctr call: the one a mount and the CLI use by default
 
 
 class BenchError(Exception):
@@ -538,12 +538,13 @@ def record_blobs(root: Path, rows: Sequence[tuple[str, int]], label: bool = True
         base = time.time_ns()
         with conn:
             conn.executemany(
-                "INSERT OR REPLACE INTO blobs(digest, size, created_ns, updated_ns)"
-                " VALUES (?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO blobs(ns, digest, size, created_ns, updated_ns)"
+                " VALUES ('default', ?, ?, ?, ?)",
                 ((f"sha256:{h}", size, base + i, base + i) for i, (h, size) in enumerate(rows)))
             if label:
                 conn.executemany(
-                    "INSERT OR REPLACE INTO labels(digest, key, value) VALUES (?, ?, ?)",
+                    "INSERT OR REPLACE INTO labels(ns, digest, key, value)"
+                    " VALUES ('default', ?, ?, ?)",
                     ((f"sha256:{h}", "containerd.io/distribution.source.bench", "library/bench")
                      for h, _ in rows))
     finally:
