@@ -25,6 +25,7 @@ import pyfuse3
 import trio
 
 from store import LocalStore, StoreError, prepare_root
+from store.api import ChangeFeed
 
 from .ops import ContentOps
 
@@ -271,7 +272,8 @@ async def _serve(ops: ContentOps, mountpoint: str, ready_fd: int, daemon: bool,
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_on_signals)
         nursery.start_soon(_announce, mountpoint, ready_fd, daemon, log_file)
-        nursery.start_soon(watch_store, ops.store, ops.blobs)
+        if isinstance(ops.store, ChangeFeed):  # else cached entries expire (ops.ttl)
+            nursery.start_soon(watch_store, ops.store, ops.blobs)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 

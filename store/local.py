@@ -583,6 +583,13 @@ class LocalStore:
             lock.release()
             raise
 
+    def open_writer(
+        self, ref: str, *, total: int = 0, expected: str | None = None,
+        create: bool = True, wait: float = 0.0,
+    ) -> LocalWriter:
+        """:meth:`writer` (the :class:`store.api.WriterOpener` capability)."""
+        return self.writer(ref, total=total, expected=expected, create=create, wait=wait)
+
     def _resume(self, path: str, ref: str, total: int, algorithm: str) -> IngestState | None:
         try:
             if os.path.islink(path):
@@ -797,7 +804,8 @@ if TYPE_CHECKING:  # mypy checks that LocalStore has the interface and its capab
 
         store: api.Store = s
         caps: tuple[api.InfoIterator, api.IngestReader, api.IngestHints, api.IngestRenamer,
-                    api.ChangeFeed, api.BlobNames, api.BlobFiles] = (s, s, s, s, s, s, s)
+                    api.ChangeFeed, api.BlobNames, api.BlobFiles, api.WriterOpener] = (
+            s, s, s, s, s, s, s, s)
         writer: tuple[api.Writer, api.SyncWriter, api.TotalWriter, api.IdleCloser] = (
             w, w, w, w)
         del store, caps, writer
