@@ -18,7 +18,7 @@ BENCH = REPO / "scripts" / "bench"
 FIGURES = {
     "read_first", "read_warm", "ingest_mount", "small_writes", "ls_many", "find_many",
     "stat_hit", "stat_miss", "ctr_get", "ctr_ingest", "cli_ingest", "cli_get",
-    "rss_mount", "rss_serve",
+    "rss_mount", "rss_serve", "serve_rss_abandoned",
 }
 
 
