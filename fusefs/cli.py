@@ -15,6 +15,7 @@ import os
 import re
 import stat
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, TYPE_CHECKING, Any, NoReturn, TypeAlias, TypeVar
@@ -39,6 +40,7 @@ from store import (
     prepare_root,
 )
 from store.digest import split_digest
+from store.verify import verify_many
 
 from .progress import Progress
 
@@ -762,21 +764,29 @@ def verify_cmd(ctx: click.Context, digests: tuple[str, ...], cmd_root: str | Non
     code = 0
     # the bar shares the terminal with the results: it is erased before each line
     shared = sys.stdout.isatty()
+    lock = threading.Lock()  # workers advance the bar; the main thread prints
+    hashed: dict[str, int] = {}
     with Progress("verifying", sum(sizes.values())) as progress:
-        for digest in targets:
-            before = progress.done
-            try:
-                store.verify(digest, progress=progress.advance)
-            except StoreError as exc:
+
+        def advance(digest: str, n: int) -> None:
+            with lock:
+                hashed[digest] = hashed.get(digest, 0) + n
+                progress.advance(n)
+
+        # blobs are hashed on every core; results are printed in the order of targets
+        for digest, result in verify_many(store, targets, progress=advance):
+            with lock:  # a blob that failed part-way counts as done
+                progress.advance(max(0, sizes[digest] - hashed.pop(digest, 0)))
+            if isinstance(result, StoreError):
                 bad += 1
-                code = code or exit_code(exc)
-                line = f"{digest}: FAILED ({printable(str(exc))})"
+                code = code or exit_code(result)
+                line = f"{digest}: FAILED ({printable(str(result))})"
             else:
                 line = f"{digest}: OK"
-            if shared:
-                progress.clear()
-            click.echo(line)
-            progress.advance(max(0, before + sizes[digest] - progress.done))
+            with lock:
+                if shared:
+                    progress.clear()
+                click.echo(line)
     if bad:
         click.echo(f"contentfs: {bad} of {len(targets)} blobs failed verification", err=True)
         sys.exit(code)
@@ -907,6 +917,7 @@ def _transfer_progress(as_json: bool) -> Any:
 @registry_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @root_option
+@namespace_option
 @click.pass_context
 def fetch_cmd(
     ctx: click.Context, ref: str, platforms: tuple[str, ...], all_platforms: bool,
@@ -920,7 +931,7 @@ def fetch_cmd(
 
     if all_platforms and platforms:
         raise click.UsageError("--all-platforms and --platform exclude each other")
-    store = open_local(ctx, cmd_root, "fetch", create=True)
+    store = open_store(ctx, cmd_root, create=True)
     parsed, client = _registry_client(ref, plain_http, skip_verify, user, concurrency + 2)
     with client, _transfer_progress(as_json) as progress:
         result = fetch_image(store, client, parsed, platforms=platforms,
@@ -958,6 +969,7 @@ def fetch_object_cmd(ref: str, obj: str | None, plain_http: bool, skip_verify: b
 @registry_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @root_option
+@namespace_option
 @click.pass_context
 def push_cmd(
     ctx: click.Context, ref: str, digest: str, platforms: tuple[str, ...], concurrency: int,
@@ -969,7 +981,7 @@ def push_cmd(
     tagged REF's tag. Prints DIGEST."""
     from store.registry import push_image
 
-    store = open_local(ctx, cmd_root, "push", reading=True)
+    store = open_store(ctx, cmd_root, reading=True)
     dgst = parse_digest(digest)
     parsed, client = _registry_client(ref, plain_http, skip_verify, user, concurrency + 2)
     with client, _transfer_progress(as_json) as progress:
@@ -987,6 +999,7 @@ def push_cmd(
 @click.argument("media_type", metavar="MEDIATYPE")
 @registry_options
 @root_option
+@namespace_option
 @click.pass_context
 def push_object_cmd(ctx: click.Context, ref: str, digest: str, media_type: str,
                     plain_http: bool, skip_verify: bool, user: str | None,
@@ -996,7 +1009,7 @@ def push_object_cmd(ctx: click.Context, ref: str, digest: str, media_type: str,
     as a blob."""
     from store.registry import push_object
 
-    store = open_local(ctx, cmd_root, "push-object", reading=True)
+    store = open_store(ctx, cmd_root, reading=True)
     dgst = parse_digest(digest)
     parsed, client = _registry_client(ref, plain_http, skip_verify, user)
     with client:

@@ -440,6 +440,42 @@ def test_verify(cf: Callable[..., Run], populated: dict[str, str], store_root: s
     assert f"{missing}: FAILED" in r.text
 
 
+def test_verify_many_in_order(cf: Callable[..., Run], store_root: str) -> None:
+    """Blobs are hashed on several threads, but the report follows the order asked for
+    (a large blob first, small ones after it, finish in another order), every blob is
+    reported once, and corruption at the start, middle or end of a multi-chunk blob is
+    found."""
+    store = LocalStore(store_root)
+    sizes = [9 << 20, 1, 0, 5 << 20, 3, 4 << 20, 100, 8 << 20 | 1, 2, 7]
+    digests = []
+    try:
+        for i, size in enumerate(sizes):
+            data = (b"%08d" % i * (size // 8 + 1))[:size]
+            w = store.writer(f"many-{i}")
+            w.write(data)
+            digests.append(str(w.commit()))
+    finally:
+        store.close()
+    corrupt = {digests[0]: 0, digests[3]: (5 << 20) - 1, digests[7]: 4 << 20}
+    for d, offset in corrupt.items():
+        path = os.path.join(store_root, "blobs", "sha256", d.split(":")[1])
+        os.chmod(path, 0o644)
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(b"\xff")
+    asked = digests + [digests[2]]  # one twice
+    r = cf("verify", *asked)
+    assert r.code == EXIT_CODES[DataLoss]
+    lines = r.text.splitlines()
+    assert [ln.split(": ")[0] for ln in lines] == asked
+    for d, ln in zip(asked, lines, strict=True):
+        assert ln.startswith(f"{d}: FAILED (") if d in corrupt else ln == f"{d}: OK", ln
+    assert r.error_line() == f"contentfs: 3 of {len(asked)} blobs failed verification"
+    # the full run reports them in name order
+    r = cf("verify")
+    assert [ln.split(": ")[0] for ln in r.text.splitlines()] == sorted(digests)
+
+
 # choosing the store --------------------------------------------------------------------
 
 

@@ -384,3 +384,23 @@ def test_tls_registry(images: Images, tmp_path: Any) -> None:
         assert trusted.returncode == 0, trusted.stderr
     finally:
         reg.stop()
+
+
+def test_fetch_into_containerd_through_its_content_api(images: Images, tmp_path: Any) -> None:
+    """``--address`` and ``-n``: contentfs fetches into a live containerd (its Content
+    API); what containerd then holds in that namespace is what ``ctr content fetch``
+    puts in another one, labels included, plus gc.root on the top object."""
+    ctrd = Containerd(str(tmp_path / "ctrd"))
+    try:
+        res = contentfs("--address", ctrd.address, "-n", "ours", "fetch", "--plain-http",
+                        images.ref("test/multi:v1"))
+        assert res.returncode == 0, res.stderr
+        out = ctr(ctrd.address, "content", "fetch", "--plain-http", "--all-platforms",
+                  images.ref("test/multi:v1"), namespace="theirs", timeout=120)
+        assert out.returncode == 0, out.stderr
+        ours = ctr_labels(ctrd.address, "ours")
+        theirs = ctr_labels(ctrd.address, "theirs")
+    finally:
+        ctrd.stop()
+    assert GC_ROOT in ours[images.index][1]
+    assert without_root(ours) == theirs
