@@ -25,6 +25,7 @@ import pyfuse3
 import trio
 
 from store import LocalStore, StoreError, prepare_root
+from store.identifiers import DEFAULT_NAMESPACE, validate_identifier
 
 from .ops import ContentOps
 
@@ -54,6 +55,8 @@ class MountOptions:
     def __init__(self) -> None:
         self.readonly = False
         self.auto_unmount = True
+        #: ``namespace=NS``: the namespace the mount shows (DESIGN §6)
+        self.namespace = DEFAULT_NAMESPACE
         self.fuse: set[str] = set()
 
 
@@ -69,6 +72,11 @@ def parse_options(options: Iterable[str]) -> MountOptions:
                 out.auto_unmount = True
             elif opt == "noauto_unmount":
                 out.auto_unmount = False
+            elif opt.startswith("namespace="):
+                try:
+                    out.namespace = validate_identifier("namespace", opt[len("namespace="):])
+                except StoreError as exc:
+                    raise ValueError(f"mount option {opt!r}: {exc}") from None
             elif opt in FUSE_OPTIONS:
                 out.fuse.add(opt)
                 out.readonly = out.readonly or opt == "ro"
@@ -223,7 +231,7 @@ def _run(root: str, mountpoint: str, opts: MountOptions, *, debug: bool, ready_f
          daemon: bool, log_file: str | None) -> int:
     try:
         _clear_dead_mount(mountpoint)
-        store = LocalStore(root, readonly=opts.readonly)
+        store = LocalStore(root, readonly=opts.readonly).namespace(opts.namespace)
     except RuntimeError as exc:
         _tell(f"cannot mount {root}: {exc}")
         return 1

@@ -104,9 +104,13 @@ FIGURES: tuple[Figure, ...] = (
            "contentfs serve RSS after rounds of abandoned 15 MB writes (max)",
            "the same server's RSS before them", "memory", "<", 100.0,
            "within 50 MB of the ~46 MB start (issue 15); growth in extra"),
+    Figure("pull_proxy", "ctr images pull, one big layer",
+           "containerd over contentfs serve (content proxy plugin)",
+           "containerd with its own content store", "rate", ">=", 0.8),
 )
 BY_NAME = {f.name: f for f in FIGURES}
 REGISTRY_FIGS = frozenset({"fetch_registry", "fetch_registry_skopeo"})
+PULL_FIGS = frozenset({"pull_proxy"})  # makes its own data and daemons
 
 
 @dataclasses.dataclass
@@ -333,9 +337,9 @@ class Mount:
 class Serve:
     """``contentfs serve`` on a unix socket; ready when it prints its "serving" line."""
 
-    def __init__(self, root: Path, sock: Path, logdir: Path) -> None:
+    def __init__(self, root: Path, sock: Path, logdir: Path, name: str = "serve") -> None:
         self.sock = sock
-        log = logdir / "serve.log"
+        log = logdir / f"{name}.log"
         self.daemon = Daemon("contentfs serve", [str(BIN / "contentfs"), "serve", "--root",
                                                  str(root), "--address", f"unix://{sock}"], log)
         try:
@@ -358,23 +362,30 @@ class Containerd:
                 "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
                 "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing")
 
-    def __init__(self, base: Path, sock: Path) -> None:
+    def __init__(self, base: Path, sock: Path, content_proxy: Path | None = None) -> None:
+        """``content_proxy``: the socket of a Content server that replaces containerd's
+        built-in content store (``[proxy_plugins]``, as for the pull_proxy figure)."""
         exe = shutil.which("containerd")
         if exe is None:
             raise BenchError("containerd not found (apt-get install containerd)")
         base.mkdir(parents=True, exist_ok=True)
         self.sock = sock
         self.daemon_root = base / "root"
+        disabled = list(self.DISABLED)
+        if content_proxy:
+            disabled.append("io.containerd.content.v1.content")
         config = base / "config.toml"
         config.write_text(
             "version = 2\n"
             f'root = "{base / "root"}"\n'
             f'state = "{base / "state"}"\n'
-            f"disabled_plugins = {json.dumps(list(self.DISABLED))}\n"
+            f"disabled_plugins = {json.dumps(disabled)}\n"
             f'[grpc]\n  address = "{self.sock}"\n'
             f'[ttrpc]\n  address = "{self.sock}.ttrpc"\n'
             '[debug]\n  level = "warn"\n'
             '[plugins."io.containerd.gc.v1.scheduler"]\n  mutation_threshold = 0\n'
+            + (f'[proxy_plugins.contentfs]\n  type = "content"\n  address = "{content_proxy}"\n'
+               if content_proxy else "")
         )
         self.daemon = Daemon("containerd", [exe, "--config", str(config)], base / "log")
         try:
@@ -604,6 +615,7 @@ class Params:
     plot: bool = False
     show: bool = False
     layer_size: int = 512 * MiB
+    pull_layer_size: int = 256 * MiB
 
 
 class Bench:
@@ -642,7 +654,7 @@ class Bench:
 
     def prepare(self) -> None:
         p = self.p
-        self.prepared = not p.only <= REGISTRY_FIGS
+        self.prepared = not p.only <= REGISTRY_FIGS | PULL_FIGS
         if not self.prepared:  # the registry figures make their own data
             return
         say(f"preparing data in {self.work}: 2 x {human(p.size)}, {p.blobs} small blobs")
@@ -773,6 +785,8 @@ class Bench:
         self.measure("serve_rss_abandoned", self.fig_serve_rss_abandoned)
         if self.wanted("fetch_registry", "fetch_registry_skopeo"):
             self.run_registry_figures()
+        if self.wanted("pull_proxy"):
+            self.run_pull_proxy()
         for name in p.only:
             if name not in self.results:
                 res = Result(self.figure(name), error=self.start_errors.get(name, "not run"))
@@ -1062,6 +1076,9 @@ class Bench:
                    self.rate(total))
     # registries ---------------------------------------------------------------------------
 
+    def run_pull_proxy(self) -> None:
+        _pull_proxy(self)
+
     def run_registry_figures(self) -> None:
         """``contentfs fetch`` of a one-layer image (``--layer-size``) from a local
         docker-registry, alternated with ``ctr content fetch`` into containerd and with
@@ -1123,6 +1140,59 @@ class Bench:
                              lambda r: self.pairs(r, runs, ours, ctr_fetch, rate))
         self.measure("fetch_registry_skopeo",
                      lambda r: self.pairs(r, runs, ours, skopeo, rate))
+
+
+# pull through a content proxy ----------------------------------------------------------
+
+
+def _pull_proxy(bench: Bench) -> None:
+    """The pull_proxy figure: ``ctr images pull --plain-http`` (fetch and unpack) of a
+    one-layer image (``--pull-layer-size``) from a local docker-registry, by a containerd
+    whose content store is ``contentfs serve`` (proxy plugin), alternated with the same
+    pull by a containerd with its own store; both started for this figure alone, with
+    the same configuration otherwise. Every run starts with none of the image there:
+    after each pull ``ctr images rm --sync`` has containerd's GC delete it (through
+    contentfs for ours), checked on disk."""
+    p = bench.p
+    base = bench.work / "pull"
+    socks = bench.socks
+    logs = bench.logs / "pull"
+    logs.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:  # everything of this figure stops after it
+        try:
+            reg = Registry(base / "registry", logs)
+            stack.callback(reg.stop)
+            ref = reg.push_image(base / "image", p.pull_layer_size)
+            root = base / "cfs-root"
+            serve = Serve(root, socks / "pull-cfs.sock", logs, name="pull-serve")
+            stack.callback(serve.stop)
+            ours_cd = Containerd(base / "cd-proxy", socks / "pp.sock",
+                                 content_proxy=socks / "pull-cfs.sock")
+            stack.callback(ours_cd.stop)
+            plain_cd = Containerd(base / "cd-plain", socks / "pl.sock")
+            stack.callback(plain_cd.stop)
+        except BenchError as exc:
+            bench.start_errors["pull_proxy"] = f"pull_proxy setup: {exc}"
+            say(f"  cannot set up pull_proxy: {exc}")
+            return
+        ours_blob = root / "blobs" / "sha256" / ref.layer_hex
+        plain_blob = (plain_cd.daemon_root / "io.containerd.content.v1.content" / "blobs"
+                      / "sha256" / ref.layer_hex)
+
+        def pull(c: Containerd, blob: Path) -> Callable[[], float]:
+            def once() -> float:
+                t = timed(ctr(c.sock, "images", "pull", "--plain-http", ref.name))
+                if not blob.is_file():
+                    raise BenchError(f"ctr images pull: the layer is not at {blob}")
+                run(ctr(c.sock, "images", "rm", "--sync", ref.name))
+                wait_until("containerd GC of the pulled layer", lambda: not blob.exists(),
+                           c.daemon, timeout=60)
+                return t
+            return once
+
+        bench.measure("pull_proxy", lambda r: bench.pairs(
+            r, p.slow_runs, pull(ours_cd, ours_blob), pull(plain_cd, plain_blob),
+            bench.rate(p.pull_layer_size)))
 
 
 @dataclasses.dataclass
@@ -1421,6 +1491,9 @@ def parse_args(argv: Sequence[str]) -> Params:
                     help="measure nothing: print (and --compare, --plot) a saved run")
     ap.add_argument("--layer-size", type=parse_size,
                     help="the registry image's layer (default 512M; quick 16M)")
+    ap.add_argument("--pull-layer-size", type=parse_size,
+                    help="the layer of the image pulled by pull_proxy (default 256M; "
+                         "quick 16M)")
     a = ap.parse_args(argv)
     for path in (a.compare, a.show):
         if path is not None and not path.is_file():
@@ -1449,7 +1522,77 @@ def parse_args(argv: Sequence[str]) -> Params:
         plot=a.plot,
         show=a.show is not None,
         layer_size=a.layer_size or (16 * MiB if q else 512 * MiB),
+        pull_layer_size=a.pull_layer_size or (16 * MiB if q else 256 * MiB),
     )
+
+
+# --------------------------------------------------------------------------------------
+# gc_many: a figure of its own (no baseline), run with --gc-many
+
+
+def gc_many(blobs: int, tmpdir: str, keep: bool) -> dict[str, Any]:
+    """``contentfs gc`` over ``blobs`` blobs in namespace ``default``: a tenth are roots
+    (``containerd.io/gc.root``), each with nine children reached through
+    ``containerd.io/gc.ref.content.*`` labels, so everything is marked and nothing goes.
+    Returns wall time, peak RSS of the gc process (its own rusage) and how long writers
+    were held off (the marking transaction), from ``contentfs gc --json``."""
+    import sqlite3
+
+    from store import LocalStore
+
+    work = Path(tempfile.mkdtemp(prefix="contentfs-gc-", dir=tmpdir))
+    try:
+        root = work / "root"
+        blob_dir = root / "blobs" / "sha256"
+        blob_dir.mkdir(parents=True)
+        say(f"gc_many: writing {blobs} blobs in {root}")
+        names = make_small_blobs(blob_dir, blobs)
+        LocalStore(str(root)).close()  # the schema
+        db = sqlite3.connect(str(root / ".contentfs" / "meta.db"))
+        now = time.time_ns()
+        roots = max(1, blobs // 10)
+        with db:
+            db.executemany(
+                "INSERT INTO blobs(ns, digest, size, created_ns, updated_ns)"
+                " VALUES ('default', ?, ?, ?, ?)",
+                [(f"sha256:{h}", (blob_dir / h).stat().st_size, now, now) for h in names])
+            rows = []
+            for i in range(roots):
+                parent = f"sha256:{names[i]}"
+                rows.append((parent, "containerd.io/gc.root", "bench"))
+                for j in range(i + roots, blobs, roots)[:9]:
+                    rows.append((parent, f"containerd.io/gc.ref.content.l.{j}",
+                                 f"sha256:{names[j]}"))
+            db.executemany("INSERT INTO labels(ns, digest, key, value)"
+                           " VALUES ('default', ?, ?, ?)", rows)
+        db.close()
+        say(f"gc_many: contentfs gc over {blobs} blobs ({roots} roots)")
+        started = time.monotonic()
+        proc = subprocess.Popen([str(BIN / "contentfs"), "--root", str(root), "gc", "--json"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        out, err = proc.communicate()
+        seconds = time.monotonic() - started
+        if proc.returncode != 0:
+            raise BenchError(f"contentfs gc failed: {err.decode()[-2000:]}")
+        report = json.loads(out)
+        left = len(os.listdir(blob_dir))
+        if report["removed"] or left != blobs:
+            raise BenchError(f"gc removed {len(report['removed'])} rooted blobs")
+        return {"blobs": blobs, "roots": roots, "seconds": round(seconds, 3),
+                "held_seconds": report["held_seconds"],
+                "remarked": report.get("remarked"),
+                "peak_rss_mb": round(_child_peak_mb(), 1)}
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _child_peak_mb() -> float:
+    """Peak RSS of the largest child waited for so far (ru_maxrss of RUSAGE_CHILDREN, kB
+    on Linux): the gc process, the only child gc_many starts."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 @contextlib.contextmanager
@@ -1480,7 +1623,15 @@ def load(path: Path) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = parse_args(sys.argv[1:] if argv is None else argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "--gc-many":
+        # gc_many [N]: self-contained, no baseline; target: peak RSS < 150 MB
+        n = int(args[1]) if len(args) > 1 else 100_000
+        res = gc_many(n, os.environ.get("TMPDIR", "/tmp"), keep=False)
+        res["met"] = res["peak_rss_mb"] < 150.0
+        print(json.dumps(res, indent=2))
+        return 0 if res["met"] else 1
+    p = parse_args(args)
     try:
         old = load(p.compare) if p.compare is not None else None
         doc = load(p.json_path) if p.show else measure_all(p)

@@ -48,7 +48,9 @@ signatures). An adapter degrades when a store lacks one, as its docstring says:
   adapter may ``pread`` itself;
 * :class:`SyncWriter`, :class:`TotalWriter`, :class:`IdleCloser`: a Writer that can make
   its bytes durable before commit, change its expected total, or be closed from another
-  thread when no call on it is in progress.
+  thread when no call on it is in progress;
+* :class:`Namespaced`     ``namespace(ns, lease=)``: per-namespace views (DESIGN §6);
+* :class:`LeaseManager`   leases and garbage collection in a view's namespace.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
 from .digest import Digest
-from .types import Info, Status
+from .types import GcResult, Info, Lease, Status
 
 __all__ = [
     "BlobFiles",
@@ -79,7 +81,9 @@ __all__ = [
     "IngestReader",
     "IngestRenamer",
     "Ingester",
+    "LeaseManager",
     "Manager",
+    "Namespaced",
     "Provider",
     "ReaderAt",
     "Store",
@@ -424,6 +428,41 @@ class IdleCloser(Protocol):
 
     def close_if_idle(self) -> None:
         """``close()`` unless a call on this writer is in progress; never blocks."""
+        ...
+
+
+@runtime_checkable
+class Namespaced(Protocol):
+    """Views of one containerd namespace each over the same bytes (DESIGN §6)."""
+
+    def namespace(self, ns: str | None, *, lease: str | None = None) -> Self:
+        """The view of namespace ``ns`` (None: the raw store, beneath every namespace);
+        with ``lease``, what it writes and commits is held by that lease (containerd's
+        ``containerd-lease`` header). InvalidArgument for a malformed namespace."""
+        ...
+
+
+@runtime_checkable
+class LeaseManager(Protocol):
+    """containerd's ``leases.Manager`` for the view's namespace, and its gc
+    (FailedPrecondition on a view without a namespace)."""
+
+    def create_lease(
+        self, lease_id: str | None = None, labels: Mapping[str, str] | None = None
+    ) -> Lease: ...
+
+    def leases(self, *filters: str) -> list[Lease]: ...
+
+    def delete_lease(self, lease_id: str, *, sync: bool = False) -> GcResult | None: ...
+
+    def lease_resources(self, lease_id: str) -> list[tuple[str, str]]: ...
+
+    def add_lease_resource(self, lease_id: str, rtype: str, rid: str) -> None: ...
+
+    def delete_lease_resource(self, lease_id: str, rtype: str, rid: str) -> None: ...
+
+    def gc(self, *, dry_run: bool = False) -> GcResult:
+        """Collect garbage over every namespace of the root (DESIGN §6)."""
         ...
 
 

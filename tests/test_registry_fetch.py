@@ -18,6 +18,7 @@ import pytest
 
 from store import LocalStore
 
+from .fuse_util import MountFactory, mounter
 from .grpc_util import Containerd, ctr
 from .registry_util import (
     CountingProxy,
@@ -28,6 +29,7 @@ from .registry_util import (
     skopeo_copy,
 )
 
+mounter = mounter  # noqa: PLW0127 - the fixture, imported for this module
 CONTENTFS = os.path.join(os.path.dirname(sys.executable), "contentfs")
 BIG = 56 << 20  # the big layer: over 50 MiB of random bytes (gzip leaves it as big)
 GC_ROOT = "containerd.io/gc.root"
@@ -404,3 +406,42 @@ def test_fetch_into_containerd_through_its_content_api(images: Images, tmp_path:
         ctrd.stop()
     assert GC_ROOT in ours[images.index][1]
     assert without_root(ours) == theirs
+
+
+def test_fetch_memory_is_bounded(images: Images, tmp_path: Any) -> None:
+    """A layer is streamed into its ingest, never held whole: fetching the image with the
+    56 MiB layer peaks far below the layer's size over the interpreter's own."""
+    wrapper = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:]);"
+               " _, status, usage = os.wait4(p.pid, 0);"
+               " print(usage.ru_maxrss, os.waitstatus_to_exitcode(status))")
+    base = subprocess.run([sys.executable, "-c", wrapper, CONTENTFS, "--version"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run([sys.executable, "-c", wrapper, CONTENTFS, "--root",
+                          str(tmp_path / "s"), "fetch", "--plain-http",
+                          images.ref("test/single:v1")],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == images.amd and out[2] == "0", out  # the digest, then peak and exit
+    peak_mib, idle_mib = int(out[1]) / 1024, int(base[-2]) / 1024
+    assert peak_mib - idle_mib < 40, (peak_mib, idle_mib)  # the layer is 56 MiB
+
+
+def test_fetch_fills_an_oci_layout_read_through_a_mount(images: Images, tmp_path: Any,
+                                                         mounter: MountFactory) -> None:
+    """A store that is an OCI layout (its index.json naming the images, no blobs yet):
+    fetch brings the blobs, and skopeo reads the images through the mount."""
+    import shutil
+
+    root = str(tmp_path / "layout")
+    os.makedirs(root)
+    for name in ("oci-layout", "index.json"):
+        shutil.copy(os.path.join(images.layout, name), root)
+    res = contentfs("--root", root, "fetch", "--plain-http", images.ref("test/multi:v1"))
+    assert res.returncode == 0, res.stderr
+    m = mounter(root=root)
+    from .registry_util import SKOPEO, run
+
+    amd = json.loads(run(SKOPEO, "inspect", f"oci:{m.path}:amd").stdout)
+    assert amd["Digest"] == images.amd and amd["Layers"] == images.amd_layers
+    out = str(tmp_path / "copy")
+    skopeo_copy(f"oci:{m.path}:multi", f"oci:{out}:multi")
+    assert read_blob(out, images.big) == read_blob(images.layout, images.big)

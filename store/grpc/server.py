@@ -39,9 +39,11 @@ from store.local import LocalStore
 
 from .errors import GrpcError, to_grpc
 from .fastread import ReadLane, attach
+from .leases import LEASES, LeasesService
 from .memory import Trimmer, limit_arenas
 from .pb import content_pb2 as pb
 from .pb import introspection_pb2, version_pb2
+from .pb import leases_pb2 as lpb
 from .service import ContentService
 from .wire import decode_write_request
 
@@ -350,6 +352,22 @@ def content_handler(
     )
 
 
+def leases_handler(service: LeasesService) -> grpc.GenericRpcHandler:
+    """The Leases service's method table (reference §8.8)."""
+    s = _serialize
+    return grpc.method_handlers_generic_handler(
+        LEASES,
+        {
+            "Create": _unary(service.create, lpb.CreateRequest, s),
+            "Delete": _unary(service.delete, lpb.DeleteRequest, s),
+            "List": _unary(service.list, lpb.ListRequest, s),
+            "AddResource": _unary(service.add_resource, lpb.AddResourceRequest, s),
+            "DeleteResource": _unary(service.delete_resource, lpb.DeleteResourceRequest, s),
+            "ListResources": _unary(service.list_resources, lpb.ListResourcesRequest, s),
+        },
+    )
+
+
 def _version(_req: Any, _md: Any) -> version_pb2.VersionResponse:
     from importlib import metadata
 
@@ -430,7 +448,8 @@ def build_server(
     limits = _WriteLimits(WRITE_STREAMS, write_idle_timeout)
     server = grpc.server(
         pool,
-        handlers=[content_handler(service, limits), *other_handlers(str(uuid.uuid4()))],
+        handlers=[content_handler(service, limits), leases_handler(LeasesService(store)),
+                  *other_handlers(str(uuid.uuid4()))],
         interceptors=[_LogCalls()] if debug else None,
         maximum_concurrent_rpcs=MAX_CALLS,
         options=[
