@@ -299,6 +299,14 @@ class MetadataDB:
                 "SELECT key, value FROM labels WHERE ns = ? AND digest = ?", (ns, digest)))
         return row[0], row[1], row[2], labels
 
+    def committed_size(self, digest: str) -> int | None:
+        """The size recorded for ``digest`` at commit, in any namespace (the same in all:
+        it is the content's), or None if no namespace has a row."""
+        with self._tx() as c:
+            row = c.execute("SELECT size FROM blobs WHERE digest = ? LIMIT 1",
+                            (digest,)).fetchone()
+        return None if row is None else int(row[0])
+
     def get_blob_times(self, ns: str, digests: list[str]) -> dict[str, tuple[int, int, int]]:
         """(size, created_ns, updated_ns) of those ``digests`` that have a row; no labels.
         For listings: one query per batch instead of one per blob."""
