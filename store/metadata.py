@@ -213,7 +213,12 @@ class MetadataDB:
                 # create the WAL index (-shm) that a plain read-only open needs
                 uri += "&immutable=1"
             conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=10)
-            if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+            try:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+            except sqlite3.DatabaseError as exc:  # e.g. locked exclusively by another
+                conn.close()
+                raise _db_error(self.path, exc) from None
+            if version < SCHEMA_VERSION:
                 # an older store that cannot be migrated in place: migrate a copy in memory
                 mem = sqlite3.connect(":memory:", check_same_thread=False)
                 conn.backup(mem)
