@@ -36,7 +36,7 @@ from typing import IO, Any
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 MiB = 1 << 20
-NS = "bench"  # containerd namespace used for every ctr call
+NS = "default"  # namespace of every ctr call: the one a mount and the CLI use by default
 
 
 class BenchError(Exception):
@@ -90,6 +90,9 @@ FIGURES: tuple[Figure, ...] = (
            "ctr content ingest on containerd", "rate", ">", 1.0),
     Figure("cli_get", "CLI get, big blob", "contentfs get", "ctr content get on containerd",
            "rate", ">", 1.0),
+    Figure("read_remote", "first read via a mount over containerd",
+           "cat of a 256 MiB blob via `contentfs mount --address` (cache dropped)",
+           "ctr content get of it from the same containerd", "rate", ">=", 2.0),
     Figure("cli_verify", "CLI verify, blobs of 1-64 MiB", "contentfs verify",
            "sha256sum of the blob files", "rate", ">=", 2.0),
     Figure("fetch_registry", "fetch an image from a registry", "contentfs fetch",
@@ -334,6 +337,24 @@ class Mount:
                 run(["fusermount3", "-u", "-z", str(self.mnt)], check=False)
 
 
+class RemoteMount(Mount):
+    """``contentfs mount -f --address SOCK -o namespace=NS MNT``: a mount over containerd."""
+
+    def __init__(self, sock: Path, mnt: Path, logdir: Path) -> None:
+        self.root, self.mnt = sock, mnt
+        mnt.mkdir(parents=True, exist_ok=True)
+        self.daemon = Daemon("contentfs mount --address",
+                             [str(BIN / "contentfs"), "mount", "-f", "--address",
+                              f"unix://{sock}", "-o", f"namespace={NS}", str(mnt)],
+                             logdir / "mount-remote.log")
+        try:
+            wait_until("remote mount", lambda: is_mounted(mnt) and (mnt / "blobs").exists(),
+                       self.daemon)
+        except BaseException:
+            self.stop()
+            raise
+
+
 class Serve:
     """``contentfs serve`` on a unix socket; ready when it prints its "serving" line."""
 
@@ -521,12 +542,13 @@ def record_blobs(root: Path, rows: Sequence[tuple[str, int]], label: bool = True
         base = time.time_ns()
         with conn:
             conn.executemany(
-                "INSERT OR REPLACE INTO blobs(digest, size, created_ns, updated_ns)"
-                " VALUES (?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO blobs(ns, digest, size, created_ns, updated_ns)"
+                " VALUES ('default', ?, ?, ?, ?)",
                 ((f"sha256:{h}", size, base + i, base + i) for i, (h, size) in enumerate(rows)))
             if label:
                 conn.executemany(
-                    "INSERT OR REPLACE INTO labels(digest, key, value) VALUES (?, ?, ?)",
+                    "INSERT OR REPLACE INTO labels(ns, digest, key, value)"
+                    " VALUES ('default', ?, ?, ?)",
                     ((f"sha256:{h}", "containerd.io/distribution.source.bench", "library/bench")
                      for h, _ in rows))
     finally:
@@ -753,7 +775,8 @@ class Bench:
         fuse_figs = ("read_first", "read_warm", "ingest_mount", "small_writes", "ls_first",
                      "ls_many", "find_many", "stat_hit", "stat_miss", "rss_mount")
         grpc_figs = ("ctr_get", "ctr_ingest", "rss_serve")
-        cd_figs = ("ctr_get", "ctr_ingest", "cli_ingest", "cli_get", "rss_mount", "rss_serve")
+        cd_figs = ("ctr_get", "ctr_ingest", "cli_ingest", "cli_get", "read_remote", "rss_mount",
+                   "rss_serve")
         if self.wanted(*cd_figs):
             self.guard("containerd", self.start_containerd)
         if self.wanted(*fuse_figs):
@@ -779,6 +802,7 @@ class Bench:
         if self.containerd is not None:
             self.measure("cli_ingest", self.fig_cli_ingest)
             self.measure("cli_get", self.fig_cli_get)
+            self.measure("read_remote", self.fig_read_remote)
         self.measure("cli_verify", self.fig_cli_verify)
         if self.serve is not None:
             self.measure("rss_serve", lambda r: self.fig_rss(r, self.serve))
@@ -801,7 +825,8 @@ class Bench:
                               "ls_first", "ls_many", "find_many", "stat_hit", "stat_miss",
                               "rss_mount"),
                     "serve": ("ctr_get", "ctr_ingest", "rss_serve"),
-                    "containerd": ("ctr_get", "ctr_ingest", "cli_ingest", "cli_get")}
+                    "containerd": ("ctr_get", "ctr_ingest", "cli_ingest", "cli_get",
+                                   "read_remote")}
             for name in deps[what]:
                 self.start_errors.setdefault(name, f"{what} did not start: {exc}")
 
@@ -1052,6 +1077,43 @@ class Bench:
         self.pairs(res, self.p.slow_runs,
                    lambda: timed(self.contentfs("get", f"sha256:{self.big_hex}")),
                    self.ctr_get(self.containerd.sock), self.rate(self.p.size))
+
+    def fig_read_remote(self, res: Result) -> None:
+        """A mount over containerd reads in large Read calls, ahead of ``cat``; ``ctr``
+        asks 32 KiB per call. The mount's page cache is dropped before each of its runs."""
+        assert self.containerd is not None
+        size = min(self.p.size, 256 * MiB)
+        src = self.work / "remote.bin"
+        hexd = make_random_file(src, size, 3)
+        sock = self.containerd.sock
+        with open(src, "rb") as fh:
+            run(ctr(sock, "content", "ingest", "bench-remote"), stdin=fh)
+        run(ctr(sock, "content", "label", f"sha256:{hexd}", "containerd.io/gc.root=bench"))
+        src.unlink()
+        say("  starting contentfs mount --address (containerd)")
+        mount = RemoteMount(sock, self.work / "mnt-remote", self.logs)
+        try:
+            blob = mount.mnt / "blobs" / "sha256" / hexd
+            h = hashlib.sha256()
+            with open(blob, "rb", buffering=0) as fh:
+                buf = bytearray(MiB)
+                view = memoryview(buf)
+                while n := fh.readinto(buf):
+                    h.update(view[:n])
+            if h.hexdigest() != hexd:
+                raise BenchError(f"{blob}: read back sha256:{h.hexdigest()}")
+            cat_mnt = self.cat(blob)
+
+            def first() -> float:
+                drop_cache(blob)
+                return cat_mnt()
+
+            res.extra["size"] = size
+            self.pairs(res, self.p.slow_runs, first,
+                       lambda: timed(ctr(sock, "content", "get", f"sha256:{hexd}")),
+                       self.rate(size))
+        finally:
+            mount.stop()
 
 
     def fig_cli_verify(self, res: Result) -> None:

@@ -329,7 +329,7 @@ def test_unknown_tag_is_not_found(images: Images, tmp_path: Any) -> None:
 def test_basic_auth_with_user_and_docker_config(images: Images, tmp_path: Any) -> None:
     reg = Registry(str(tmp_path / "reg"), users={"alice": "s3cret"})
     try:
-        skopeo_copy(f"oci:{images.layout}:amd", f"docker://{reg.host}/priv/img:v1",
+        skopeo_copy(f"oci:{images.layout}:arm", f"docker://{reg.host}/priv/img:v1",
                     "--dest-creds", "alice:s3cret")
         ref = f"{reg.host}/priv/img:v1"
         home = tmp_path / "home"
@@ -344,7 +344,7 @@ def test_basic_auth_with_user_and_docker_config(images: Images, tmp_path: Any) -
         ok = contentfs("--root", str(tmp_path / "b"), "fetch", "--plain-http",
                        "--user", "alice:s3cret", ref, env=env)
         assert ok.returncode == 0, ok.stderr
-        assert ok.stdout.decode().strip() == images.amd
+        assert ok.stdout.decode().strip() == images.arm
         prompted = contentfs("fetch-object", "--plain-http", "--user", "alice", ref,
                              env=env, input=b"s3cret\n")
         assert prompted.returncode == 0, prompted.stderr
@@ -445,3 +445,36 @@ def test_fetch_fills_an_oci_layout_read_through_a_mount(images: Images, tmp_path
     out = str(tmp_path / "copy")
     skopeo_copy(f"oci:{m.path}:multi", f"oci:{out}:multi")
     assert read_blob(out, images.big) == read_blob(images.layout, images.big)
+
+
+def test_fetch_into_namespaces(images: Images, tmp_path: Any) -> None:
+    """-n: what is fetched belongs to that namespace; a second namespace fetching the
+    same image gets its own records and labels without the bytes being downloaded again
+    (the store keeps bytes once)."""
+    proxy = CountingProxy(images.registry.host)
+    root = str(tmp_path / "store")
+    ref = f"{proxy.host}/test/single:v1"
+    try:
+        first = contentfs("--root", root, "-n", "team-a", "fetch", "--plain-http", ref)
+        assert first.returncode == 0, first.stderr
+        sent_first = sum(r["sent"] for r in proxy.blob_requests(images.big))
+        second = contentfs("--root", root, "fetch", "-n", "team-b", "--plain-http", "--json",
+                           ref)
+        assert second.returncode == 0, second.stderr
+    finally:
+        proxy.stop()
+    assert sent_first > BIG
+    assert sum(r["sent"] for r in proxy.blob_requests(images.big)) == sent_first
+    assert json.loads(second.stdout)["transferred"] < 1 << 20
+
+    def listing(ns: str) -> dict[str, dict[str, str]]:
+        out = contentfs("--root", root, "-n", ns, "ls", "--json")
+        assert out.returncode == 0, out.stderr
+        return {b["digest"]: b["labels"] for b in json.loads(out.stdout)}
+
+    a, b = listing("team-a"), listing("team-b")
+    assert set(a) == set(b) and images.amd in a and images.big in a
+    assert a[images.big] == b[images.big] == {
+        "containerd.io/distribution.source.127.0.0.1": "test/single"}
+    assert GC_ROOT in b[images.amd]
+    assert images.big not in listing("default")
