@@ -241,13 +241,13 @@ class LocalStore:
         """DataLoss if the metadata records another size for ``dgst`` (bytes appended or
         cut off on disk). A blob without a row, or an unreadable database, passes."""
         try:
-            row = self.db.get_blob(dgst)
+            recorded = self.meta.committed_size(dgst)
         except (StoreError, OSError) as exc:
             log.debug("content %s: size not checked: %s", dgst, exc)
             return
-        if row is not None and row[0] != size:
+        if recorded is not None and recorded != size:
             raise DataLoss(
-                f"content {dgst}: file holds {size} bytes, {row[0]} were committed"
+                f"content {dgst}: file holds {size} bytes, {recorded} were committed"
             )
 
     # Manager --------------------------------------------------------------------------
