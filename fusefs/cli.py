@@ -812,28 +812,43 @@ def verify_cmd(ctx: click.Context, digests: tuple[str, ...], cmd_root: str | Non
     context_settings={"ignore_unknown_options": False},
 )
 @click.argument("root", type=click.Path())
-@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.argument("mountpoint", type=click.Path(file_okay=False), required=False)
 @click.option("-o", "options", metavar="OPT[,OPT...]", multiple=True,
               help="Mount options: ro, allow_other, default_permissions, ... "
-                   "(generic ones such as rw, defaults, nofail, _netdev are ignored).")
+                   "(generic ones such as rw, defaults, nofail, _netdev are ignored); with"
+                   " --address: namespace=NS, timeout=SECONDS.")
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground.")
 @click.option("--debug", is_flag=True, help="Log every request (implies -f).")
 @click.option("--log-file", metavar="FILE", default=None,
               help="Where the background daemon logs (default: mount-*.log beside its pid"
                    " file, in /run/contentfs for root, else $XDG_RUNTIME_DIR/contentfs).")
+@address_option
+@click.pass_context
 def mount_cmd(
-    root: str, mountpoint: str, options: tuple[str, ...], foreground: bool, debug: bool,
-    log_file: str | None,
+    ctx: click.Context, root: str, mountpoint: str | None, options: tuple[str, ...],
+    foreground: bool, debug: bool, log_file: str | None,
 ) -> None:
-    """Mount the store ROOT at MOUNTPOINT.
+    """Mount the store ROOT at MOUNTPOINT, or with --address ADDR (or a ROOT of the form
+    unix:///PATH or tcp://HOST:PORT) the store at that gRPC address: a containerd, in
+    the namespace given by -o namespace=NS, or another `contentfs serve`.
 
     Returns once the mount answers; the daemon stays in the background unless -f.
     Unmount with `contentfs umount MOUNTPOINT` (or SIGINT/SIGTERM in the foreground).
     """
-    from .mount import mount_main
+    from .mount import is_address, mount_main
 
+    address = (ctx.find_root().obj or {}).get("address")
+    if mountpoint is None:
+        env_address = os.environ.get("CONTENTFS_ADDRESS")
+        if not (address or env_address):
+            raise click.UsageError("missing argument MOUNTPOINT", ctx)
+        root, mountpoint = address or env_address or "", root
+    elif address:
+        raise click.UsageError("--address and a store ROOT are mutually exclusive", ctx)
+    elif is_address(root):
+        address = root
     sys.exit(mount_main(root, mountpoint, options, foreground=foreground or debug, debug=debug,
-                        log_file=log_file))
+                        log_file=log_file, remote=bool(address) or is_address(root)))
 
 
 @cli.command("umount")

@@ -90,6 +90,9 @@ FIGURES: tuple[Figure, ...] = (
            "ctr content ingest on containerd", "rate", ">", 1.0),
     Figure("cli_get", "CLI get, big blob", "contentfs get", "ctr content get on containerd",
            "rate", ">", 1.0),
+    Figure("read_remote", "first read via a mount over containerd",
+           "cat of a 256 MiB blob via `contentfs mount --address` (cache dropped)",
+           "ctr content get of it from the same containerd", "rate", ">=", 2.0),
     Figure("cli_verify", "CLI verify, blobs of 1-64 MiB", "contentfs verify",
            "sha256sum of the blob files", "rate", ">=", 2.0),
     Figure("fetch_registry", "fetch an image from a registry", "contentfs fetch",
@@ -100,6 +103,10 @@ FIGURES: tuple[Figure, ...] = (
            "containerd (VmHWM)", "memory", "<", 150.0),
     Figure("rss_serve", "serve daemon peak RSS", "contentfs serve (VmHWM)",
            "containerd (VmHWM)", "memory", "<", 150.0),
+    Figure("serve_rss_abandoned", "serve RSS after abandoned large writes",
+           "contentfs serve RSS after rounds of abandoned 15 MB writes (max)",
+           "the same server's RSS before them", "memory", "<", 100.0,
+           "within 50 MB of the ~46 MB start (issue 15); growth in extra"),
     Figure("pull_proxy", "ctr images pull, one big layer",
            "containerd over contentfs serve (content proxy plugin)",
            "containerd with its own content store", "rate", ">=", 0.8),
@@ -328,6 +335,24 @@ class Mount:
             self.daemon.stop()
             if is_mounted(self.mnt):
                 run(["fusermount3", "-u", "-z", str(self.mnt)], check=False)
+
+
+class RemoteMount(Mount):
+    """``contentfs mount -f --address SOCK -o namespace=NS MNT``: a mount over containerd."""
+
+    def __init__(self, sock: Path, mnt: Path, logdir: Path) -> None:
+        self.root, self.mnt = sock, mnt
+        mnt.mkdir(parents=True, exist_ok=True)
+        self.daemon = Daemon("contentfs mount --address",
+                             [str(BIN / "contentfs"), "mount", "-f", "--address",
+                              f"unix://{sock}", "-o", f"namespace={NS}", str(mnt)],
+                             logdir / "mount-remote.log")
+        try:
+            wait_until("remote mount", lambda: is_mounted(mnt) and (mnt / "blobs").exists(),
+                       self.daemon)
+        except BaseException:
+            self.stop()
+            raise
 
 
 class Serve:
@@ -750,7 +775,8 @@ class Bench:
         fuse_figs = ("read_first", "read_warm", "ingest_mount", "small_writes", "ls_first",
                      "ls_many", "find_many", "stat_hit", "stat_miss", "rss_mount")
         grpc_figs = ("ctr_get", "ctr_ingest", "rss_serve")
-        cd_figs = ("ctr_get", "ctr_ingest", "cli_ingest", "cli_get", "rss_mount", "rss_serve")
+        cd_figs = ("ctr_get", "ctr_ingest", "cli_ingest", "cli_get", "read_remote", "rss_mount",
+                   "rss_serve")
         if self.wanted(*cd_figs):
             self.guard("containerd", self.start_containerd)
         if self.wanted(*fuse_figs):
@@ -776,9 +802,11 @@ class Bench:
         if self.containerd is not None:
             self.measure("cli_ingest", self.fig_cli_ingest)
             self.measure("cli_get", self.fig_cli_get)
+            self.measure("read_remote", self.fig_read_remote)
         self.measure("cli_verify", self.fig_cli_verify)
         if self.serve is not None:
             self.measure("rss_serve", lambda r: self.fig_rss(r, self.serve))
+        self.measure("serve_rss_abandoned", self.fig_serve_rss_abandoned)
         if self.wanted("fetch_registry", "fetch_registry_skopeo"):
             self.run_registry_figures()
         if self.wanted("pull_proxy"):
@@ -797,7 +825,8 @@ class Bench:
                               "ls_first", "ls_many", "find_many", "stat_hit", "stat_miss",
                               "rss_mount"),
                     "serve": ("ctr_get", "ctr_ingest", "rss_serve"),
-                    "containerd": ("ctr_get", "ctr_ingest", "cli_ingest", "cli_get")}
+                    "containerd": ("ctr_get", "ctr_ingest", "cli_ingest", "cli_get",
+                                   "read_remote")}
             for name in deps[what]:
                 self.start_errors.setdefault(name, f"{what} did not start: {exc}")
 
@@ -954,6 +983,57 @@ class Bench:
         res.baseline.append(self.containerd.daemon.peak_rss_mb())
         res.extra["rss_mb"] = self.rss.get(key, {})
 
+    def fig_serve_rss_abandoned(self, res: Result) -> None:
+        """Rounds of Write streams that each send one 15 MB chunk and leave without a
+        commit, against a server of its own: its RSS once they left, vs before."""
+        import threading
+
+        import grpc
+
+        from store.grpc.pb import content_pb2 as pb
+
+        writers, rounds = (8, 1) if self.p.quick else (64, 4)
+        root = self.work / "abandoned-root"
+        root.mkdir()
+        logs = self.logs / "abandoned"
+        logs.mkdir()
+        srv = Serve(root, self.socks / "abandoned.sock", logs)
+        chunk = os.urandom(15 * MiB)
+
+        def one(rnd: int, i: int) -> None:
+            ch = grpc.insecure_channel(f"unix:{srv.sock}", options=[
+                ("grpc.use_local_subchannel_pool", 1), ("grpc.max_send_message_length", 32 * MiB)])
+            call = ch.stream_stream("/containerd.services.content.v1.Content/Write",
+                                    request_serializer=lambda m: m.SerializeToString(),
+                                    response_deserializer=pb.WriteContentResponse.FromString)
+            req = pb.WriteContentRequest(action=pb.WRITE, ref=f"abandoned-{rnd}-{i}", data=chunk)
+            with contextlib.suppress(grpc.RpcError):
+                for _ in call(iter([req]), metadata=(("containerd-namespace", NS),), timeout=120):
+                    pass
+            ch.close()
+
+        try:
+            before = srv.daemon.rss_mb()
+            after = []
+            for rnd in range(rounds):
+                threads = [threading.Thread(target=one, args=(rnd, i)) for i in range(writers)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                srv.daemon.check_alive()
+                # the clients have left; the server trims shortly after
+                settle = time.monotonic() + 5
+                while srv.daemon.rss_mb() > before + 50 and time.monotonic() < settle:
+                    time.sleep(0.1)
+                after.append(round(srv.daemon.rss_mb(), 1))
+            res.ours.append(max(after))
+            res.baseline.append(before)
+            res.extra.update({"writers": writers, "rounds": rounds, "rss_after_rounds": after,
+                              "growth_mb": round(max(after) - before, 1)})
+        finally:
+            srv.stop()
+
     # gRPC and CLI -----------------------------------------------------------------------
 
     def ctr_get(self, sock: Path) -> Callable[[], float]:
@@ -997,6 +1077,43 @@ class Bench:
         self.pairs(res, self.p.slow_runs,
                    lambda: timed(self.contentfs("get", f"sha256:{self.big_hex}")),
                    self.ctr_get(self.containerd.sock), self.rate(self.p.size))
+
+    def fig_read_remote(self, res: Result) -> None:
+        """A mount over containerd reads in large Read calls, ahead of ``cat``; ``ctr``
+        asks 32 KiB per call. The mount's page cache is dropped before each of its runs."""
+        assert self.containerd is not None
+        size = min(self.p.size, 256 * MiB)
+        src = self.work / "remote.bin"
+        hexd = make_random_file(src, size, 3)
+        sock = self.containerd.sock
+        with open(src, "rb") as fh:
+            run(ctr(sock, "content", "ingest", "bench-remote"), stdin=fh)
+        run(ctr(sock, "content", "label", f"sha256:{hexd}", "containerd.io/gc.root=bench"))
+        src.unlink()
+        say("  starting contentfs mount --address (containerd)")
+        mount = RemoteMount(sock, self.work / "mnt-remote", self.logs)
+        try:
+            blob = mount.mnt / "blobs" / "sha256" / hexd
+            h = hashlib.sha256()
+            with open(blob, "rb", buffering=0) as fh:
+                buf = bytearray(MiB)
+                view = memoryview(buf)
+                while n := fh.readinto(buf):
+                    h.update(view[:n])
+            if h.hexdigest() != hexd:
+                raise BenchError(f"{blob}: read back sha256:{h.hexdigest()}")
+            cat_mnt = self.cat(blob)
+
+            def first() -> float:
+                drop_cache(blob)
+                return cat_mnt()
+
+            res.extra["size"] = size
+            self.pairs(res, self.p.slow_runs, first,
+                       lambda: timed(ctr(sock, "content", "get", f"sha256:{hexd}")),
+                       self.rate(size))
+        finally:
+            mount.stop()
 
 
     def fig_cli_verify(self, res: Result) -> None:
