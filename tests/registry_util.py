@@ -289,6 +289,8 @@ class CountingProxy:
         self.bearer = bearer
         self.tokens: dict[str, set[str]] = {}
         self.token_requests: list[dict[str, Any]] = []
+        self.fail_status = 0  # answer blob GETs with this status (a failing registry)
+        self.redirect = False  # send blob GETs to "storage" on another origin (307)
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -358,7 +360,28 @@ class CountingProxy:
                 if proxy.bearer is not None and self.path.startswith("/token"):
                     self._token()
                     return
-                if not self._challenge():
+                redirected = self.path.startswith("/_storage/")
+                if redirected:  # "blob storage": a presigned URL needs no registry auth
+                    self.path = self.path[len("/_storage"):]
+                elif not self._challenge():
+                    return
+                is_blob_get = self.command == "GET" and "/blobs/sha256:" in self.path
+                if is_blob_get and proxy.fail_status and not redirected:
+                    with proxy._lock:
+                        proxy.requests.append({"method": self.command, "path": self.path,
+                                               "range": self.headers.get("Range"), "sent": 0,
+                                               "status": proxy.fail_status})
+                    self.send_response(proxy.fail_status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if is_blob_get and proxy.redirect and not redirected:
+                    # elsewhere, as S3 would be: another origin (localhost, not 127.0.0.1)
+                    self.send_response(307)
+                    self.send_header("Location", f"http://localhost:{proxy.port}/_storage"
+                                                 f"{self.path}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                     return
 
                 length = int(self.headers.get("Content-Length") or 0)
@@ -366,7 +389,9 @@ class CountingProxy:
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() not in ("host", "connection")}
                 record = {"method": self.command, "path": self.path,
-                          "range": self.headers.get("Range"), "sent": 0, "status": 0}
+                          "range": self.headers.get("Range"), "sent": 0, "status": 0,
+                          "redirected": redirected,
+                          "authorization": self.headers.get("Authorization")}
                 with proxy._lock:
                     proxy.requests.append(record)
                 try:
