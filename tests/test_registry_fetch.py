@@ -510,3 +510,25 @@ def test_progress_on_a_terminal(images: Images, tmp_path: Any) -> None:
     assert f"layer-{images.big}:" in screen and f"manifest-{images.amd}:" in screen
     assert "|" + "+" * 40 + "|" in screen and "done" in screen
     assert "elapsed:" in screen and "total:" in screen and "/s)" in screen
+
+
+@pytest.mark.parametrize("body", [
+    b"{not json",
+    b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",'
+    b' "config": {"digest": "sha256:nothex", "size": 1}, "layers": []}',
+    b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",'
+    b' "config": {"digest": "sha256:' + b"a" * 64 + b'", "size": 1}, "layers": "no"}',
+])
+def test_unparseable_manifest_is_invalid_argument(images: Images, tmp_path: Any,
+                                                  body: bytes) -> None:
+    proxy = CountingProxy(images.registry.host)
+    proxy.manifest_body = body
+    root = str(tmp_path / "s")
+    try:
+        res = contentfs("--root", root, "fetch", "--plain-http",
+                        f"{proxy.host}/test/single:v1")
+    finally:
+        proxy.stop()
+    assert res.returncode == 3, res.stderr
+    assert b"manifest" in res.stderr and len(res.stderr.splitlines()) == 1
+    assert not os.path.isdir(root) or labels_by_digest(root) == {}
