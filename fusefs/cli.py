@@ -28,6 +28,7 @@ from store import (
     FailedPrecondition,
     Info,
     InvalidArgument,
+    Lease,
     LocalStore,
     LocalWriter,
     NotFound,
@@ -40,6 +41,7 @@ from store import (
     prepare_root,
 )
 from store.digest import split_digest
+from store.identifiers import DEFAULT_NAMESPACE, validate_identifier
 from store.verify import verify_many
 
 from .progress import Progress
@@ -193,6 +195,17 @@ def namespace_option(f: F) -> F:
     )(f)
 
 
+def chosen_namespace(ctx: click.Context) -> str:
+    """The namespace of this invocation (``-n``, else ``$CONTENTFS_NAMESPACE``, else
+    ``default``), validated as containerd's identifiers (InvalidArgument, exit 3)."""
+    ns = (
+        (ctx.find_root().obj or {}).get("namespace")
+        or os.environ.get("CONTENTFS_NAMESPACE")
+        or DEFAULT_NAMESPACE
+    )
+    return validate_identifier("namespace", ns)
+
+
 def chosen_address(ctx: click.Context, cmd_root: str | None) -> str | None:
     """The remote store's address, or None for a root. ``--root`` and ``--address`` are
     mutually exclusive, and so are ``$CONTENTFS_ROOT`` and ``$CONTENTFS_ADDRESS`` when
@@ -217,8 +230,7 @@ def open_remote(ctx: click.Context, address: str) -> RemoteStore:
     held by the lease ``contentfs``, so containerd's garbage collection keeps it."""
     from store.grpc.client import DEFAULT_TIMEOUT, KEEP_LEASE, RemoteStore
 
-    obj = ctx.find_root().obj or {}
-    namespace = obj.get("namespace") or os.environ.get("CONTENTFS_NAMESPACE") or "default"
+    namespace = chosen_namespace(ctx)
     timeout = os.environ.get("CONTENTFS_TIMEOUT")
     try:
         seconds = float(timeout) if timeout else DEFAULT_TIMEOUT
@@ -232,13 +244,16 @@ def open_remote(ctx: click.Context, address: str) -> RemoteStore:
 
 
 def open_store(
-    ctx: click.Context, cmd_root: str | None, *, create: bool = False, reading: bool = False
+    ctx: click.Context, cmd_root: str | None, *, create: bool = False, reading: bool = False,
+    raw: bool = False,
 ) -> AnyStore:
-    """Open the chosen store: a root, or a remote one (``--address``). For a root,
+    """Open the chosen store: a root, as the view of the chosen namespace (``raw``: the
+    raw store beneath the namespaces), or a remote one (``--address``). For a root,
     ``create`` (commands that write) makes a missing root, parents too; other commands
     say ``no store at ROOT`` (exit 4), except for the default root, which is always
     made. ``reading`` commands fall back to a read-only open when the root cannot be
     written (read-only media, another user's store)."""
+    ns = None if raw else chosen_namespace(ctx)
     address = chosen_address(ctx, cmd_root)
     if address is not None:
         return open_remote(ctx, address)
@@ -252,15 +267,15 @@ def open_store(
             raise
         store = LocalStore(root, readonly=True)
     ctx.call_on_close(store.close)
-    return store
+    return store.namespace(ns)
 
 
 def open_local(
     ctx: click.Context, cmd_root: str | None, command: str, *, create: bool = False,
-    reading: bool = False,
+    reading: bool = False, raw: bool = False,
 ) -> LocalStore:
     """``open_store`` for commands that need a root: NotImplemented for ``--address``."""
-    store = open_store(ctx, cmd_root, create=create, reading=reading)
+    store = open_store(ctx, cmd_root, create=create, reading=reading, raw=raw)
     if not isinstance(store, LocalStore):
         raise NotImplemented(  # noqa: F901 - the store's error class, not the constant
             f"{command} with a remote store (--address): not supported yet")
@@ -797,28 +812,43 @@ def verify_cmd(ctx: click.Context, digests: tuple[str, ...], cmd_root: str | Non
     context_settings={"ignore_unknown_options": False},
 )
 @click.argument("root", type=click.Path())
-@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.argument("mountpoint", type=click.Path(file_okay=False), required=False)
 @click.option("-o", "options", metavar="OPT[,OPT...]", multiple=True,
               help="Mount options: ro, allow_other, default_permissions, ... "
-                   "(generic ones such as rw, defaults, nofail, _netdev are ignored).")
+                   "(generic ones such as rw, defaults, nofail, _netdev are ignored); with"
+                   " --address: namespace=NS, timeout=SECONDS.")
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground.")
 @click.option("--debug", is_flag=True, help="Log every request (implies -f).")
 @click.option("--log-file", metavar="FILE", default=None,
               help="Where the background daemon logs (default: mount-*.log beside its pid"
                    " file, in /run/contentfs for root, else $XDG_RUNTIME_DIR/contentfs).")
+@address_option
+@click.pass_context
 def mount_cmd(
-    root: str, mountpoint: str, options: tuple[str, ...], foreground: bool, debug: bool,
-    log_file: str | None,
+    ctx: click.Context, root: str, mountpoint: str | None, options: tuple[str, ...],
+    foreground: bool, debug: bool, log_file: str | None,
 ) -> None:
-    """Mount the store ROOT at MOUNTPOINT.
+    """Mount the store ROOT at MOUNTPOINT, or with --address ADDR (or a ROOT of the form
+    unix:///PATH or tcp://HOST:PORT) the store at that gRPC address: a containerd, in
+    the namespace given by -o namespace=NS, or another `contentfs serve`.
 
     Returns once the mount answers; the daemon stays in the background unless -f.
     Unmount with `contentfs umount MOUNTPOINT` (or SIGINT/SIGTERM in the foreground).
     """
-    from .mount import mount_main
+    from .mount import is_address, mount_main
 
+    address = (ctx.find_root().obj or {}).get("address")
+    if mountpoint is None:
+        env_address = os.environ.get("CONTENTFS_ADDRESS")
+        if not (address or env_address):
+            raise click.UsageError("missing argument MOUNTPOINT", ctx)
+        root, mountpoint = address or env_address or "", root
+    elif address:
+        raise click.UsageError("--address and a store ROOT are mutually exclusive", ctx)
+    elif is_address(root):
+        address = root
     sys.exit(mount_main(root, mountpoint, options, foreground=foreground or debug, debug=debug,
-                        log_file=log_file))
+                        log_file=log_file, remote=bool(address) or is_address(root)))
 
 
 @cli.command("umount")
@@ -851,7 +881,7 @@ def serve_cmd(ctx: click.Context, address: str | None, debug: bool,
         raise click.UsageError(
             "serve serves a root (--root); its --address is where it listens, after the"
             " command", ctx)
-    store = open_store(ctx, cmd_root, create=True)
+    store = open_store(ctx, cmd_root, create=True, raw=True)
     assert isinstance(store, LocalStore)
     sys.exit(serve_main(store, address, debug=debug, write_idle_timeout=write_idle_timeout))
 
@@ -1015,6 +1045,152 @@ def push_object_cmd(ctx: click.Context, ref: str, digest: str, media_type: str,
     with client:
         push_object(store, client, parsed, dgst, media_type)
     click.echo(dgst)
+
+@cli.command("namespaces")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the names (the default).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of names.")
+@root_option
+@click.pass_context
+def namespaces_cmd(ctx: click.Context, quiet: bool, as_json: bool, cmd_root: str | None) -> None:
+    """List the namespaces of the store: those holding blobs, leases or ingests, and
+    always `default`."""
+    names = open_local(ctx, cmd_root, "namespaces", reading=True, raw=True).namespaces()
+    if as_json:
+        click.echo(json.dumps(names))
+        return
+    for name in names:
+        click.echo(name)
+
+
+
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0,
+                   "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a Go duration (``24h``, ``1h30m``, ``90s``); InvalidArgument if not one."""
+    import re
+
+    parts = re.findall(r"(\d+(?:\.\d*)?)(ns|us|µs|ms|s|m|h)", text)
+    if not text or "".join(n + u for n, u in parts) != text:
+        raise InvalidArgument(f"duration {text!r}: want e.g. 24h, 1h30m, 90s")
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+
+
+def lease_json(lease: Lease) -> dict[str, Any]:
+    return {"id": lease.id, "created_at": rfc3339(lease.created_at),
+            "labels": dict(lease.labels)}
+
+
+@cli.group("lease", cls=_Group)
+def lease_grp() -> None:
+    """Leases: hold blobs and ingests against `contentfs gc` (containerd's leases)."""
+
+
+@lease_grp.command("create")
+@click.option("--id", "lease_id", metavar="ID", default=None,
+              help="Lease id (default: generated, as containerd's clients do).")
+@click.option("--expire", metavar="DURATION", default=None,
+              help="Stop holding after DURATION (e.g. 24h): label containerd.io/gc.expire.")
+@click.option("--label", "labels", metavar="KEY=VALUE", multiple=True, help="Lease label.")
+@root_option
+@namespace_option
+@click.pass_context
+def lease_create_cmd(
+    ctx: click.Context, lease_id: str | None, expire: str | None, labels: tuple[str, ...],
+    cmd_root: str | None,
+) -> None:
+    """Create a lease in the namespace; print its id."""
+    from store.gc import EXPIRE_LABEL
+
+    pairs = parse_pairs(labels)
+    if expire is not None:
+        until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=parse_duration(expire))
+        pairs[EXPIRE_LABEL] = rfc3339(until)
+    lease = open_local(ctx, cmd_root, "lease create").create_lease(lease_id, pairs)
+    click.echo(lease.id)
+
+
+@lease_grp.command("ls")
+@click.argument("filters", nargs=-1)
+@click.option("-q", "--quiet", is_flag=True, help="Print only the ids.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of leases.")
+@root_option
+@namespace_option
+@click.pass_context
+def lease_ls_cmd(
+    ctx: click.Context, filters: tuple[str, ...], quiet: bool, as_json: bool,
+    cmd_root: str | None,
+) -> None:
+    """List the namespace's leases, optionally matching FILTERS (id, labels.KEY)."""
+    leases = open_local(ctx, cmd_root, "lease ls", reading=True).leases(*filters)
+    if as_json:
+        click.echo(json.dumps([lease_json(lease) for lease in leases], indent=2))
+        return
+    if quiet:
+        for lease in leases:
+            click.echo(lease.id)
+        return
+    rows = [("ID", "CREATED AT", "LABELS")]
+    for lease in leases:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(lease.labels.items()))
+        rows.append((lease.id, rfc3339(lease.created_at), labels or "-"))
+    _table(rows)
+
+
+@lease_grp.command("rm")
+@click.argument("ids", nargs=-1, required=True)
+@click.option("--sync", is_flag=True, help="Run gc before returning.")
+@root_option
+@namespace_option
+@click.pass_context
+def lease_rm_cmd(
+    ctx: click.Context, ids: tuple[str, ...], sync: bool, cmd_root: str | None
+) -> None:
+    """Delete leases; print each id deleted. With --sync, run gc afterwards."""
+    store = open_local(ctx, cmd_root, "lease rm")
+    first_error: StoreError | None = None
+    for lease_id in ids:
+        try:
+            store.delete_lease(lease_id)
+        except StoreError as exc:
+            click.echo(f"contentfs: {exc}", err=True)
+            first_error = first_error or exc
+            continue
+        click.echo(lease_id)
+    if sync:
+        store.gc()
+    if first_error is not None:
+        sys.exit(exit_code(first_error))
+
+
+@cli.command("gc")
+@click.option("--dry-run", is_flag=True, help="Report what would be removed; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
+@root_option
+@click.pass_context
+def gc_cmd(ctx: click.Context, dry_run: bool, as_json: bool, cmd_root: str | None) -> None:
+    """Collect garbage in every namespace (containerd's mark and sweep): remove blobs no
+    gc.root label, live lease or gc.ref.content label keeps, expired leases and ingests
+    idle for 24 h outside a lease. Unclaimed blobs are never removed. Prints each digest
+    removed (or, with --dry-run, that would be) with its size, then the bytes freed."""
+    result = open_local(ctx, cmd_root, "gc", raw=True).gc(dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps({
+            "dry_run": dry_run,
+            "removed": [{"digest": d, "size": n} for d, n in result.removed],
+            "bytes_freed": result.bytes_freed,
+            "ingests": [{"namespace": ns, "ref": ref} for ns, ref in result.ingests],
+            "leases": [{"namespace": ns, "id": i} for ns, i in result.leases],
+            "held_seconds": round(result.held_s, 6),
+            "remarked": result.remarked,
+        }, indent=2))
+        return
+    for dgst, size in result.removed:
+        click.echo(f"{dgst}\t{size}")
+    verb = "would free" if dry_run else "freed"
+    click.echo(f"contentfs: {verb} {result.bytes_freed} bytes in {len(result.removed)} blobs",
+               err=True)
 
 
 def main(argv: list[str] | None = None) -> None:

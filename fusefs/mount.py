@@ -25,10 +25,13 @@ import pyfuse3
 import trio
 
 from store import LocalStore, StoreError, prepare_root
+from store.api import ChangeFeed, Store
+from store.identifiers import DEFAULT_NAMESPACE, validate_identifier
 
 from .ops import ContentOps
+from .remote import RemoteOps
 
-__all__ = ["MountOptions", "mount_main", "parse_options", "umount_main"]
+__all__ = ["MountOptions", "is_address", "mount_main", "parse_options", "umount_main"]
 
 log = logging.getLogger("fusefs")
 
@@ -54,7 +57,16 @@ class MountOptions:
     def __init__(self) -> None:
         self.readonly = False
         self.auto_unmount = True
+        #: ``namespace=NS``: the namespace the mount shows (DESIGN §6)
+        self.namespace = DEFAULT_NAMESPACE
         self.fuse: set[str] = set()
+        #: ``timeout=SECONDS``: each call's deadline, for a remote store
+        self.timeout: float | None = None
+
+
+def is_address(source: str) -> bool:
+    """Whether a mount source names a gRPC store (``unix://``, ``tcp://``), not a root."""
+    return source.startswith(("unix://", "tcp://"))
 
 
 def parse_options(options: Iterable[str]) -> MountOptions:
@@ -69,6 +81,18 @@ def parse_options(options: Iterable[str]) -> MountOptions:
                 out.auto_unmount = True
             elif opt == "noauto_unmount":
                 out.auto_unmount = False
+            elif opt.startswith("namespace="):
+                try:
+                    out.namespace = validate_identifier("namespace", opt[len("namespace="):])
+                except StoreError as exc:
+                    raise ValueError(f"mount option {opt!r}: {exc}") from None
+            elif opt.startswith("timeout="):
+                try:
+                    out.timeout = float(opt.partition("=")[2])
+                except ValueError:
+                    out.timeout = -1.0
+                if not out.timeout > 0:
+                    raise ValueError(f"mount option {opt!r}: expected seconds > 0")
             elif opt in FUSE_OPTIONS:
                 out.fuse.add(opt)
                 out.readonly = out.readonly or opt == "ro"
@@ -166,20 +190,26 @@ def mount_main(
     foreground: bool,
     debug: bool,
     log_file: str | None = None,
+    remote: bool = False,
 ) -> int:
-    """Mount store ``root`` at ``mountpoint``; see the module docstring. Returns the exit
-    status: 0 after a clean unmount (or, in the parent, once the daemon answers), 1 on a
-    failure, 2 on bad options, 4 for no store at ``root`` (read-only) or a root that is
-    no directory. A read-write mount makes a missing root, parents too."""
+    """Mount store ``root`` at ``mountpoint`` (``remote``: ``root`` is the address of a
+    gRPC store); see the module docstring. Returns the exit status: 0 after a clean
+    unmount (or, in the parent, once the daemon answers), 1 on a failure, 2 on bad
+    options, 4 for no store at ``root`` (read-only) or a root that is no directory. A
+    read-write mount makes a missing root, parents too."""
     _setup_logging(debug, quiet=not foreground)
     try:
         opts = parse_options(options)
     except ValueError as exc:
         print(f"contentfs: {exc}", file=sys.stderr)
         return 2
-    root = os.path.abspath(root)
+    if not remote and opts.timeout is not None:
+        print("contentfs: mount option timeout= needs a store address", file=sys.stderr)
+        return 2
+    if not remote:
+        root = os.path.abspath(root)
     mountpoint = os.path.abspath(mountpoint)
-    if not _mount_entry(root):
+    if not remote and not _mount_entry(root):
         try:  # a read-write mount makes a missing root, as the CLI's writing commands
             prepare_root(root, create=not opts.readonly)
         except StoreError as exc:
@@ -203,7 +233,7 @@ def mount_main(
         os.close(ready_r)
     try:
         return _run(root, mountpoint, opts, debug=debug, ready_fd=ready_w,
-                    daemon=not foreground, log_file=log_file)
+                    daemon=not foreground, log_file=log_file, remote=remote)
     finally:
         with contextlib.suppress(OSError):
             os.close(ready_w)
@@ -219,11 +249,28 @@ def _wait_ready(ready_r: int, pid: int) -> int:
     return code if code > 0 else 1
 
 
+def _open_store(root: str, opts: MountOptions, *, remote: bool) -> Store:
+    """The store to mount: a root, or (``remote``) the gRPC store at ``root``, whose
+    writes are held by the lease ``contentfs`` so containerd's GC keeps them."""
+    if not remote:
+        return LocalStore(root, readonly=opts.readonly).namespace(opts.namespace)
+    from store.grpc.client import DEFAULT_TIMEOUT, KEEP_LEASE, RemoteStore
+
+    store = RemoteStore(root, namespace=opts.namespace,
+                        timeout=opts.timeout or DEFAULT_TIMEOUT, lease=KEEP_LEASE)
+    try:
+        store.list_statuses()  # reachable, and the namespace is valid: say so now
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
 def _run(root: str, mountpoint: str, opts: MountOptions, *, debug: bool, ready_fd: int,
-         daemon: bool, log_file: str | None) -> int:
+         daemon: bool, log_file: str | None, remote: bool = False) -> int:
     try:
         _clear_dead_mount(mountpoint)
-        store = LocalStore(root, readonly=opts.readonly)
+        store = _open_store(root, opts, remote=remote)
     except RuntimeError as exc:
         _tell(f"cannot mount {root}: {exc}")
         return 1
@@ -231,7 +278,12 @@ def _run(root: str, mountpoint: str, opts: MountOptions, *, debug: bool, ready_f
         _tell(f"cannot mount {root} at {mountpoint}: {exc}")
         return 1
     lock_fd = _take_pidfile(mountpoint)
-    ops = ContentOps(store, readonly=opts.readonly)
+    ops: ContentOps | RemoteOps
+    if remote:
+        ops = RemoteOps(store, readonly=opts.readonly)
+    else:
+        assert isinstance(store, LocalStore)
+        ops = ContentOps(store, readonly=opts.readonly)
     fuse_options = set(pyfuse3.default_options) | opts.fuse
     fuse_options |= {f"fsname={root}", "subtype=contentfs"}
     if opts.auto_unmount:
@@ -264,14 +316,16 @@ def _run(root: str, mountpoint: str, opts: MountOptions, *, debug: bool, ready_f
     return code
 
 
-async def _serve(ops: ContentOps, mountpoint: str, ready_fd: int, daemon: bool,
+async def _serve(ops: ContentOps | RemoteOps, mountpoint: str, ready_fd: int, daemon: bool,
                  log_file: str | None) -> None:
     from .watch import watch_store
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_on_signals)
         nursery.start_soon(_announce, mountpoint, ready_fd, daemon, log_file)
-        nursery.start_soon(watch_store, ops.store, ops.blobs)
+        if isinstance(ops, ContentOps) and isinstance(ops.store, ChangeFeed):
+            # (a store that tells no changes gets short caches instead)
+            nursery.start_soon(watch_store, ops.store, ops.blobs)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 

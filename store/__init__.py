@@ -19,7 +19,7 @@ from .filters import Filter, parse_filters
 from .labels import MAX_LABEL_SIZE, validate_labels
 from .local import LocalStore, prepare_root
 from .reader import FileReaderAt
-from .types import Info, Status
+from .types import Info, Lease, Status
 from .writer import LocalWriter
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "Filter",
     "Info",
     "InvalidArgument",
+    "Lease",
     "LocalStore",
     "LocalWriter",
     "NotFound",

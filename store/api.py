@@ -44,11 +44,16 @@ signatures). An adapter degrades when a store lacks one, as its docstring says:
 * :class:`BlobFiles`      ``blob_path``/``blob_times``/``ingest_data_path``: blobs and ingests
   are files on this machine, which an adapter may stat and open directly (the view's fast
   path for attributes and reads);
+* :class:`WriterOpener`   ``open_writer``: ``writer`` with the two choices containerd
+  leaves to its callers (resume only; wait for a held ref) done atomically by the store
+  (:func:`store.helpers.open_writer` does them for any store);
 * :class:`FileReader`     a ReaderAt over a local file descriptor (``fileno``), which an
   adapter may ``pread`` itself;
 * :class:`SyncWriter`, :class:`TotalWriter`, :class:`IdleCloser`: a Writer that can make
   its bytes durable before commit, change its expected total, or be closed from another
-  thread when no call on it is in progress.
+  thread when no call on it is in progress;
+* :class:`Namespaced`     ``namespace(ns, lease=)``: per-namespace views (DESIGN §6);
+* :class:`LeaseManager`   leases and garbage collection in a view's namespace.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ from types import TracebackType
 from typing import Protocol, Self, runtime_checkable
 
 from .digest import Digest
-from .types import Info, Status
+from .types import GcResult, Info, Lease, Status
 
 __all__ = [
     "BlobFiles",
@@ -79,13 +84,16 @@ __all__ = [
     "IngestReader",
     "IngestRenamer",
     "Ingester",
+    "LeaseManager",
     "Manager",
+    "Namespaced",
     "Provider",
     "ReaderAt",
     "Store",
     "SyncWriter",
     "TotalWriter",
     "Writer",
+    "WriterOpener",
     "blob_times_of",
 ]
 
@@ -372,10 +380,27 @@ class BlobNames(Protocol):
 
 
 @runtime_checkable
+class WriterOpener(Protocol):
+    """Opening a writer with the caller's policy applied inside the store."""
+
+    def open_writer(
+        self, ref: str, *, total: int = 0, expected: str | None = None,
+        create: bool = True, wait: float = 0.0,
+    ) -> Writer:
+        """``writer(ref, total=, expected=)``, except: ``create=False`` only resumes an
+        existing ingest (NotFound if there is none, decided under the ref's lock);
+        ``wait`` seconds are spent waiting for a held ref before Unavailable."""
+        ...
+
+
+@runtime_checkable
 class BlobFiles(Protocol):
-    """Blobs and ingests are regular files on this machine, which an adapter may stat
-    and open read-only itself (the view's fast path). It never writes them: every
-    change goes through the store."""
+    """Blobs and ingests are regular files on this machine, under the directory
+    ``root`` in containerd's layout, which an adapter may stat and open read-only itself
+    (the view's fast path). It never writes them: every change goes through the store."""
+
+    @property
+    def root(self) -> str: ...
 
     def blob_path(self, digest: str) -> str:
         """The path of a blob's file (whether or not the blob exists; check with
@@ -424,6 +449,41 @@ class IdleCloser(Protocol):
 
     def close_if_idle(self) -> None:
         """``close()`` unless a call on this writer is in progress; never blocks."""
+        ...
+
+
+@runtime_checkable
+class Namespaced(Protocol):
+    """Views of one containerd namespace each over the same bytes (DESIGN §6)."""
+
+    def namespace(self, ns: str | None, *, lease: str | None = None) -> Self:
+        """The view of namespace ``ns`` (None: the raw store, beneath every namespace);
+        with ``lease``, what it writes and commits is held by that lease (containerd's
+        ``containerd-lease`` header). InvalidArgument for a malformed namespace."""
+        ...
+
+
+@runtime_checkable
+class LeaseManager(Protocol):
+    """containerd's ``leases.Manager`` for the view's namespace, and its gc
+    (FailedPrecondition on a view without a namespace)."""
+
+    def create_lease(
+        self, lease_id: str | None = None, labels: Mapping[str, str] | None = None
+    ) -> Lease: ...
+
+    def leases(self, *filters: str) -> list[Lease]: ...
+
+    def delete_lease(self, lease_id: str, *, sync: bool = False) -> GcResult | None: ...
+
+    def lease_resources(self, lease_id: str) -> list[tuple[str, str]]: ...
+
+    def add_lease_resource(self, lease_id: str, rtype: str, rid: str) -> None: ...
+
+    def delete_lease_resource(self, lease_id: str, rtype: str, rid: str) -> None: ...
+
+    def gc(self, *, dry_run: bool = False) -> GcResult:
+        """Collect garbage over every namespace of the root (DESIGN §6)."""
         ...
 
 

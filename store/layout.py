@@ -44,3 +44,8 @@ class Layout:
 
     def lock_path(self, ref: str) -> str:
         return os.path.join(self.locks, self.ref_key(ref))
+
+    def commit_lock_path(self, digest: Digest) -> str:
+        """The lock that serialises the commits, deletes and gc unlinks of one digest,
+        in any thread or process (NUL cannot occur in a ref)."""
+        return self.lock_path(f"\0commit {digest}")

@@ -7,8 +7,10 @@ at a time (it serialises its own calls).
 
 from __future__ import annotations
 
+import base64
 import builtins
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import logging
@@ -30,14 +32,23 @@ from .digest import (
     parse_digest,
     split_digest,
 )
-from .errors import AlreadyExists, DataLoss, InvalidArgument, NotFound, StoreError
+from .errors import (
+    AlreadyExists,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    StoreError,
+)
 from .filters import Filter, parse_filters
 from .fsutil import ensure_dir, read_small, write_atomic
+from .gc import collect
 from .hashcache import HashCache
+from .identifiers import DEFAULT_NAMESPACE, validate_identifier
 from .labels import validate_labels
 from .layout import Layout
-from .locks import DEFAULT_WAIT, take_lock, try_lock
-from .metadata import MetadataDB
+from .locks import DEFAULT_WAIT, hold_lock, take_lock, try_lock
+from .metadata import RAW, MetadataDB, NsMetadata
 from .ondisk import (
     blob_dir_ok,
     blob_exists,
@@ -49,7 +60,7 @@ from .ondisk import (
 )
 from .reader import FileReaderAt
 from .text import is_text, printable_ref
-from .types import Info, Status, format_time, from_ns
+from .types import GcResult, Info, Lease, Status, format_time, from_ns
 from .writer import IngestState, LocalWriter
 
 __all__ = ["MAX_REF_SIZE", "ROOT_MODE", "LocalStore", "NoStore", "prepare_root"]
@@ -131,24 +142,60 @@ def prepare_root(root: str, *, create: bool) -> str:
 class LocalStore:
     """A content store rooted at a directory in containerd's local layout.
 
+    Every instance is a view of one containerd namespace (DESIGN §6): its own blob
+    records, labels, times, ingests and leases over bytes stored once.
+    ``LocalStore(root)`` is namespace ``default`` (what the CLI and a mount show without
+    ``-n``); ``namespace=None`` or ``.namespace(None)`` is the **raw** store: every blob
+    file, the raw store's own labels (they claim nothing for any namespace), the
+    ingests of ``default``: what a gRPC request without a namespace sees, as
+    containerd's bare local store. ``.namespace(ns)`` returns another view over the same
+    directory and database handle: close the store that opened it.
+
     ``readonly`` opens the metadata database read-only and refuses nothing else by
     itself: the adapters refuse changes on read-only mounts.
     """
 
-    def __init__(self, root: str, *, readonly: bool = False) -> None:
+    def __init__(
+        self, root: str, *, readonly: bool = False, namespace: str | None = DEFAULT_NAMESPACE
+    ) -> None:
         self.layout = Layout(root)
         self.root = self.layout.root
         prepare_root(self.root, create=False)
         self.readonly = readonly
-        self.db = MetadataDB(self.layout.db, readonly=readonly)
+        if namespace is not None:
+            validate_identifier("namespace", namespace)
+        self.meta = MetadataDB(self.layout.db, readonly=readonly)
         if not readonly:  # as containerd 1.6: ingest/ exists once the store is open
             os.makedirs(self.layout.ingest, mode=0o755, exist_ok=True)
             self._sweep_ingest_root()
         # lets a writer closed in this process resume without rehashing its data
+        # (keyed by backend ref, shared by all views)
         self._hashes = HashCache()
+        self._bind(namespace, None)
+
+    def _bind(self, namespace: str | None, lease: str | None) -> None:
+        #: The namespace of this view; None for the raw store.
+        self.ns = namespace
+        #: Writes of this view are held by this lease (containerd's ``containerd-lease``).
+        self.lease = lease
+        self._key = RAW if namespace is None else namespace
+        self.db = NsMetadata(self.meta, self._key)
+
+    def namespace(self, ns: str | None, *, lease: str | None = None) -> LocalStore:
+        """The view of namespace ``ns`` (None: the raw store) over the same root and
+        database; with ``lease``, its writes and commits are held by that lease.
+        InvalidArgument for a malformed namespace."""
+        if ns is not None:
+            validate_identifier("namespace", ns)
+        if lease is not None and ns is None:
+            raise InvalidArgument("a lease needs a namespace")
+        view = object.__new__(LocalStore)
+        view.__dict__.update(self.__dict__)
+        view._bind(ns, lease)
+        return view
 
     def close(self) -> None:
-        self.db.close()
+        self.meta.close()
 
     def __enter__(self) -> LocalStore:
         return self
@@ -183,6 +230,8 @@ class LocalStore:
             if not stat.S_ISREG(st.st_mode):
                 raise NotFound(f"content {dgst} (not a regular file)")
             self._check_size(dgst, st.st_size)
+            if self.ns is not None and not self._visible(dgst, self.db.get_blob(dgst)):
+                raise NotFound(f"content {dgst}")
         except BaseException:
             os.close(fd)
             raise
@@ -192,13 +241,13 @@ class LocalStore:
         """DataLoss if the metadata records another size for ``dgst`` (bytes appended or
         cut off on disk). A blob without a row, or an unreadable database, passes."""
         try:
-            row = self.db.get_blob(dgst)
+            recorded = self.meta.committed_size(dgst)
         except (StoreError, OSError) as exc:
             log.debug("content %s: size not checked: %s", dgst, exc)
             return
-        if row is not None and row[0] != size:
+        if recorded is not None and recorded != size:
             raise DataLoss(
-                f"content {dgst}: file holds {size} bytes, {row[0]} were committed"
+                f"content {dgst}: file holds {size} bytes, {recorded} were committed"
             )
 
     # Manager --------------------------------------------------------------------------
@@ -207,7 +256,21 @@ class LocalStore:
         """Info of a committed blob. InvalidArgument for a bad digest, NotFound if absent."""
         dgst = parse_digest(digest)
         st = self._stat_blob(dgst)
-        return self._info(dgst, st, self.db.get_blob(dgst))
+        row = self.db.get_blob(dgst)
+        if not self._visible(dgst, row):
+            raise NotFound(f"content {dgst}")
+        return self._info(dgst, st, row)
+
+    def _visible(self, dgst: Digest, row: object) -> bool:
+        """A blob file is in this view: the raw store sees every file, a namespace its
+        records, and ``default`` also the unclaimed files (no record in any namespace)."""
+        if row is not None or self.ns is None:
+            return True
+        return self.ns == DEFAULT_NAMESPACE and not self.meta.claimed([dgst])
+
+    def visible(self, digest: Digest) -> bool:
+        """True if this view has the blob file of ``digest`` (whether or not it exists)."""
+        return self._visible(digest, self.db.get_blob(digest))
 
     def _stat_blob(self, dgst: Digest) -> os.stat_result:
         if not blob_dir_ok(self.layout, dgst):
@@ -250,6 +313,8 @@ class LocalStore:
         validate_labels({k: v for k, v in {**(replace or {}), **changes}.items() if v})
         st = self._stat_blob(dgst)
         row = self.db.get_blob(dgst)
+        if not self._visible(dgst, row):
+            raise NotFound(f"content {dgst}")
         created = row[1] if row is not None and row[0] == st.st_size else st.st_mtime_ns
         new = self.db.update_labels(dgst, st.st_size, created, time.time_ns(), replace, changes)
         return self._info(dgst, st, new)
@@ -286,8 +351,16 @@ class LocalStore:
         if not batch:
             return
         rows = self.db.get_blobs([d for d, _ in batch])
+        claimed: set[str] = set()
+        if self.ns == DEFAULT_NAMESPACE:
+            claimed = self.meta.claimed([d for d, _ in batch if d not in rows])
         for dgst, st in batch:
-            info = self._info(dgst, st, rows.get(dgst))
+            row = rows.get(dgst)
+            if row is None and self.ns is not None and (
+                self.ns != DEFAULT_NAMESPACE or dgst in claimed
+            ):
+                continue
+            info = self._info(dgst, st, row)
             if flt.match(_info_adaptor(info)):
                 yield info
 
@@ -382,18 +455,42 @@ class LocalStore:
         return {Digest(d): row for d, row in rows.items()}
 
     def delete(self, digest: str) -> None:
-        """Delete a committed blob. NotFound if absent. Open readers keep reading."""
+        """Delete a committed blob from this view (DESIGN §6): its record goes at once,
+        and the file too when no namespace holds it any longer (else it stays for the
+        others). NotFound if this view does not have it. Open readers keep reading."""
         dgst = parse_digest(digest)
         path = self.layout.blob_path(dgst)
         if not blob_dir_ok(self.layout, dgst):
             raise NotFound(f"content {dgst}")
-        try:
-            if stat.S_ISDIR(os.lstat(path).st_mode):
+        self._ensure_private()
+        with hold_lock(self.layout.commit_lock_path(dgst)):  # not while a commit claims it
+            try:
+                if stat.S_ISDIR(os.lstat(path).st_mode):
+                    raise NotFound(f"content {dgst}")
+            except (FileNotFoundError, NotADirectoryError):
+                raise NotFound(f"content {dgst}") from None
+            if not self._visible(dgst, self.db.get_blob(dgst)):
                 raise NotFound(f"content {dgst}")
-            os.unlink(path)
-        except (FileNotFoundError, NotADirectoryError):
-            raise NotFound(f"content {dgst}") from None
-        self.db.delete_blob(dgst)
+            holders = self.meta.delete_blob(self._key, dgst, lease=self.lease)
+            if any(h != RAW for h in holders):
+                return  # another namespace holds it: the file stays for it
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def _ensure_private(self) -> None:
+        ensure_dir(self.layout.private, 0o700)
+        ensure_dir(self.layout.locks, 0o700)
+
+    def namespaces(self) -> builtins.list[str]:
+        """Namespaces that hold blobs, leases or ingests, and always ``default``."""
+        names = self.meta.namespaces()
+        names.add(DEFAULT_NAMESPACE)
+        for st in self.backend_statuses():
+            if "\0" in st.ref:
+                names.add(st.ref.split("\0", 1)[0])
+        return sorted(names)
 
     def verify(self, digest: str, progress: Callable[[int], object] | None = None) -> Info:
         """Rehash a blob. DataLoss if its bytes no longer match its digest. ``progress``
@@ -424,13 +521,33 @@ class LocalStore:
 
     # IngestManager --------------------------------------------------------------------
 
+    def _bref(self, ref: str) -> str:
+        """The backend ref of this view's ``ref``: itself in ``default`` and the raw
+        store (so ingests made before namespaces stay where they were), else
+        ``<ns>\\0<ref>`` (NUL never occurs in a ref)."""
+        if self.ns is None or self.ns == DEFAULT_NAMESPACE:
+            return ref
+        return f"{self.ns}\0{ref}"
+
+    def _client_ref(self, bref: str) -> str | None:
+        """``bref``'s ref in this view, or None if it belongs to another namespace."""
+        ns, sep, ref = bref.rpartition("\0")
+        if not sep:
+            return bref if self.ns is None or self.ns == DEFAULT_NAMESPACE else None
+        return ref if ns == self.ns else None
+
     def status(self, ref: str) -> Status:
         """Status of an active ingest; NotFound if there is none for ``ref``."""
         _check_ref(ref)
-        st = self._read_status(self.layout.ingest_dir(ref), ref)
+        bref = self._bref(ref)
+        st = self._read_status(self.layout.ingest_dir(bref), bref)
         if st is None:
             raise NotFound(f"ingest {ref}")
-        return st
+        return dataclasses.replace(st, ref=ref)
+
+    def backend_status(self, bref: str) -> Status | None:
+        """The ingest of backend ref ``bref`` (any namespace), or None."""
+        return self._read_status(self.layout.ingest_dir(bref), bref)
 
     def _read_status(self, path: str, ref: str | None) -> Status | None:
         """Status from an ingest directory, or None if it is missing or not an ingest."""
@@ -465,12 +582,15 @@ class LocalStore:
         """Statuses of active ingests matching any filter (field ``ref``), sorted by ref."""
         flt = parse_filters(*filters)
         out = []
-        for st in self._all_statuses():
-            if flt.match(_ref_adaptor(st.ref)):
-                out.append(st)
+        for st in self.backend_statuses():
+            ref = self._client_ref(st.ref)
+            if ref is not None and flt.match(_ref_adaptor(ref)):
+                out.append(dataclasses.replace(st, ref=ref))
         return sorted(out, key=lambda s: s.ref)
 
-    def _all_statuses(self) -> Iterator[Status]:
+    def backend_statuses(self) -> Iterator[Status]:
+        """Every ingest of the root, each with its backend ref (``<ns>\\0<ref>`` outside
+        ``default``): what gc looks at."""
         try:
             names = os.listdir(self.layout.ingest)
         except (FileNotFoundError, NotADirectoryError):
@@ -490,7 +610,8 @@ class LocalStore:
         itself; never both succeed. A directory for ``ref`` whose ``ref`` file is
         missing or empty (a creation or removal cut short) is removed too."""
         _check_ref(ref)
-        path = self.layout.ingest_dir(ref)
+        bref = self._bref(ref)
+        path = self.layout.ingest_dir(bref)
         if not (is_dir(self.layout.ingest) and is_dir(path)):
             raise NotFound(f"ingest {ref}")
         try:
@@ -500,9 +621,9 @@ class LocalStore:
         except OSError as exc:
             log.warning("ingest %s unreadable: %s", path, exc)
             raise NotFound(f"ingest {ref}") from None
-        if stored and stored != ref:
+        if stored and stored != bref:
             raise NotFound(f"ingest {ref}")
-        aside = self._aside_name(self.layout.ref_key(ref), ".gone")
+        aside = self._aside_name(self.layout.ref_key(bref), ".gone")
         try:
             os.rename(path, aside)
         except (FileNotFoundError, NotADirectoryError):
@@ -512,10 +633,12 @@ class LocalStore:
         except OSError:
             had_data = False
         shutil.rmtree(aside, ignore_errors=True)
-        self._hashes.drop(ref)
+        self._hashes.drop(bref)
         if not had_data:  # committed (or never complete) before we moved it
             raise NotFound(f"ingest {ref}")
-        self.db.delete_ingest(ref)
+        self.db.delete_ingest(bref)
+        if self.ns is not None:
+            self.meta.drop_lease_ingest(self.ns, ref)
 
     def _aside_name(self, key: str, kind: str) -> str:
         """A hidden name under ingest/ for a directory being created or removed: never
@@ -567,29 +690,63 @@ class LocalStore:
         different total) is restarted empty. The caller must ``close()`` or ``commit()``.
         """
         _check_ref(ref)
-        if not is_text(ref) and not is_dir(self.layout.ingest_dir(ref)):
+        bref = self._bref(ref)
+        if not is_text(ref) and not is_dir(self.layout.ingest_dir(bref)):
             _check_new_ref(ref)  # only an existing (legacy) ingest may have such a ref
         exp = parse_digest(expected) if expected else None
         if total < 0:
             raise InvalidArgument(f"ingest {ref}: negative total {total}")
-        if exp is not None and blob_exists(self.layout, exp):
+        lease = self.lease if self.ns is not None else None
+        if lease is not None and self.meta.get_lease(self._key, lease) is None:
+            raise NotFound(f"lease {lease}: lease does not exist")
+        if exp is not None and blob_exists(self.layout, exp) and self.visible(exp):
+            if lease is not None:
+                self.meta.add_lease_resource(self._key, lease, "content", exp)
             raise AlreadyExists(f"content {exp}")
-        ensure_dir(self.layout.private, 0o700)
-        ensure_dir(self.layout.locks, 0o700)
+        self._ensure_private()
         ensure_dir(self.layout.ingest, 0o755)
-        lock = take_lock(self.layout.lock_path(ref), ref, wait)
+        lock = take_lock(self.layout.lock_path(bref), ref, wait)
         try:
             algorithm = split_digest(exp)[0] if exp else CANONICAL
-            path = self.layout.ingest_dir(ref)
-            state = self._resume(path, ref, total, algorithm)
+            path = self.layout.ingest_dir(bref)
+            state = self._resume(path, bref, total, algorithm)
             if state is None:
                 if not create:
                     raise NotFound(f"ingest {ref}")
-                state = self._fresh(path, ref, total, algorithm)
-            return LocalWriter(self.layout, self.db, self._hashes, ref, lock, state, exp)
+                state = self._fresh(path, bref, total, algorithm)
+            if lease is not None:
+                self.meta.add_lease_resource(self._key, lease, "ingests", ref)
+            writer = LocalWriter(self.layout, self.db, self._hashes, ref, lock, state, exp,
+                                 bref=bref, visible=self.visible, lease=lease)
+            if exp is not None and state.offset == 0 and self.ns is not None:
+                self._try_share(writer, bref, exp, total)
+            return writer
         except BaseException:
             lock.release()
             raise
+
+    def open_writer(
+        self, ref: str, *, total: int = 0, expected: str | None = None,
+        create: bool = True, wait: float = 0.0,
+    ) -> LocalWriter:
+        """:meth:`writer` (the :class:`store.api.WriterOpener` capability)."""
+        return self.writer(ref, total=total, expected=expected, create=create, wait=wait)
+
+    def _try_share(self, writer: LocalWriter, bref: str, exp: Digest, total: int) -> None:
+        """The ``shared`` policy (reference §5.3): ``exp`` is in the store but not in
+        this namespace, so the writer starts complete, and a commit without new bytes
+        only records the blob here. The expected digest is recorded (a gc root) under
+        the digest's commit lock, so a gc either sees it or has already removed the
+        file (then the writer stays an ordinary empty one)."""
+        with hold_lock(self.layout.commit_lock_path(exp)):
+            hint, labels = self.meta.get_ingest(bref)
+            try:
+                st = os.lstat(self.layout.blob_path(exp))
+            except OSError:
+                return
+            if stat.S_ISREG(st.st_mode) and (total <= 0 or total == st.st_size):
+                self.meta.put_ingest(bref, exp, labels)
+                writer.share(exp, st.st_size, hint)
 
     def _resume(self, path: str, ref: str, total: int, algorithm: str) -> IngestState | None:
         try:
@@ -672,7 +829,7 @@ class LocalStore:
 
     def ingest_hints(self, ref: str) -> tuple[Digest | None, dict[str, str]]:
         """The expected digest and labels recorded for an ingest, applied at commit."""
-        expected, labels = self.db.get_ingest(ref)
+        expected, labels = self.db.get_ingest(self._bref(ref))
         return (Digest(expected) if expected else None), labels
 
     def set_ingest_hints(
@@ -687,12 +844,13 @@ class LocalStore:
         """Record hints for an active ingest (NotFound if none): an expected digest,
         labels for the blob (replacing earlier ones) and/or the expected total size."""
         _check_ref(ref)
-        path = self.layout.ingest_dir(ref)
-        if self._read_status(path, ref) is None:
+        bref = self._bref(ref)
+        path = self.layout.ingest_dir(bref)
+        if self._read_status(path, bref) is None:
             raise NotFound(f"ingest {ref}")
         if expected is not None or labels is not None:
             _check_new_ref(ref)  # hints live in the metadata database: UTF-8 only
-        old_expected, old_labels = self.db.get_ingest(ref)
+        old_expected, old_labels = self.db.get_ingest(bref)
         if expected is not None:
             old_expected = parse_digest(expected)
         if clear_expected:
@@ -701,7 +859,7 @@ class LocalStore:
             validate_labels(labels)
             old_labels = dict(labels)
         if expected is not None or labels is not None or clear_expected:
-            self.db.put_ingest(ref, old_expected, old_labels)
+            self.db.put_ingest(bref, old_expected, old_labels)
         if total is not None:
             if total < 0:
                 raise InvalidArgument(f"ingest {ref}: negative total {total}")
@@ -718,23 +876,25 @@ class LocalStore:
         if old == new:
             self.status(old)
             return
-        ensure_dir(self.layout.private, 0o700)
-        ensure_dir(self.layout.locks, 0o700)
-        lock_old = try_lock(self.layout.lock_path(old), old)
+        self._ensure_private()
+        bold, bnew = self._bref(old), self._bref(new)
+        lock_old = try_lock(self.layout.lock_path(bold), old)
         try:
-            lock_new = try_lock(self.layout.lock_path(new), new)
+            lock_new = try_lock(self.layout.lock_path(bnew), new)
             try:
-                src = self.layout.ingest_dir(old)
-                if self._read_status(src, old) is None:
+                src = self.layout.ingest_dir(bold)
+                if self._read_status(src, bold) is None:
                     raise NotFound(f"ingest {old}")
-                dst = self.layout.ingest_dir(new)
+                dst = self.layout.ingest_dir(bnew)
                 if os.path.lexists(dst):
                     shutil.rmtree(dst, ignore_errors=True)
-                    self.db.delete_ingest(new)
-                write_atomic(os.path.join(src, "ref"), new.encode("utf-8", "surrogateescape"))
+                    self.db.delete_ingest(bnew)
+                write_atomic(os.path.join(src, "ref"), bnew.encode("utf-8", "surrogateescape"))
                 os.rename(src, dst)
-                self.db.rename_ingest(old, new)
-                self._hashes.rename(old, new)
+                self.db.rename_ingest(bold, bnew)
+                if self.ns is not None:
+                    self.meta.move_lease_ingest(self.ns, old, new)
+                self._hashes.rename(bold, bnew)
             finally:
                 lock_new.release()
         finally:
@@ -742,7 +902,7 @@ class LocalStore:
 
     def ingest_data_path(self, ref: str) -> str:
         """Path of an ingest's data file (for read-only access by adapters)."""
-        return os.path.join(self.layout.ingest_dir(ref), "data")
+        return os.path.join(self.layout.ingest_dir(self._bref(ref)), "data")
 
     def ingest_reader_at(self, ref: str) -> FileReaderAt:
         """A reader of the bytes written so far to ingest ``ref`` (it sees later
@@ -762,6 +922,72 @@ class LocalStore:
             raise NotFound(f"ingest {ref} (not a regular file)")
         return FileReaderAt(fd, st.st_size)
 
+    # LeaseManager (containerd's leases.Manager) and gc ------------------------------
+
+    def _lease_ns(self) -> str:
+        if self.ns is None:
+            raise FailedPrecondition("namespace is required")
+        return self.ns
+
+    def create_lease(
+        self, lease_id: str | None = None, labels: Mapping[str, str] | None = None
+    ) -> Lease:
+        """Create a lease in this namespace (an id as containerd's clients make one when
+        none is given). AlreadyExists if the id is taken. Any non-empty id is accepted:
+        containerd 1.6 does not validate lease ids (verified: ``ctr leases create --id
+        'bad id!'`` succeeds)."""
+        ns = self._lease_ns()
+        lease_id = lease_id or _new_lease_id()
+        labels = dict(labels or {})
+        validate_labels(labels)
+        now = time.time_ns()
+        if not self.meta.create_lease(ns, lease_id, now, labels):
+            raise AlreadyExists(f"lease {lease_id!r}")
+        return Lease(lease_id, from_ns(now), labels)
+
+    def leases(self, *filters: str) -> builtins.list[Lease]:
+        """This namespace's leases matching any filter (fields ``id``, ``labels.<k>``)."""
+        ns = self._lease_ns()
+        flt = parse_filters(*filters)
+        out = []
+        for lease_id, created, labels in self.meta.list_leases(ns):
+            lease = Lease(lease_id, from_ns(created), labels)
+            if flt.match(_lease_adaptor(lease)):
+                out.append(lease)
+        return out
+
+    def delete_lease(self, lease_id: str, *, sync: bool = False) -> GcResult | None:
+        """Delete a lease (NotFound if absent): what it held is no longer a root. ``sync``
+        runs a gc before returning (containerd's synchronous delete) and returns it."""
+        ns = self._lease_ns()
+        if not self.meta.delete_lease(ns, lease_id):
+            raise NotFound(f"lease {lease_id!r}")
+        return self.gc() if sync else None
+
+    def lease_resources(self, lease_id: str) -> builtins.list[tuple[str, str]]:
+        """(type, id) of what a lease holds: ``content`` digests, ``ingests`` refs."""
+        ns = self._lease_ns()
+        if self.meta.get_lease(ns, lease_id) is None:
+            raise NotFound(f"lease {lease_id!r}")
+        return self.meta.lease_resources(ns, lease_id)
+
+    def add_lease_resource(self, lease_id: str, rtype: str, rid: str) -> None:
+        """Hold a resource by a lease. InvalidArgument for an unknown type or a bad id."""
+        ns = self._lease_ns()
+        _check_resource(rtype, rid)
+        if not self.meta.add_lease_resource(ns, lease_id, rtype, rid):
+            raise NotFound(f"lease {lease_id!r}")
+
+    def delete_lease_resource(self, lease_id: str, rtype: str, rid: str) -> None:
+        ns = self._lease_ns()
+        _check_resource(rtype, rid)
+        if not self.meta.delete_lease_resource(ns, lease_id, rtype, rid):
+            raise NotFound(f"lease {lease_id!r}")
+
+    def gc(self, *, dry_run: bool = False) -> GcResult:
+        """Collect garbage over the whole root, every namespace (:mod:`store.gc`)."""
+        return collect(self, dry_run=dry_run)
+
     # ChangeFeed ----------------------------------------------------------------------
 
     def updated_since(self, since_ns: int) -> builtins.list[tuple[Digest, int, int]]:
@@ -773,6 +999,36 @@ class LocalStore:
         """Watch this root with inotify: blobs added or removed in ``blobs/<alg>/`` and
         changes to the metadata database (labels). OSError if inotify is unavailable."""
         return InotifyChanges(self.layout)
+
+
+def _new_lease_id() -> str:
+    """As containerd's clients: ``<unix nanoseconds>-<4 base64url characters>``."""
+    return f"{time.time_ns()}-{base64.urlsafe_b64encode(os.urandom(3)).decode()}"
+
+
+def _check_resource(rtype: str, rid: str) -> None:
+    if rtype == "content":
+        parse_digest(rid)
+    elif rtype == "ingests" or rtype.startswith("snapshots/"):
+        if not rid:
+            raise InvalidArgument(f"resource {rtype}: empty id")
+    else:
+        raise InvalidArgument(f"unsupported resource type {rtype!r}")
+
+
+def _lease_adaptor(lease: Lease) -> Callable[[Sequence[str]], tuple[str, bool]]:
+    def adapt(fieldpath: Sequence[str]) -> tuple[str, bool]:
+        if not fieldpath:
+            return "", False
+        if fieldpath[0] == "id":
+            return lease.id, True
+        if fieldpath[0] == "labels" and len(fieldpath) > 1:
+            key = ".".join(fieldpath[1:])
+            if key in lease.labels:
+                return lease.labels[key], True
+        return "", False
+
+    return adapt
 
 
 def _info_adaptor(info: Info) -> Callable[[Sequence[str]], tuple[str, bool]]:
@@ -805,7 +1061,8 @@ if TYPE_CHECKING:  # mypy checks that LocalStore has the interface and its capab
 
         store: api.Store = s
         caps: tuple[api.InfoIterator, api.IngestReader, api.IngestHints, api.IngestRenamer,
-                    api.ChangeFeed, api.BlobNames, api.BlobFiles] = (s, s, s, s, s, s, s)
+                    api.ChangeFeed, api.BlobNames, api.BlobFiles, api.Namespaced,
+                    api.LeaseManager, api.WriterOpener] = (s, s, s, s, s, s, s, s, s, s)
         writer: tuple[api.Writer, api.SyncWriter, api.TotalWriter, api.IdleCloser] = (
             w, w, w, w)
         del store, caps, writer

@@ -9,7 +9,10 @@ from collections.abc import Mapping
 
 from .digest import Digest
 
-__all__ = ["EPOCH", "Info", "Status", "format_time", "from_ns", "parse_time", "to_ns"]
+__all__ = [
+    "EPOCH", "GcResult", "Info", "Lease", "Status", "format_time", "from_ns", "parse_time",
+    "to_ns",
+]
 
 UTC = dt.UTC
 #: Go's zero time, 0001-01-01T00:00:00Z: what containerd writes for "unset".
@@ -26,6 +29,31 @@ class Info:
     created_at: dt.datetime
     updated_at: dt.datetime
     labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Lease:
+    """A lease (containerd's ``leases.Lease``): holds blobs and ingests against gc."""
+
+    id: str
+    created_at: dt.datetime
+    labels: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class GcResult:
+    """What one garbage collection removed (or, dry, would remove)."""
+
+    removed: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # digest, bytes
+    ingests: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # ns, ref
+    leases: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # ns, id
+    records: int = 0  # namespace records of blobs deleted
+    held_s: float = 0.0  # how long writers were held off (the write transaction)
+    remarked: bool = False  # the database changed during the mark: marked again, locked
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(size for _, size in self.removed)
 
 
 @dataclasses.dataclass(frozen=True)

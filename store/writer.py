@@ -21,7 +21,7 @@ from .hashcache import HashCache
 from .labels import validate_labels
 from .layout import Layout
 from .locks import RefLock, hold_lock
-from .metadata import MetadataDB
+from .metadata import NsMetadata
 from .ondisk import blob_exists, write_total
 from .types import Status, format_time, from_ns
 
@@ -179,18 +179,32 @@ class LocalWriter:
     def __init__(
         self,
         layout: Layout,
-        db: MetadataDB,
+        db: NsMetadata,
         hashes: HashCache,
         ref: str,
         lock: RefLock,
         state: IngestState,
         expected: Digest | None,
+        *,
+        bref: str | None = None,
+        visible: Callable[[Digest], bool] | None = None,
+        lease: str | None = None,
     ) -> None:
+        """``db`` is the metadata of the namespace committed into; ``bref`` the backend
+        ref (``ref`` qualified by that namespace); ``visible`` tells whether an existing
+        blob file is already in that namespace (else a commit only records it there);
+        ``lease`` holds the commit's blob (and held the ingest)."""
         self._layout = layout
         self._db = db
         self._hashes = hashes
         self.ref = ref
-        path = layout.ingest_dir(ref)
+        self._bref = ref if bref is None else bref
+        self._visible = visible or (lambda _d: True)
+        self._lease = lease
+        #: (digest, size) while the writer is shared (reference §5.3): complete, no bytes
+        self._shared: tuple[Digest, int] | None = None
+        self._hint_before_share: str | None = None
+        path = layout.ingest_dir(self._bref)
         self._lock = lock
         self._path = path
         self._fd = state.fd
@@ -208,7 +222,40 @@ class LocalWriter:
 
     @property
     def offset(self) -> int:
-        return self._offset
+        return self._shared[1] if self._shared else self._offset
+
+    def share(self, dgst: Digest, size: int, hint: str | None) -> None:
+        """Start shared (the ``shared`` policy, reference §5.3): complete at ``size``
+        bytes of blob ``dgst``, which a commit without new bytes records in this
+        namespace. ``hint`` is the expected digest recorded before (the shared digest
+        replaced it as a gc root; it comes back when the writer stops being shared)."""
+        self._shared = (dgst, size)
+        self._hint_before_share = hint
+
+    def _drop_share(self) -> None:
+        self._shared = None
+        _, labels = self._db.get_ingest(self._bref)
+        self._db.put_ingest(self._bref, self._hint_before_share, labels)
+
+    def _unshare(self) -> None:
+        """Before the first byte written to a shared writer: copy the blob in (as
+        containerd does), so the new bytes follow it."""
+        if self._shared is None:
+            return
+        dgst, _ = self._shared
+        self._drop_share()
+        try:
+            src = os.open(self._layout.blob_path(dgst), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"content {dgst} (removed while shared with {self.ref})") from None
+        try:
+            while chunk := os.pread(src, 1 << 20, self._offset):
+                os.pwrite(self._fd, chunk, self._offset)
+                self._hash.update(chunk, self._offset + len(chunk))
+                self._offset += len(chunk)
+        finally:
+            os.close(src)
+        self._dirty = True
 
     @property
     def closed(self) -> bool:
@@ -217,6 +264,8 @@ class LocalWriter:
     def digest(self) -> Digest:
         """Digest of the bytes written so far (of the empty input for a fresh writer)."""
         with self._mutex:
+            if self._shared:
+                return self._shared[0]
             hasher = self._hash.hasher()
             return Digest(f"{hasher.name}:{hasher.hexdigest()}")
 
@@ -224,7 +273,7 @@ class LocalWriter:
         with self._mutex:
             return Status(
                 self.ref,
-                self._offset,
+                self.offset,
                 self._total,
                 self._expected,
                 from_ns(self._started_ns),
@@ -252,6 +301,8 @@ class LocalWriter:
         view = memoryview(data)
         with self._mutex:
             self._check_open()
+            if len(view):
+                self._unshare()
             done = 0
             try:
                 while done < len(view):
@@ -278,6 +329,8 @@ class LocalWriter:
                 raise NotImplemented(  # noqa: F901 - store.errors.NotImplemented
                     f"ingest {self.ref}: truncate to {size} bytes is not supported, only to 0"
                 )
+            if self._shared is not None:
+                self._drop_share()
             os.ftruncate(self._fd, 0)
             self._hash.reset(hashlib.new(self._hash.hasher().name))
             self._offset = 0
@@ -310,12 +363,14 @@ class LocalWriter:
             if self._closed:
                 raise FailedPrecondition("cannot commit on closed writer")
             try:
-                hint, hint_labels = self._db.get_ingest(self.ref)
+                hint, hint_labels = self._db.get_ingest(self._bref)
                 hint_expected = Digest(hint) if hint else None
                 all_labels = {**hint_labels, **(labels or {})}
                 validate_labels(all_labels)
                 want = parse_digest(expected) if expected else hint_expected
                 want_size = size if size > 0 else self._total
+                if self._shared is not None:
+                    return self._commit_shared(want, want_size, all_labels)
                 os.fsync(self._fd)
                 actual_size = os.fstat(self._fd).st_size
                 if actual_size != self._offset:
@@ -338,6 +393,19 @@ class LocalWriter:
             finally:
                 self._end()
 
+    def _commit_shared(
+        self, want: Digest | None, want_size: int, labels: Mapping[str, str]
+    ) -> Digest:
+        assert self._shared is not None
+        dgst, size = self._shared
+        if want_size > 0 and want_size != size:
+            raise FailedPrecondition(
+                f'"{self.ref}" failed size validation: {size} != {want_size}'
+            )
+        if want is not None and want != dgst:
+            raise FailedPrecondition(f"unexpected commit digest {dgst}, expected {want}")
+        return self._publish(dgst, size, labels, shared=True)
+
     def _rehash(self, algorithm: str) -> Digest:
         hasher = hashlib.new(algorithm)
         offset = 0
@@ -346,8 +414,11 @@ class LocalWriter:
             offset += len(chunk)
         return Digest(f"{algorithm}:{hasher.hexdigest()}")
 
-    def _publish(self, dgst: Digest, size: int, labels: Mapping[str, str]) -> Digest:
+    def _publish(
+        self, dgst: Digest, size: int, labels: Mapping[str, str], *, shared: bool = False
+    ) -> Digest:
         layout = self._layout
+        meta, ns, lease = self._db.meta, self._db.ns, self._lease
         alg, _ = split_digest(dgst)
         blob_dir = layout.blob_dir(alg)
         ensure_dir(layout.blobs, 0o755)  # real directories: never a planted symlink
@@ -355,19 +426,30 @@ class LocalWriter:
         target = layout.blob_path(dgst)
         # Commits of one digest take turns (any thread or process), so exactly one of
         # two racing commits of the same bytes succeeds and the other's row never
-        # overwrites the winner's labels and times. NUL cannot occur in a ref.
+        # overwrites the winner's labels and times; deletes and gc's unlinks take the
+        # same lock, so a blob a commit claims is never unlinked under it.
         ensure_dir(layout.private, 0o700)
         ensure_dir(layout.locks, 0o700)
-        with hold_lock(layout.lock_path(f"\0commit {dgst}")):
-            if blob_exists(layout, dgst):
-                self._remove_ingest()
-                raise AlreadyExists(f"content {dgst}")
-            data = os.path.join(self._path, "data")
+        with hold_lock(layout.commit_lock_path(dgst)):
             now = time.time_ns()
+            if blob_exists(layout, dgst):
+                if self._visible(dgst):
+                    if lease is not None:
+                        meta.add_lease_resource(ns, lease, "content", dgst)
+                    self._remove_ingest()
+                    raise AlreadyExists(f"content {dgst}")
+                # in the store, not in this namespace: record it here; the bytes stay
+                meta.put_blob(ns, dgst, os.lstat(layout.blob_path(dgst)).st_size, now, labels,
+                              lease=lease, ingest_ref=self.ref)
+                self._remove_ingest()
+                return dgst
+            if shared:
+                raise NotFound(f"content {dgst} (removed while shared with {self.ref})")
+            data = os.path.join(self._path, "data")
             # The row goes in before the rename, so a crash never leaves a blob without
             # its labels (a row without a blob file is ignored); a busy database fails
             # the commit (Unavailable) with the ingest kept.
-            self._db.put_blob(dgst, size, now, labels)
+            meta.put_blob(ns, dgst, size, now, labels, lease=lease, ingest_ref=self.ref)
             mode = os.fstat(self._fd).st_mode & 0o777 & ~0o333
             os.fchmod(self._fd, mode or 0o400)
             os.utime(self._fd, ns=(now, now))
@@ -387,7 +469,7 @@ class LocalWriter:
     def _remove_ingest(self) -> None:
         shutil.rmtree(self._path, ignore_errors=True)
         try:
-            self._db.delete_ingest(self.ref)
+            self._db.delete_ingest(self._bref)
         except Exception as exc:  # noqa: BLE001
             log.error("ingest %s: hints not removed: %s", self.ref, exc)
 
@@ -410,7 +492,7 @@ class LocalWriter:
                     os.fsync(self._fd)
                 st = os.fstat(self._fd)
                 if st.st_nlink:
-                    self._hashes.remember(self.ref, st, self._hash.hasher())
+                    self._hashes.remember(self._bref, st, self._hash.hasher())
                     try:
                         write_atomic(
                             os.path.join(self._path, "updatedat"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import random
 import signal
 import subprocess
 import time
@@ -302,3 +303,27 @@ def test_remote_store_deadlines_on_a_live_connection(containerd: Containerd) -> 
         assert w.offset == len(b"first")
         w.write(b"second")
         assert w.commit() == digest_of(b"firstsecond")
+
+
+def test_remote_reader_blocks_and_readahead(containerd: Containerd) -> None:
+    """RemoteReaderAt (the mount's reads) against containerd: any read, sequential or
+    random, across block edges and past the end, returns the blob's bytes."""
+    ns = f"read{next(_namespaces)}"
+    data = os.urandom((5 << 20) + 333)
+    rng = random.Random(11)
+    with RemoteStore(containerd.address, namespace=ns) as s:
+        w = s.writer("big")
+        w.write(data)
+        dgst = w.commit()
+        with s.reader_at(dgst) as r:
+            assert r.size == len(data)
+            out = bytearray()
+            while len(out) < len(data):
+                out += r.read_at(128 << 10, len(out))
+            assert bytes(out) == data
+            for _ in range(200):
+                off = rng.randrange(0, len(data) + 10)
+                n = rng.choice([1, 4096, 1 << 20, 3 << 20])
+                assert r.read_at(n, off) == data[off : off + n], (off, n)
+            with pytest.raises(ValueError):
+                r.read_at(1, -1)

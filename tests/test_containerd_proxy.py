@@ -233,3 +233,32 @@ def _largest_ingest(ingest_dir: str) -> int:
         except OSError:
             pass
     return best
+
+
+def test_example_script(tmp_path: os.PathLike[str]) -> None:
+    """scripts/examples/containerd-proxy pulls an image into a contentfs store under a
+    containerd it starts, shows the blobs through a mount, and stops everything."""
+    base = os.fspath(tmp_path)
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "scripts", "examples", "containerd-proxy")
+    registry = Registry(os.path.join(base, "registry"))
+    try:
+        layout = os.path.join(base, "oci")
+        build_image(layout, "v1", [("/etc/hello", 5000)])
+        skopeo_copy(f"oci:{layout}:v1", f"docker://{registry.host}/ex/app:v1")
+        digests = fetched(registry.host, "ex/app:v1")
+        work = os.path.join(base, "work")
+        env = {**os.environ, "CONTENTFS": CONTENTFS}
+        p = subprocess.run([script, "-n", "-w", work, f"{registry.host}/ex/app:v1",
+                            "--plain-http"], capture_output=True, text=True, env=env,
+                           timeout=300, check=False)
+    finally:
+        registry.stop()
+    assert p.returncode == 0, p.stdout + p.stderr
+    for d in digests:
+        assert d in p.stdout  # in ctr content ls
+        assert d[7:] in p.stdout.split("--- ls -l", 1)[1]  # and in the mount
+        assert os.path.isfile(os.path.join(work, "store", "blobs", "sha256", d[7:]))
+    with open("/proc/mounts") as f:
+        assert work not in f.read()
+    assert subprocess.run(["pgrep", "-f", work], capture_output=True).returncode == 1

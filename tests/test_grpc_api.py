@@ -252,18 +252,17 @@ def test_no_namespace_header_is_the_raw_view(server: InProcessServer) -> None:
         raw.close()
 
 
-def test_every_namespace_sees_the_same_store(server: InProcessServer) -> None:
-    """For now (README): namespaces are validated, then share one view."""
+def test_namespaces_are_kept_apart(server: InProcessServer) -> None:
+    """DESIGN §6: each namespace has its own ingests and records over shared bytes."""
     with RemoteStore(server.address, namespace="a") as a, RemoteStore(
         server.address, namespace="b.c-d_e"
     ) as b:
-        w = a.writer("shared-ref")
-        w.write(b"visible everywhere")
-        assert [s.ref for s in b.list_statuses()] == ["shared-ref"]
-        with pytest.raises(Unavailable):
-            b.writer("shared-ref")
+        w = a.writer("ns-ref")
+        w.write(b"only in a")
+        assert b.list_statuses() == []
         dgst = w.commit(labels={"k": "v"})
-        assert dict(b.info(dgst).labels) == {"k": "v"}
-        b.delete(dgst)
         with pytest.raises(NotFound):
-            a.info(dgst)
+            b.info(dgst)
+        with pytest.raises(NotFound):
+            b.delete(dgst)
+        assert dict(a.info(dgst).labels) == {"k": "v"}

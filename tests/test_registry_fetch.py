@@ -18,6 +18,7 @@ import pytest
 
 from store import LocalStore
 
+from .fuse_util import MountFactory, mounter
 from .grpc_util import Containerd, ctr
 from .registry_util import (
     CountingProxy,
@@ -28,6 +29,7 @@ from .registry_util import (
     skopeo_copy,
 )
 
+mounter = mounter  # noqa: PLW0127 - the fixture, imported for this module
 CONTENTFS = os.path.join(os.path.dirname(sys.executable), "contentfs")
 BIG = 56 << 20  # the big layer: over 50 MiB of random bytes (gzip leaves it as big)
 GC_ROOT = "containerd.io/gc.root"
@@ -152,6 +154,7 @@ def test_fetch_one_platform_matches_ctr(images: Images, tmp_path: Any) -> None:
                     images.ref("test/multi:v1"))
     assert res.returncode == 0, res.stderr
     assert res.stdout.decode().strip() == images.index
+    assert res.stderr == b""  # no progress display when stderr is not a terminal
     ours = labels_by_digest(root)
     assert images.amd not in ours and images.big not in ours and images.arm in ours
     ctrd = Containerd(str(tmp_path / "ctrd"))
@@ -327,7 +330,7 @@ def test_unknown_tag_is_not_found(images: Images, tmp_path: Any) -> None:
 def test_basic_auth_with_user_and_docker_config(images: Images, tmp_path: Any) -> None:
     reg = Registry(str(tmp_path / "reg"), users={"alice": "s3cret"})
     try:
-        skopeo_copy(f"oci:{images.layout}:amd", f"docker://{reg.host}/priv/img:v1",
+        skopeo_copy(f"oci:{images.layout}:arm", f"docker://{reg.host}/priv/img:v1",
                     "--dest-creds", "alice:s3cret")
         ref = f"{reg.host}/priv/img:v1"
         home = tmp_path / "home"
@@ -342,7 +345,7 @@ def test_basic_auth_with_user_and_docker_config(images: Images, tmp_path: Any) -
         ok = contentfs("--root", str(tmp_path / "b"), "fetch", "--plain-http",
                        "--user", "alice:s3cret", ref, env=env)
         assert ok.returncode == 0, ok.stderr
-        assert ok.stdout.decode().strip() == images.amd
+        assert ok.stdout.decode().strip() == images.arm
         prompted = contentfs("fetch-object", "--plain-http", "--user", "alice", ref,
                              env=env, input=b"s3cret\n")
         assert prompted.returncode == 0, prompted.stderr
@@ -404,3 +407,146 @@ def test_fetch_into_containerd_through_its_content_api(images: Images, tmp_path:
         ctrd.stop()
     assert GC_ROOT in ours[images.index][1]
     assert without_root(ours) == theirs
+
+
+def test_fetch_memory_is_bounded(images: Images, tmp_path: Any) -> None:
+    """A layer is streamed into its ingest, never held whole: fetching the image with the
+    56 MiB layer peaks far below the layer's size over the interpreter's own."""
+    wrapper = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:]);"
+               " _, status, usage = os.wait4(p.pid, 0);"
+               " print(usage.ru_maxrss, os.waitstatus_to_exitcode(status))")
+    base = subprocess.run([sys.executable, "-c", wrapper, CONTENTFS, "--version"],
+                          capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run([sys.executable, "-c", wrapper, CONTENTFS, "--root",
+                          str(tmp_path / "s"), "fetch", "--plain-http",
+                          images.ref("test/single:v1")],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == images.amd and out[2] == "0", out  # the digest, then peak and exit
+    peak_mib, idle_mib = int(out[1]) / 1024, int(base[-2]) / 1024
+    assert peak_mib - idle_mib < 40, (peak_mib, idle_mib)  # the layer is 56 MiB
+
+
+def test_fetch_fills_an_oci_layout_read_through_a_mount(images: Images, tmp_path: Any,
+                                                         mounter: MountFactory) -> None:
+    """A store that is an OCI layout (its index.json naming the images, no blobs yet):
+    fetch brings the blobs, and skopeo reads the images through the mount."""
+    import shutil
+
+    root = str(tmp_path / "layout")
+    os.makedirs(root)
+    for name in ("oci-layout", "index.json"):
+        shutil.copy(os.path.join(images.layout, name), root)
+    res = contentfs("--root", root, "fetch", "--plain-http", images.ref("test/multi:v1"))
+    assert res.returncode == 0, res.stderr
+    m = mounter(root=root)
+    from .registry_util import SKOPEO, run
+
+    amd = json.loads(run(SKOPEO, "inspect", f"oci:{m.path}:amd").stdout)
+    assert amd["Digest"] == images.amd and amd["Layers"] == images.amd_layers
+    out = str(tmp_path / "copy")
+    skopeo_copy(f"oci:{m.path}:multi", f"oci:{out}:multi")
+    assert read_blob(out, images.big) == read_blob(images.layout, images.big)
+
+
+def test_fetch_into_namespaces(images: Images, tmp_path: Any) -> None:
+    """-n: what is fetched belongs to that namespace; a second namespace fetching the
+    same image gets its own records and labels without the bytes being downloaded again
+    (the store keeps bytes once)."""
+    proxy = CountingProxy(images.registry.host)
+    root = str(tmp_path / "store")
+    ref = f"{proxy.host}/test/single:v1"
+    try:
+        first = contentfs("--root", root, "-n", "team-a", "fetch", "--plain-http", ref)
+        assert first.returncode == 0, first.stderr
+        sent_first = sum(r["sent"] for r in proxy.blob_requests(images.big))
+        second = contentfs("--root", root, "fetch", "-n", "team-b", "--plain-http", "--json",
+                           ref)
+        assert second.returncode == 0, second.stderr
+    finally:
+        proxy.stop()
+    assert sent_first > BIG
+    assert sum(r["sent"] for r in proxy.blob_requests(images.big)) == sent_first
+    assert json.loads(second.stdout)["transferred"] < 1 << 20
+
+    def listing(ns: str) -> dict[str, dict[str, str]]:
+        out = contentfs("--root", root, "-n", ns, "ls", "--json")
+        assert out.returncode == 0, out.stderr
+        return {b["digest"]: b["labels"] for b in json.loads(out.stdout)}
+
+    a, b = listing("team-a"), listing("team-b")
+    assert set(a) == set(b) and images.amd in a and images.big in a
+    assert a[images.big] == b[images.big] == {
+        "containerd.io/distribution.source.127.0.0.1": "test/single"}
+    assert GC_ROOT in b[images.amd]
+    assert images.big not in listing("default")
+
+
+def test_progress_on_a_terminal(images: Images, tmp_path: Any) -> None:
+    """On a terminal, ctr's display: a line per object with its status and bar, then
+    elapsed time, total and rate; stdout (a pipe) still carries only the digest."""
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([CONTENTFS, "--root", str(tmp_path / "s"), "fetch",
+                                 "--plain-http", images.ref("test/single:v1")],
+                                stdout=subprocess.PIPE, stderr=slave)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        os.close(master)
+    assert proc.returncode == 0
+    assert out.decode().strip() == images.amd
+    screen = b"".join(chunks).decode(errors="replace")
+    assert f"layer-{images.big}:" in screen and f"manifest-{images.amd}:" in screen
+    assert "|" + "+" * 40 + "|" in screen and "done" in screen
+    assert "elapsed:" in screen and "total:" in screen and "/s)" in screen
+
+
+@pytest.mark.parametrize("body", [
+    b"{not json",
+    b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",'
+    b' "config": {"digest": "sha256:nothex", "size": 1}, "layers": []}',
+    b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",'
+    b' "config": {"digest": "sha256:' + b"a" * 64 + b'", "size": 1}, "layers": "no"}',
+])
+def test_unparseable_manifest_is_invalid_argument(images: Images, tmp_path: Any,
+                                                  body: bytes) -> None:
+    proxy = CountingProxy(images.registry.host)
+    proxy.manifest_body = body
+    root = str(tmp_path / "s")
+    try:
+        res = contentfs("--root", root, "fetch", "--plain-http",
+                        f"{proxy.host}/test/single:v1")
+    finally:
+        proxy.stop()
+    assert res.returncode == 3, res.stderr
+    assert b"manifest" in res.stderr and len(res.stderr.splitlines()) == 1
+    assert not os.path.isdir(root) or labels_by_digest(root) == {}
+
+
+def test_gc_keeps_what_was_fetched(images: Images, tmp_path: Any) -> None:
+    """gc.root on the top object and the gc.ref.content labels keep the whole image
+    (one platform of an index too); without the root, gc takes all of it."""
+    root = str(tmp_path / "s")
+    res = contentfs("--root", root, "fetch", "--plain-http", "--platform", "linux/arm64",
+                    images.ref("test/multi:v1"))
+    assert res.returncode == 0, res.stderr
+    before = set(labels_by_digest(root))
+    kept = contentfs("--root", root, "gc")
+    assert kept.returncode == 0, kept.stderr
+    assert set(labels_by_digest(root)) == before
+    unroot = contentfs("--root", root, "label", images.index, f"{GC_ROOT}=")
+    assert unroot.returncode == 0, unroot.stderr
+    gone = contentfs("--root", root, "gc")
+    assert gone.returncode == 0, gone.stderr
+    assert labels_by_digest(root) == {}

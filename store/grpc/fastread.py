@@ -264,6 +264,13 @@ class ReadLane:
                 return None
             if len(self._namespaces) < KNOWN_NAMESPACES:
                 self._namespaces.add(ns)
+        if ns is not None:
+            # a namespace sees its own records only (one indexed lookup; the file
+            # being there says nothing about this namespace)
+            try:
+                self._service.view(metadata).info(req.digest)
+            except (StoreError, GrpcError, OSError):
+                return None
         offset = req.offset if req.offset > 0 else 0
         size = blob.size
         end = size if req.size <= 0 or offset + req.size > size else offset + req.size

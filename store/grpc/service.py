@@ -4,8 +4,8 @@ yielding) responses, raising StoreError or GrpcError. ``server`` binds them to g
 
 Deliberate departures from containerd 1.6, all invisible to ``ctr``:
 
-* every namespace sees the same blobs and labels (the namespace is validated, then
-  ignored); so there is no shared-ingest special case;
+* a shared ingest (reference §5.3) is a real, empty ingest directory, so Status and
+  ListStatuses show it (offset 0) where 1.6 answers NotFound and hides it;
 * a request without the ``containerd-namespace`` header works on the raw store (containerd
   1.6 answers FailedPrecondition): containerd sends no header to a content proxy plugin,
   so that is how containerd uses contentfs as its store (DESIGN §4, reference §14);
@@ -32,7 +32,7 @@ from typing import cast
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from store.api import IdleCloser, InfoIterator, Store, Writer
+from store.api import IdleCloser, InfoIterator, Namespaced, Store, Writer
 from store.digest import Digest, parse_digest
 from store.errors import InvalidArgument, NotFound, StoreError
 from store.text import printable_ref
@@ -57,6 +57,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 NAMESPACE_KEY = "containerd-namespace"
+LEASE_KEY = "containerd-lease"
 LIST_BATCH = 100
 READ_CHUNK = 1 << 20
 #: Go's zero time (0001-01-01T00:00:00Z) in Unix seconds: what 1.6 encodes for "unset".
@@ -150,20 +151,29 @@ class ContentService:
 
         * no ``containerd-namespace`` header: the raw store, the layer beneath any
           namespace (what containerd's proxy plugin talks to);
-        * a valid header: that namespace's view. Namespaces are not kept apart yet, so
-          today this is the raw store too;
+        * a valid header: that namespace's view (DESIGN §6), holding its writes by the
+          ``containerd-lease`` header's lease when there is one;
         * a malformed header: InvalidArgument (empty: FailedPrecondition, as containerd).
         """
         ns = check_namespace(metadata)
         if ns is None:
             return self._raw_view()
-        return self._namespace_view(ns)
+        lease = None
+        for key, value in metadata:
+            if key == LEASE_KEY:
+                lease = value if isinstance(value, str) else value.decode("utf-8", "replace")
+                break
+        return self._namespace_view(ns, lease or None)
 
     def _raw_view(self) -> Store:
+        if isinstance(self.store, Namespaced):
+            return self.store.namespace(None)
         return self.store
 
-    def _namespace_view(self, _namespace: str) -> Store:
-        return self.store
+    def _namespace_view(self, ns: str, lease: str | None) -> Store:
+        if isinstance(self.store, Namespaced):
+            return self.store.namespace(ns, lease=lease)
+        return self.store  # a store without namespaces (a remote one): its own
 
     def info(self, req: pb.InfoRequest, metadata: Sequence[tuple[str, str]]) -> pb.InfoResponse:
         dgst = _validated(req.digest)

@@ -1,0 +1,202 @@
+"""Namespaces (DESIGN §6, reference §5): per-namespace records over bytes stored once,
+the ``shared`` policy, unclaimed blobs in ``default``, delete, stores made before
+namespaces, identifiers; the CLI's ``-n`` and ``contentfs namespaces``."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+import pytest
+
+from store import AlreadyExists, Digest, Info, InvalidArgument, LocalStore, NotFound, digest_of
+from store.types import EPOCH
+
+from .test_cli import ok, run
+
+
+def put(store: LocalStore, data: bytes, labels: dict[str, str] | None = None,
+        ref: str | None = None) -> Digest:
+    w = store.writer(ref or f"put-{digest_of(data)}")
+    w.write(data)
+    return Digest(w.commit(len(data), None, labels=labels))
+
+
+def blob_file(store: LocalStore, dgst: str) -> str:
+    return store.layout.blob_path(Digest(dgst))
+
+
+def test_namespaces_see_their_own_records(store: LocalStore) -> None:
+    a, b = store.namespace("a"), store.namespace("b")
+    da = put(a, b"only in a", {"k": "a"})
+    db = put(b, b"only in b")
+    assert [i.digest for i in a.list()] == [da]
+    assert [i.digest for i in b.list()] == [db]
+    assert a.info(da).labels == {"k": "a"}
+    with pytest.raises(NotFound):
+        b.info(da)
+    with pytest.raises(NotFound):
+        b.reader_at(da)
+    with pytest.raises(NotFound):
+        b.update(Info(da, 0, EPOCH, EPOCH, {"x": "y"}), "labels.x")
+    with pytest.raises(NotFound):
+        b.delete(da)
+    # the raw store sees every file
+    assert {i.digest for i in store.namespace(None).list()} == {da, db}
+    assert store.namespaces() == ["a", "b", "default"]
+
+
+def test_same_bytes_in_two_namespaces_are_stored_once(store: LocalStore) -> None:
+    a, b = store.namespace("a"), store.namespace("b")
+    d1 = put(a, b"shared bytes", {"who": "a"})
+    ino = os.stat(blob_file(store, d1)).st_ino
+    d2 = put(b, b"shared bytes", {"who": "b"})  # commits: not in b yet
+    assert d1 == d2
+    assert os.stat(blob_file(store, d1)).st_ino == ino  # bytes not moved
+    assert a.info(d1).labels == {"who": "a"}
+    assert b.info(d1).labels == {"who": "b"}
+    with pytest.raises(AlreadyExists):  # in b now
+        put(b, b"shared bytes", ref="again")
+    # delete in a: the record goes, the file stays for b
+    a.delete(d1)
+    with pytest.raises(NotFound):
+        a.info(d1)
+    assert os.path.exists(blob_file(store, d1))
+    assert b.info(d1).labels == {"who": "b"}
+    # delete in b: nothing holds it any more, the file goes at once
+    b.delete(d1)
+    assert not os.path.exists(blob_file(store, d1))
+
+
+def test_shared_policy_commits_without_bytes(store: LocalStore) -> None:
+    a, b = store.namespace("a"), store.namespace("b")
+    data = b"x" * 1000
+    dgst = put(a, data)
+    w = b.writer("shared-ref", total=len(data), expected=dgst)
+    assert w.offset == len(data)  # complete from the start (reference §5.3)
+    assert w.status().offset == len(data)
+    assert w.digest() == dgst
+    assert w.commit(len(data), dgst, labels={"l": "v"}) == dgst
+    assert b.info(dgst).labels == {"l": "v"}
+    assert b.list_statuses() == []
+
+
+def test_shared_writer_unshares_on_write(store: LocalStore) -> None:
+    a, b = store.namespace("a"), store.namespace("b")
+    dgst = put(a, b"base")
+    w = b.writer("grow", expected=dgst)
+    assert w.offset == 4
+    w.write(b"+more")  # copies the blob in first, then appends
+    assert w.offset == 9
+    got = w.commit(9, None)
+    assert got == digest_of(b"base+more")
+    with b.reader_at(got) as r:
+        assert r.read_at(9, 0) == b"base+more"
+    w2 = b.writer("restart", expected=dgst)
+    w2.truncate(0)
+    assert w2.offset == 0
+    w2.close()
+
+
+def test_ingests_are_per_namespace(store: LocalStore) -> None:
+    a, b = store.namespace("a"), store.namespace("b")
+    with a.writer("ref") as w:
+        w.write(b"in a")
+    with b.writer("ref") as w:
+        w.write(b"b's")
+    assert [(s.ref, s.offset) for s in a.list_statuses()] == [("ref", 4)]
+    assert [(s.ref, s.offset) for s in b.list_statuses()] == [("ref", 3)]
+    assert store.namespace("default").list_statuses() == []
+    a.abort("ref")
+    assert a.list_statuses() == []
+    assert b.status("ref").offset == 3
+
+
+def test_unclaimed_blobs_show_in_default_and_labelling_claims(store: LocalStore) -> None:
+    data = b"dropped in by hand"
+    dgst = digest_of(data)
+    path = blob_file(store, dgst)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    os.utime(path, ns=(1_600_000_000 * 10**9, 1_600_000_000 * 10**9))
+    default, other = store.namespace("default"), store.namespace("other")
+    info = default.info(dgst)
+    assert info.labels == {} and info.created_at.year == 2020
+    assert [i.digest for i in default.list()] == [dgst]
+    assert other.list() == []
+    other_digest = put(other, b"mine")  # claimed by `other`: not unclaimed
+    assert [i.digest for i in default.list()] == [dgst]
+    assert other_digest not in {i.digest for i in default.list()}
+    default.update(Info(dgst, 0, EPOCH, EPOCH, {"claimed": "yes"}), "labels.claimed")
+    assert store.meta.holders(dgst) == ["default"]
+    assert default.info(dgst).labels == {"claimed": "yes"}
+    # claimed by another namespace: no longer shown in default
+    put(other, data)
+    default.delete(dgst)
+    with pytest.raises(NotFound):
+        default.info(dgst)
+    assert os.path.exists(path)  # other holds it
+
+
+def test_old_store_opens_with_labels_in_default(store_root: str) -> None:
+    """A store made before namespaces (the old database shape, built here by hand) opens
+    with every label in namespace `default`; nothing to run."""
+    data = b"old blob"
+    dgst = digest_of(data)
+    path = os.path.join(store_root, "blobs", "sha256", dgst.split(":")[1])
+    os.makedirs(os.path.dirname(path))
+    with open(path, "wb") as f:
+        f.write(data)
+    os.makedirs(os.path.join(store_root, ".contentfs"))
+    db = sqlite3.connect(os.path.join(store_root, ".contentfs", "meta.db"))
+    db.executescript(
+        """
+        CREATE TABLE blobs (digest TEXT PRIMARY KEY, size INTEGER NOT NULL,
+            created_ns INTEGER NOT NULL, updated_ns INTEGER NOT NULL) WITHOUT ROWID;
+        CREATE TABLE labels (digest TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+            PRIMARY KEY (digest, key)) WITHOUT ROWID;
+        CREATE TABLE ingests (ref TEXT PRIMARY KEY, expected TEXT, labels TEXT NOT NULL)
+            WITHOUT ROWID;
+        """
+    )
+    db.execute("INSERT INTO blobs VALUES (?, ?, ?, ?)", (dgst, len(data), 10**18, 2 * 10**18))
+    db.execute("INSERT INTO labels VALUES (?, 'containerd.io/gc.root', 'x')", (dgst,))
+    db.execute("INSERT INTO labels VALUES (?, 'team', 'infra')", (dgst,))
+    db.commit()
+    db.close()
+    # a read-only open migrates a copy in memory and changes nothing on disk
+    with LocalStore(store_root, readonly=True) as ro:
+        assert ro.namespace("default").info(dgst).labels["team"] == "infra"
+    with LocalStore(store_root) as s:
+        info = s.namespace("default").info(dgst)
+        assert info.labels == {"containerd.io/gc.root": "x", "team": "infra"}
+        assert info.created_at.year == 2001 and info.updated_at.year == 2033
+        assert s.namespaces() == ["default"]
+        assert s.namespace("other").list() == []
+    # again: already migrated, still there
+    r = run("--root", store_root, "ls", "--json")
+    assert r.code == 0 and '"team": "infra"' in r.text
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "-x", "x-", "a..b", "x" * 77, "ü"])
+def test_namespace_identifiers(store: LocalStore, bad: str) -> None:
+    with pytest.raises(InvalidArgument):
+        store.namespace(bad)
+
+
+def test_cli_namespace_option_and_env(store_root: str) -> None:
+    def cf(*args: str, env: dict[str, str] | None = None, stdin: bytes | None = None):  # noqa: ANN202
+        return run("--root", store_root, *args, env=env, stdin=stdin)
+
+    d = ok(cf("-n", "team-a", "ingest", "r", stdin=b"team a data")).text.strip()
+    assert ok(cf("ls", "-q", "-n", "team-a")).text.split() == [d]
+    assert ok(cf("ls", "-q", env={"CONTENTFS_NAMESPACE": "team-a"})).text.split() == [d]
+    assert ok(cf("ls", "-q")).text.split() == []
+    assert ok(cf("namespaces")).text.split() == ["default", "team-a"]
+    r = cf("-n", "bad name", "ls")
+    assert r.code == 3 and "namespace" in r.error_line()
+    r = cf("info", d)
+    assert r.code == 4
+    ok(cf("-n", "team-a", "rm", d))
+    assert not os.listdir(os.path.join(store_root, "blobs", "sha256"))
