@@ -25,7 +25,7 @@ import pyfuse3
 import trio
 
 from store import LocalStore, StoreError, prepare_root
-from store.api import Store
+from store.api import ChangeFeed, Store
 from store.identifiers import DEFAULT_NAMESPACE, validate_identifier
 
 from .ops import ContentOps
@@ -323,7 +323,8 @@ async def _serve(ops: ContentOps | RemoteOps, mountpoint: str, ready_fd: int, da
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_on_signals)
         nursery.start_soon(_announce, mountpoint, ready_fd, daemon, log_file)
-        if isinstance(ops, ContentOps):  # a remote store tells no changes: short caches
+        if isinstance(ops, ContentOps) and isinstance(ops.store, ChangeFeed):
+            # (a store that tells no changes gets short caches instead)
             nursery.start_soon(watch_store, ops.store, ops.blobs)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()

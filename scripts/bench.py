@@ -103,6 +103,10 @@ FIGURES: tuple[Figure, ...] = (
            "containerd (VmHWM)", "memory", "<", 150.0),
     Figure("rss_serve", "serve daemon peak RSS", "contentfs serve (VmHWM)",
            "containerd (VmHWM)", "memory", "<", 150.0),
+    Figure("serve_rss_abandoned", "serve RSS after abandoned large writes",
+           "contentfs serve RSS after rounds of abandoned 15 MB writes (max)",
+           "the same server's RSS before them", "memory", "<", 100.0,
+           "within 50 MB of the ~46 MB start (issue 15); growth in extra"),
     Figure("pull_proxy", "ctr images pull, one big layer",
            "containerd over contentfs serve (content proxy plugin)",
            "containerd with its own content store", "rate", ">=", 0.8),
@@ -802,6 +806,7 @@ class Bench:
         self.measure("cli_verify", self.fig_cli_verify)
         if self.serve is not None:
             self.measure("rss_serve", lambda r: self.fig_rss(r, self.serve))
+        self.measure("serve_rss_abandoned", self.fig_serve_rss_abandoned)
         if self.wanted("fetch_registry", "fetch_registry_skopeo"):
             self.run_registry_figures()
         if self.wanted("pull_proxy"):
@@ -977,6 +982,57 @@ class Bench:
         res.ours.append(which.daemon.peak_rss_mb())
         res.baseline.append(self.containerd.daemon.peak_rss_mb())
         res.extra["rss_mb"] = self.rss.get(key, {})
+
+    def fig_serve_rss_abandoned(self, res: Result) -> None:
+        """Rounds of Write streams that each send one 15 MB chunk and leave without a
+        commit, against a server of its own: its RSS once they left, vs before."""
+        import threading
+
+        import grpc
+
+        from store.grpc.pb import content_pb2 as pb
+
+        writers, rounds = (8, 1) if self.p.quick else (64, 4)
+        root = self.work / "abandoned-root"
+        root.mkdir()
+        logs = self.logs / "abandoned"
+        logs.mkdir()
+        srv = Serve(root, self.socks / "abandoned.sock", logs)
+        chunk = os.urandom(15 * MiB)
+
+        def one(rnd: int, i: int) -> None:
+            ch = grpc.insecure_channel(f"unix:{srv.sock}", options=[
+                ("grpc.use_local_subchannel_pool", 1), ("grpc.max_send_message_length", 32 * MiB)])
+            call = ch.stream_stream("/containerd.services.content.v1.Content/Write",
+                                    request_serializer=lambda m: m.SerializeToString(),
+                                    response_deserializer=pb.WriteContentResponse.FromString)
+            req = pb.WriteContentRequest(action=pb.WRITE, ref=f"abandoned-{rnd}-{i}", data=chunk)
+            with contextlib.suppress(grpc.RpcError):
+                for _ in call(iter([req]), metadata=(("containerd-namespace", NS),), timeout=120):
+                    pass
+            ch.close()
+
+        try:
+            before = srv.daemon.rss_mb()
+            after = []
+            for rnd in range(rounds):
+                threads = [threading.Thread(target=one, args=(rnd, i)) for i in range(writers)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                srv.daemon.check_alive()
+                # the clients have left; the server trims shortly after
+                settle = time.monotonic() + 5
+                while srv.daemon.rss_mb() > before + 50 and time.monotonic() < settle:
+                    time.sleep(0.1)
+                after.append(round(srv.daemon.rss_mb(), 1))
+            res.ours.append(max(after))
+            res.baseline.append(before)
+            res.extra.update({"writers": writers, "rounds": rounds, "rss_after_rounds": after,
+                              "growth_mb": round(max(after) - before, 1)})
+        finally:
+            srv.stop()
 
     # gRPC and CLI -----------------------------------------------------------------------
 

@@ -241,13 +241,13 @@ class LocalStore:
         """DataLoss if the metadata records another size for ``dgst`` (bytes appended or
         cut off on disk). A blob without a row, or an unreadable database, passes."""
         try:
-            row = self.db.get_blob(dgst)
+            recorded = self.meta.committed_size(dgst)
         except (StoreError, OSError) as exc:
             log.debug("content %s: size not checked: %s", dgst, exc)
             return
-        if row is not None and row[0] != size:
+        if recorded is not None and recorded != size:
             raise DataLoss(
-                f"content {dgst}: file holds {size} bytes, {row[0]} were committed"
+                f"content {dgst}: file holds {size} bytes, {recorded} were committed"
             )
 
     # Manager --------------------------------------------------------------------------
@@ -725,6 +725,13 @@ class LocalStore:
             lock.release()
             raise
 
+    def open_writer(
+        self, ref: str, *, total: int = 0, expected: str | None = None,
+        create: bool = True, wait: float = 0.0,
+    ) -> LocalWriter:
+        """:meth:`writer` (the :class:`store.api.WriterOpener` capability)."""
+        return self.writer(ref, total=total, expected=expected, create=create, wait=wait)
+
     def _try_share(self, writer: LocalWriter, bref: str, exp: Digest, total: int) -> None:
         """The ``shared`` policy (reference §5.3): ``exp`` is in the store but not in
         this namespace, so the writer starts complete, and a commit without new bytes
@@ -1055,7 +1062,7 @@ if TYPE_CHECKING:  # mypy checks that LocalStore has the interface and its capab
         store: api.Store = s
         caps: tuple[api.InfoIterator, api.IngestReader, api.IngestHints, api.IngestRenamer,
                     api.ChangeFeed, api.BlobNames, api.BlobFiles, api.Namespaced,
-                    api.LeaseManager] = (s, s, s, s, s, s, s, s, s)
+                    api.LeaseManager, api.WriterOpener] = (s, s, s, s, s, s, s, s, s, s)
         writer: tuple[api.Writer, api.SyncWriter, api.TotalWriter, api.IdleCloser] = (
             w, w, w, w)
         del store, caps, writer

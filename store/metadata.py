@@ -213,7 +213,12 @@ class MetadataDB:
                 # create the WAL index (-shm) that a plain read-only open needs
                 uri += "&immutable=1"
             conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=10)
-            if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+            try:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+            except sqlite3.DatabaseError as exc:  # e.g. locked exclusively by another
+                conn.close()
+                raise _db_error(self.path, exc) from None
+            if version < SCHEMA_VERSION:
                 # an older store that cannot be migrated in place: migrate a copy in memory
                 mem = sqlite3.connect(":memory:", check_same_thread=False)
                 conn.backup(mem)
@@ -298,6 +303,14 @@ class MetadataDB:
             labels = dict(c.execute(
                 "SELECT key, value FROM labels WHERE ns = ? AND digest = ?", (ns, digest)))
         return row[0], row[1], row[2], labels
+
+    def committed_size(self, digest: str) -> int | None:
+        """The size recorded for ``digest`` at commit, in any namespace (the same in all:
+        it is the content's), or None if no namespace has a row."""
+        with self._tx() as c:
+            row = c.execute("SELECT size FROM blobs WHERE digest = ? LIMIT 1",
+                            (digest,)).fetchone()
+        return None if row is None else int(row[0])
 
     def get_blob_times(self, ns: str, digests: list[str]) -> dict[str, tuple[int, int, int]]:
         """(size, created_ns, updated_ns) of those ``digests`` that have a row; no labels.
