@@ -291,6 +291,7 @@ class CountingProxy:
         self.token_requests: list[dict[str, Any]] = []
         self.fail_status = 0  # answer blob GETs with this status (a failing registry)
         self.redirect = False  # send blob GETs to "storage" on another origin (307)
+        self.manifest_body: bytes | None = None  # answer every manifest GET with this
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -364,6 +365,16 @@ class CountingProxy:
                 if redirected:  # "blob storage": a presigned URL needs no registry auth
                     self.path = self.path[len("/_storage"):]
                 elif not self._challenge():
+                    return
+                if proxy.manifest_body is not None and "/manifests/" in self.path:
+                    body = proxy.manifest_body
+                    self.send_response(200)
+                    self.send_header("Content-Type",
+                                     "application/vnd.oci.image.manifest.v1+json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(body)
                     return
                 is_blob_get = self.command == "GET" and "/blobs/sha256:" in self.path
                 if is_blob_get and proxy.fail_status and not redirected:

@@ -510,3 +510,43 @@ def test_progress_on_a_terminal(images: Images, tmp_path: Any) -> None:
     assert f"layer-{images.big}:" in screen and f"manifest-{images.amd}:" in screen
     assert "|" + "+" * 40 + "|" in screen and "done" in screen
     assert "elapsed:" in screen and "total:" in screen and "/s)" in screen
+
+
+@pytest.mark.parametrize("body", [
+    b"{not json",
+    b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",'
+    b' "config": {"digest": "sha256:nothex", "size": 1}, "layers": []}',
+    b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",'
+    b' "config": {"digest": "sha256:' + b"a" * 64 + b'", "size": 1}, "layers": "no"}',
+])
+def test_unparseable_manifest_is_invalid_argument(images: Images, tmp_path: Any,
+                                                  body: bytes) -> None:
+    proxy = CountingProxy(images.registry.host)
+    proxy.manifest_body = body
+    root = str(tmp_path / "s")
+    try:
+        res = contentfs("--root", root, "fetch", "--plain-http",
+                        f"{proxy.host}/test/single:v1")
+    finally:
+        proxy.stop()
+    assert res.returncode == 3, res.stderr
+    assert b"manifest" in res.stderr and len(res.stderr.splitlines()) == 1
+    assert not os.path.isdir(root) or labels_by_digest(root) == {}
+
+
+def test_gc_keeps_what_was_fetched(images: Images, tmp_path: Any) -> None:
+    """gc.root on the top object and the gc.ref.content labels keep the whole image
+    (one platform of an index too); without the root, gc takes all of it."""
+    root = str(tmp_path / "s")
+    res = contentfs("--root", root, "fetch", "--plain-http", "--platform", "linux/arm64",
+                    images.ref("test/multi:v1"))
+    assert res.returncode == 0, res.stderr
+    before = set(labels_by_digest(root))
+    kept = contentfs("--root", root, "gc")
+    assert kept.returncode == 0, kept.stderr
+    assert set(labels_by_digest(root)) == before
+    unroot = contentfs("--root", root, "label", images.index, f"{GC_ROOT}=")
+    assert unroot.returncode == 0, unroot.stderr
+    gone = contentfs("--root", root, "gc")
+    assert gone.returncode == 0, gone.stderr
+    assert labels_by_digest(root) == {}
