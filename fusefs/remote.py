@@ -406,6 +406,9 @@ class RemoteOps(pyfuse3.Operations):
         reader = self._handles.get(fh)
         if not isinstance(reader, ReaderAt):
             raise pyfuse3.FUSEError(errno.EBADF)
+        ready = getattr(reader, "read_ready", None)  # blocks fetched ahead: no thread hop
+        if ready is not None and (data := ready(size, off)) is not None:
+            return data  # type: ignore[no-any-return]
         with fuse_errors("read blob"):
             return await self.call(reader.read_at, size, off)
 

@@ -245,7 +245,8 @@ class LocalWriter:
         dgst, _ = self._shared
         self._drop_share()
         try:
-            src = os.open(self._layout.blob_path(dgst), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            src = os.open(self._layout.blob_path(dgst),
+                          os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise NotFound(f"content {dgst} (removed while shared with {self.ref})") from None
         try:
