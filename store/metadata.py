@@ -290,6 +290,15 @@ class MetadataDB:
         with self._lock:
             self._conn.close()
 
+    def change_stamp(self) -> tuple[object, int, int]:
+        """Equal stamps mean no row changed in between: not through this handle
+        (its connection's total_changes), not through any other connection or process
+        (SQLite's data_version), and the file was not replaced (reopened). Cheap: for
+        callers that cache what they read."""
+        with self._tx() as c:
+            (version,) = c.execute("PRAGMA data_version").fetchone()
+            return self._ident, int(version), c.total_changes
+
     # blobs ---------------------------------------------------------------------------
 
     def get_blob(self, ns: str, digest: str) -> BlobRow | None:

@@ -236,3 +236,31 @@ def test_with_changed_grpc_internals_read_falls_back(
     os.mkdir(root)
     with LocalStore(root) as store:
         _serve_and_read(store, str(tmp_path), "changed")
+
+
+def test_namespace_visibility_follows_deletes(pair: _Pair, tmp_path: Any) -> None:
+    """The lane trusts a blob's visibility in a namespace only while no metadata row
+    changed: after the blob is removed from one namespace (its file stays: another
+    namespace holds it), a Read there is NotFound at once, as in the generic handler."""
+    data = os.urandom(100 << 10)
+    store = LocalStore(os.path.join(tmp_path, "root"))
+    try:
+        for ns in ("one", "two"):
+            w = store.namespace(ns).writer(f"put-{ns}")
+            w.write(data)
+            dgst = str(w.commit(len(data), None))
+        in_one = (("containerd-namespace", "one"),)
+        in_two = (("containerd-namespace", "two"),)
+        req = pb.ReadContentRequest(digest=dgst, offset=0, size=32 << 10)
+        for _ in range(3):  # the lane keeps the blob open and its visibility known
+            assert pair.both(req, in_one).responses[0].data == data[: 32 << 10]
+        store.namespace("one").delete(dgst)
+        assert pair.both(req, in_one).code == grpc.StatusCode.NOT_FOUND
+        assert pair.both(req, in_two).responses[0].data == data[: 32 << 10]
+        # and back: committed again in "one", it is readable there again
+        w = store.namespace("one").writer("again")
+        w.write(data)
+        w.commit(len(data), None)
+        assert pair.both(req, in_one).responses[0].data == data[: 32 << 10]
+    finally:
+        store.close()

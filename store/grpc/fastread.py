@@ -31,7 +31,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -40,6 +40,7 @@ from google.protobuf.message import DecodeError
 from store.api import BlobFiles, FileReader, ReaderAt
 from store.digest import parse_digest
 from store.errors import StoreError
+from store.metadata import MetadataDB
 
 from .errors import GrpcError, to_grpc
 from .pb import content_pb2 as pb
@@ -75,9 +76,12 @@ KNOWN_NAMESPACES = 256
 class _Open:
     """A blob the lane keeps open, with what identifies its file."""
 
-    __slots__ = ("reader", "fd", "path", "dev", "ino", "size")
+    __slots__ = ("reader", "fd", "path", "dev", "ino", "size", "seen_in")
 
     def __init__(self, reader: ReaderAt, fd: int, path: str, st: os.stat_result) -> None:
+        #: namespace (None: the raw view) -> the metadata's change stamp when the blob
+        #: was last found visible there
+        self.seen_in: dict[str | None, object] = {}
         self.reader = reader
         self.fd = fd
         self.path = path
@@ -121,6 +125,9 @@ class ReadLane:
         self._service = service
         self._read = service.read
         self._open: dict[str, _Open] = {}
+        meta = getattr(service.store, "meta", None)
+        self._stamp: Callable[[], object] | None = (
+            meta.change_stamp if isinstance(meta, MetadataDB) else None)
         self._namespaces: set[str | None] = set()
         self._debug = debug
         self._cq = cygrpc.CompletionQueue()
@@ -237,7 +244,7 @@ class ReadLane:
         read then answers in full (errors included)."""
         blob = self._open.get(req.digest)
         if blob is None:
-            blob = self._admit(req.digest)
+            blob = self._admit(req.digest, metadata)
             if blob is None:
                 return None
         else:
@@ -264,13 +271,20 @@ class ReadLane:
                 return None
             if len(self._namespaces) < KNOWN_NAMESPACES:
                 self._namespaces.add(ns)
-        if ns is not None:
-            # a namespace sees its own records only (one indexed lookup; the file
-            # being there says nothing about this namespace)
+        # a namespace sees its own records only (the file being there says nothing
+        # about a namespace): looked up once, then trusted while no metadata row
+        # changed anywhere (ctr reads a blob in thousands of calls; the lookup through
+        # the namespace's view cost more than the rest of the call)
+        stamp = self._stamp() if self._stamp is not None else None
+        if stamp is None or blob.seen_in.get(ns) != stamp:
             try:
                 self._service.view(metadata).info(req.digest)
             except (StoreError, GrpcError, OSError):
                 return None
+            if stamp is not None:
+                if len(blob.seen_in) >= KNOWN_NAMESPACES:
+                    blob.seen_in.clear()
+                blob.seen_in[ns] = stamp
         offset = req.offset if req.offset > 0 else 0
         size = blob.size
         end = size if req.size <= 0 or offset + req.size > size else offset + req.size
@@ -282,15 +296,17 @@ class ReadLane:
             return None
         return encode_read_response(0, data)
 
-    def _admit(self, digest: str) -> _Open | None:
-        """Open a committed blob to keep; None if it is not one (the full path reports)."""
+    def _admit(self, digest: str, metadata: Any) -> _Open | None:
+        """Open a committed blob to keep, through the caller's view (so a blob that
+        only namespaces hold opens too); None if it is not one there (the full path
+        reports)."""
         try:
             dgst = parse_digest(digest)
             store = self._service.store
             if not isinstance(store, BlobFiles):
                 return None
-            reader = store.reader_at(dgst)
-        except (StoreError, OSError):
+            reader = self._service.view(metadata).reader_at(dgst)
+        except (StoreError, GrpcError, OSError):
             return None
         if not isinstance(reader, FileReader):
             reader.close()
