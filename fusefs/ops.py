@@ -365,7 +365,9 @@ class ContentOps(pyfuse3.Operations):
         if node.kind is Kind.LAYOUT_FILE:
             assert self.root is not None
             with fuse_errors(f"open {node.key}"):
-                fd = os.open(os.path.join(self.root, node.key), os.O_RDONLY | os.O_CLOEXEC)
+                # O_NONBLOCK: a FIFO planted there must not block the mount's event loop
+                fd = os.open(os.path.join(self.root, node.key),
+                             os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             return pyfuse3.FileInfo(fh=self.handles.add(ReadHandle(fd)), keep_cache=False)
         with fuse_errors(f"open blob {node.key}"):
             reader = await offload.call(self.inline, self.store.reader_at, node.key)
