@@ -71,6 +71,8 @@ class RemoteMount:
 def mount_remote(mounter: MountFactory, address: str, *options: str,
                  name: str = "mnt") -> RemoteMount:
     ns = f"m{next(_namespaces)}"
+    if not any(o.startswith("timeout=") for o in options):
+        options = (*options, "timeout=30")  # generous: the test machine may be loaded
     m = mounter(f"namespace={ns}", *options, root=address, name=name)
     return RemoteMount(m, address, ns)
 
