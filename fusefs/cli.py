@@ -1141,6 +1141,7 @@ def lease_ls_cmd(
     cmd_root: str | None,
 ) -> None:
     """List the namespace's leases, optionally matching FILTERS (id, labels.KEY)."""
+    parse_filters(*filters, strict=True)  # a bad filter fails before anything is listed
     leases = open_local(ctx, cmd_root, "lease ls", reading=True).leases(*filters)
     if as_json:
         click.echo(json.dumps([lease_json(lease) for lease in leases], indent=2))
