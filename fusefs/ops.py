@@ -32,7 +32,7 @@ from . import offload, view
 from .blobcache import BlobCache
 from .errors import fuse_errors, refuse
 from .handles import DirHandle, Handles, ReadHandle, WriteHandle
-from .ingests import Ingests
+from .ingests import BUSY_WAIT, Ingests
 from .kernel import entry as make_entry
 from .kernel import negative
 from .view import (
@@ -478,6 +478,11 @@ class ContentOps(pyfuse3.Operations):
             ref = decode_name(text)
             if ref is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
+            if not self.inline:  # a remote ingest cannot be aborted under its own stream:
+                # `echo x > f; rm f` may come before the RELEASE of that write
+                deadline = trio.current_time() + BUSY_WAIT
+                while ref in self.ingests.writers and trio.current_time() < deadline:
+                    await trio.sleep(0.02)
             with fuse_errors(f"abort ingest {ref}"):
                 await trio.to_thread.run_sync(self.store.abort, ref)
             log.info("aborted ingest %s", ref)
