@@ -114,7 +114,8 @@ class Ingests:
         """A descriptor of the ingest's data for reading back; -1 if only a reader
         (``open_reader``) can, OSError (EACCES) if the store cannot at all."""
         if self.files is not None:
-            return os.open(self.files.ingest_data_path(ref), os.O_RDONLY | os.O_CLOEXEC)
+            return os.open(self.files.ingest_data_path(ref),
+                           os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         if isinstance(self.store, IngestReader):
             return -1
         raise OSError(errno.EACCES, "this store cannot read back an ingest")

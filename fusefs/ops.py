@@ -26,7 +26,7 @@ import pyfuse3
 import trio
 
 from store import NotFound, StoreError
-from store.api import BlobFiles, ChangeFeed, FileReader, Store
+from store.api import BlobFiles, ChangeFeed, FileReader, ReadyReader, Store
 
 from . import offload, view
 from .blobcache import BlobCache
@@ -365,7 +365,9 @@ class ContentOps(pyfuse3.Operations):
         if node.kind is Kind.LAYOUT_FILE:
             assert self.root is not None
             with fuse_errors(f"open {node.key}"):
-                fd = os.open(os.path.join(self.root, node.key), os.O_RDONLY | os.O_CLOEXEC)
+                # O_NONBLOCK: a FIFO planted there must not block the mount's event loop
+                fd = os.open(os.path.join(self.root, node.key),
+                             os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             return pyfuse3.FileInfo(fh=self.handles.add(ReadHandle(fd)), keep_cache=False)
         with fuse_errors(f"open blob {node.key}"):
             reader = await offload.call(self.inline, self.store.reader_at, node.key)
@@ -390,8 +392,13 @@ class ContentOps(pyfuse3.Operations):
             if fd >= 0:
                 data = os.pread(fd, size, off)
             elif isinstance(handle, ReadHandle) and handle.reader is not None:
-                with fuse_errors(f"read {handle.digest or 'ingest'}"):
-                    data = await trio.to_thread.run_sync(handle.reader.read_at, size, off)
+                reader = handle.reader
+                ready = reader.read_ready(size, off) if isinstance(reader, ReadyReader) else None
+                if ready is not None:  # fetched ahead already: no thread hop
+                    data = ready
+                else:
+                    with fuse_errors(f"read {handle.digest or 'ingest'}"):
+                        data = await trio.to_thread.run_sync(reader.read_at, size, off)
             else:
                 raise refuse(errno.EACCES, "read: this store cannot read back an ingest")
         except OSError as exc:

@@ -764,8 +764,12 @@ class LocalStore:
             if total and stored_total and total != stored_total:
                 raise ValueError(f"provided total {total} differs from status {stored_total}")
             fd = os.open(
-                os.path.join(path, "data"), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+                os.path.join(path, "data"),
+                os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
             )
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # e.g. a FIFO planted as data
+                os.close(fd)
+                raise ValueError("data is not a regular file")
         except (OSError, ValueError, UnicodeDecodeError) as exc:
             log.info("ingest %s: failed to resume (%s); restarting it empty", ref, exc)
             return None
@@ -909,11 +913,12 @@ class LocalStore:
         appends). NotFound if there is no such ingest."""
         _check_ref(ref)
         try:
-            fd = os.open(self.ingest_data_path(ref), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(self.ingest_data_path(ref),
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"ingest {ref}") from None
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
+            if exc.errno in (errno.ELOOP, errno.ENXIO):
                 raise NotFound(f"ingest {ref} (not a regular file)") from None
             raise
         st = os.fstat(fd)

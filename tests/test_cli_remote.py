@@ -327,3 +327,8 @@ def test_remote_reader_blocks_and_readahead(containerd: Containerd) -> None:
                 assert r.read_at(n, off) == data[off : off + n], (off, n)
             with pytest.raises(ValueError):
                 r.read_at(1, -1)
+            # read_ready (the mount's read without a thread hop): bytes only when fetched
+            assert r.read_ready(4096, 100) is None or r.read_ready(4096, 100) == data[100:4196]
+            r.read_at(10, 0)
+            assert r.read_ready(4096, 100) == data[100:4196]
+            assert r.read_ready(10, len(data) - 5) in (None, data[-5:])

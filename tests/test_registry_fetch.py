@@ -154,6 +154,7 @@ def test_fetch_one_platform_matches_ctr(images: Images, tmp_path: Any) -> None:
                     images.ref("test/multi:v1"))
     assert res.returncode == 0, res.stderr
     assert res.stdout.decode().strip() == images.index
+    assert res.stderr == b""  # no progress display when stderr is not a terminal
     ours = labels_by_digest(root)
     assert images.amd not in ours and images.big not in ours and images.arm in ours
     ctrd = Containerd(str(tmp_path / "ctrd"))
@@ -478,3 +479,74 @@ def test_fetch_into_namespaces(images: Images, tmp_path: Any) -> None:
         "containerd.io/distribution.source.127.0.0.1": "test/single"}
     assert GC_ROOT in b[images.amd]
     assert images.big not in listing("default")
+
+
+def test_progress_on_a_terminal(images: Images, tmp_path: Any) -> None:
+    """On a terminal, ctr's display: a line per object with its status and bar, then
+    elapsed time, total and rate; stdout (a pipe) still carries only the digest."""
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([CONTENTFS, "--root", str(tmp_path / "s"), "fetch",
+                                 "--plain-http", images.ref("test/single:v1")],
+                                stdout=subprocess.PIPE, stderr=slave)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        os.close(master)
+    assert proc.returncode == 0
+    assert out.decode().strip() == images.amd
+    screen = b"".join(chunks).decode(errors="replace")
+    assert f"layer-{images.big}:" in screen and f"manifest-{images.amd}:" in screen
+    assert "|" + "+" * 40 + "|" in screen and "done" in screen
+    assert "elapsed:" in screen and "total:" in screen and "/s)" in screen
+
+
+@pytest.mark.parametrize("body", [
+    b"{not json",
+    b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",'
+    b' "config": {"digest": "sha256:nothex", "size": 1}, "layers": []}',
+    b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",'
+    b' "config": {"digest": "sha256:' + b"a" * 64 + b'", "size": 1}, "layers": "no"}',
+])
+def test_unparseable_manifest_is_invalid_argument(images: Images, tmp_path: Any,
+                                                  body: bytes) -> None:
+    proxy = CountingProxy(images.registry.host)
+    proxy.manifest_body = body
+    root = str(tmp_path / "s")
+    try:
+        res = contentfs("--root", root, "fetch", "--plain-http",
+                        f"{proxy.host}/test/single:v1")
+    finally:
+        proxy.stop()
+    assert res.returncode == 3, res.stderr
+    assert b"manifest" in res.stderr and len(res.stderr.splitlines()) == 1
+    assert not os.path.isdir(root) or labels_by_digest(root) == {}
+
+
+def test_gc_keeps_what_was_fetched(images: Images, tmp_path: Any) -> None:
+    """gc.root on the top object and the gc.ref.content labels keep the whole image
+    (one platform of an index too); without the root, gc takes all of it."""
+    root = str(tmp_path / "s")
+    res = contentfs("--root", root, "fetch", "--plain-http", "--platform", "linux/arm64",
+                    images.ref("test/multi:v1"))
+    assert res.returncode == 0, res.stderr
+    before = set(labels_by_digest(root))
+    kept = contentfs("--root", root, "gc")
+    assert kept.returncode == 0, kept.stderr
+    assert set(labels_by_digest(root)) == before
+    unroot = contentfs("--root", root, "label", images.index, f"{GC_ROOT}=")
+    assert unroot.returncode == 0, unroot.stderr
+    gone = contentfs("--root", root, "gc")
+    assert gone.returncode == 0, gone.stderr
+    assert labels_by_digest(root) == {}

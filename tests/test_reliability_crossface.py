@@ -474,3 +474,17 @@ def test_serve_memory_returns_after_abandoned_large_writes(tmp_path: Any) -> Non
         assert len(cli(root, "active", "--json").stdout.split(b'"ref"')) - 1 == 48
     finally:
         assert srv.stop() == 0, srv.stderr
+
+
+def test_fifo_planted_as_ingest_data_never_blocks(store: LocalStore) -> None:
+    with store.writer("f") as w:
+        w.write(b"abc")
+    data = os.path.join(store.layout.ingest_dir("f"), "data")
+    os.unlink(data)
+    os.mkfifo(data)
+    with pytest.raises(NotFound):
+        store.ingest_reader_at("f")
+    with store.writer("f") as w:  # not resumable: restarted empty, never blocked
+        assert w.offset == 0
+        w.write(b"new")
+        assert w.commit() == digest_of(b"new")

@@ -497,6 +497,20 @@ class RemoteReaderAt:
         self._blocks[index] = fut  # now the newest
         return fut
 
+    def read_ready(self, n: int, offset: int) -> bytes | None:
+        """``read_at`` if the blocks it needs are fetched already (it then never blocks,
+        so an event loop may call it), else None."""
+        if offset < 0 or n <= 0 or offset >= self.size:
+            return None
+        end = min(self.size, offset + n)
+        first, last = offset // self._block, (end - 1) // self._block
+        with self._lock:
+            for i in range(first, last + 1):
+                fut = self._blocks.get(i)
+                if fut is None or not fut.done() or fut.cancelled() or fut.exception():
+                    return None
+        return self.read_at(n, offset)
+
     def read_at(self, n: int, offset: int) -> bytes:
         if offset < 0:
             raise ValueError("negative offset")
@@ -709,5 +723,6 @@ if TYPE_CHECKING:  # mypy checks that RemoteStore has the store interface
     def _conforms(s: RemoteStore, w: RemoteWriter, r: RemoteReaderAt) -> None:
         from store import api
 
-        checked: tuple[api.Store, api.InfoIterator, api.Writer, api.ReaderAt] = (s, s, w, r)
+        checked: tuple[api.Store, api.InfoIterator, api.Writer, api.ReaderAt,
+                       api.ReadyReader] = (s, s, w, r, r)
         del checked

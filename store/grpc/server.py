@@ -297,6 +297,14 @@ def _write_stream(
             _abort(context, GrpcError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"too many Write streams open ({limits.streams}): retry later"))
+        freed = threading.Lock()
+
+        def free() -> None:  # once: at the call's end or this generator's, what comes first
+            if freed.acquire(blocking=False):
+                limits.release()
+
+        if not context.add_callback(free):
+            free()  # (already ended: the finally below finds it freed)
         try:
             yield from fn(limits.watch(requests, context), context.invocation_metadata(),
                           context.add_callback)
@@ -309,7 +317,7 @@ def _write_stream(
                 raise
             return  # the request stream ended by cancellation (client, shutdown, idle)
         finally:
-            limits.release()
+            free()
 
     return grpc.stream_stream_rpc_method_handler(
         handler,
