@@ -815,22 +815,24 @@ def verify_cmd(ctx: click.Context, digests: tuple[str, ...], cmd_root: str | Non
 @click.argument("mountpoint", type=click.Path(file_okay=False), required=False)
 @click.option("-o", "options", metavar="OPT[,OPT...]", multiple=True,
               help="Mount options: ro, allow_other, default_permissions, ... "
-                   "(generic ones such as rw, defaults, nofail, _netdev are ignored); with"
-                   " --address: namespace=NS, timeout=SECONDS.")
+                   "(generic ones such as rw, defaults, nofail, _netdev are ignored);"
+                   " namespace=NS (as -n); with --address: timeout=SECONDS.")
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground.")
 @click.option("--debug", is_flag=True, help="Log every request (implies -f).")
 @click.option("--log-file", metavar="FILE", default=None,
               help="Where the background daemon logs (default: mount-*.log beside its pid"
                    " file, in /run/contentfs for root, else $XDG_RUNTIME_DIR/contentfs).")
 @address_option
+@namespace_option
 @click.pass_context
 def mount_cmd(
     ctx: click.Context, root: str, mountpoint: str | None, options: tuple[str, ...],
     foreground: bool, debug: bool, log_file: str | None,
 ) -> None:
     """Mount the store ROOT at MOUNTPOINT, or with --address ADDR (or a ROOT of the form
-    unix:///PATH or tcp://HOST:PORT) the store at that gRPC address: a containerd, in
-    the namespace given by -o namespace=NS, or another `contentfs serve`.
+    unix:///PATH or tcp://HOST:PORT) the store at that gRPC address: a containerd or
+    another `contentfs serve`. The mount shows one namespace: -n NS or -o namespace=NS,
+    else $CONTENTFS_NAMESPACE, else `default`.
 
     Returns once the mount answers; the daemon stays in the background unless -f.
     Unmount with `contentfs umount MOUNTPOINT` (or SIGINT/SIGTERM in the foreground).
@@ -847,8 +849,24 @@ def mount_cmd(
         raise click.UsageError("--address and a store ROOT are mutually exclusive", ctx)
     elif is_address(root):
         address = root
+    options = _mount_namespace(ctx, options)
     sys.exit(mount_main(root, mountpoint, options, foreground=foreground or debug, debug=debug,
                         log_file=log_file, remote=bool(address) or is_address(root)))
+
+
+def _mount_namespace(ctx: click.Context, options: tuple[str, ...]) -> tuple[str, ...]:
+    """``options`` with ``namespace=NS`` first when ``-n`` or ``$CONTENTFS_NAMESPACE``
+    names one (as for every other command); ``-o namespace=`` wins over the variable, and
+    differing from ``-n`` is a usage error."""
+    given = [opt.strip()[len("namespace="):] for group in options for opt in group.split(",")
+             if opt.strip().startswith("namespace=")]
+    flag = (ctx.find_root().obj or {}).get("namespace")
+    if flag is not None and any(ns != flag for ns in given):
+        raise click.UsageError(f"-n {flag} and -o namespace={given[-1]} disagree", ctx)
+    chosen = flag or os.environ.get("CONTENTFS_NAMESPACE")
+    if chosen and not given:
+        return (f"namespace={chosen}", *options)
+    return options
 
 
 @cli.command("umount")
@@ -1107,7 +1125,7 @@ def lease_create_cmd(
     if expire is not None:
         until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=parse_duration(expire))
         pairs[EXPIRE_LABEL] = rfc3339(until)
-    lease = open_local(ctx, cmd_root, "lease create").create_lease(lease_id, pairs)
+    lease = open_local(ctx, cmd_root, "lease create", create=True).create_lease(lease_id, pairs)
     click.echo(lease.id)
 
 
@@ -1123,6 +1141,7 @@ def lease_ls_cmd(
     cmd_root: str | None,
 ) -> None:
     """List the namespace's leases, optionally matching FILTERS (id, labels.KEY)."""
+    parse_filters(*filters, strict=True)  # a bad filter fails before anything is listed
     leases = open_local(ctx, cmd_root, "lease ls", reading=True).leases(*filters)
     if as_json:
         click.echo(json.dumps([lease_json(lease) for lease in leases], indent=2))

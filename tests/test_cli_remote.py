@@ -54,7 +54,8 @@ class Remote:
            ) -> Run:
         """``contentfs --address ADDR ARGS`` in this test's namespace."""
         return run("--address", self.address, *args, stdin=stdin,
-                   env={"CONTENTFS_NAMESPACE": self.namespace, **(env or {})})
+                   env={"CONTENTFS_NAMESPACE": self.namespace, "CONTENTFS_TIMEOUT": "30",
+                        **(env or {})})
 
     def ctr(self, *args: str, input: bytes | None = None  # noqa: A002
             ) -> subprocess.CompletedProcess[bytes]:

@@ -123,6 +123,10 @@ def test_cli_lease_and_gc(store_root: str) -> None:
     assert r.code == 5
     r = cf("lease", "create", "--expire", "soon")
     assert r.code == 3
+    # a ~= regex that does not compile is exit 3, as for ls and active (it listed nothing
+    # with a bare log line and exit 0)
+    r = cf("-n", "x", "lease", "ls", "id~=[")
+    assert (r.code, r.text) == (3, "") and "regex does not compile" in r.error_line()
     r = ok(cf("gc", "--dry-run"))
     assert r.text.split() == [drop, "4"]
     r = ok(cf("gc"))
