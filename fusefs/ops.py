@@ -26,13 +26,13 @@ import pyfuse3
 import trio
 
 from store import NotFound, StoreError
-from store.api import BlobFiles, ChangeFeed, FileReader, Store
+from store.api import BlobFiles, ChangeFeed, FileReader, ReadyReader, Store
 
 from . import offload, view
 from .blobcache import BlobCache
 from .errors import fuse_errors, refuse
 from .handles import DirHandle, Handles, ReadHandle, WriteHandle
-from .ingests import Ingests
+from .ingests import BUSY_WAIT, Ingests
 from .kernel import entry as make_entry
 from .kernel import negative
 from .view import (
@@ -392,8 +392,13 @@ class ContentOps(pyfuse3.Operations):
             if fd >= 0:
                 data = os.pread(fd, size, off)
             elif isinstance(handle, ReadHandle) and handle.reader is not None:
-                with fuse_errors(f"read {handle.digest or 'ingest'}"):
-                    data = await trio.to_thread.run_sync(handle.reader.read_at, size, off)
+                reader = handle.reader
+                ready = reader.read_ready(size, off) if isinstance(reader, ReadyReader) else None
+                if ready is not None:  # fetched ahead already: no thread hop
+                    data = ready
+                else:
+                    with fuse_errors(f"read {handle.digest or 'ingest'}"):
+                        data = await trio.to_thread.run_sync(reader.read_at, size, off)
             else:
                 raise refuse(errno.EACCES, "read: this store cannot read back an ingest")
         except OSError as exc:
@@ -480,6 +485,11 @@ class ContentOps(pyfuse3.Operations):
             ref = decode_name(text)
             if ref is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
+            if not self.inline:  # a remote ingest cannot be aborted under its own stream:
+                # `echo x > f; rm f` may come before the RELEASE of that write
+                deadline = trio.current_time() + BUSY_WAIT
+                while ref in self.ingests.writers and trio.current_time() < deadline:
+                    await trio.sleep(0.02)
             with fuse_errors(f"abort ingest {ref}"):
                 await trio.to_thread.run_sync(self.store.abort, ref)
             log.info("aborted ingest %s", ref)

@@ -723,5 +723,6 @@ if TYPE_CHECKING:  # mypy checks that RemoteStore has the store interface
     def _conforms(s: RemoteStore, w: RemoteWriter, r: RemoteReaderAt) -> None:
         from store import api
 
-        checked: tuple[api.Store, api.InfoIterator, api.Writer, api.ReaderAt] = (s, s, w, r)
+        checked: tuple[api.Store, api.InfoIterator, api.Writer, api.ReaderAt,
+                       api.ReadyReader] = (s, s, w, r, r)
         del checked
