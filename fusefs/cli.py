@@ -882,8 +882,8 @@ def umount_cmd(mountpoint: str, lazy: bool) -> None:
 
 @cli.command("serve")
 @click.option("--address", metavar="ADDR", default=None,
-              help="unix:///PATH (default: a socket in the user's runtime dir) "
-                   "or tcp://127.0.0.1:PORT.")
+              help="Where to listen: unix:///PATH (default: contentfs/contentfs.sock in"
+                   " $XDG_RUNTIME_DIR, else /run/contentfs for root) or tcp://127.0.0.1:PORT.")
 @click.option("--debug", is_flag=True, help="Log every call.")
 @click.option("--write-idle-timeout", metavar="SECONDS", type=click.FloatRange(min=0),
               default=60.0, show_default=True,
