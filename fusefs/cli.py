@@ -1075,7 +1075,7 @@ def namespaces_cmd(ctx: click.Context, quiet: bool, as_json: bool, cmd_root: str
     always `default`."""
     names = open_local(ctx, cmd_root, "namespaces", reading=True, raw=True).namespaces()
     if as_json:
-        click.echo(json.dumps(names))
+        click.echo(json.dumps(names, indent=2))  # as every other --json
         return
     for name in names:
         click.echo(name)
