@@ -208,15 +208,17 @@ def mount_main(
     if not remote:
         root = os.path.abspath(root)
     mountpoint = os.path.abspath(mountpoint)
+    if not os.path.isdir(mountpoint) and not _mount_entry(mountpoint):
+        # checked first: a mistyped mount point must not leave a new root behind
+        why = "not a directory" if os.path.lexists(mountpoint) else "no such directory"
+        print(f"contentfs: mount point {mountpoint}: {why}", file=sys.stderr)
+        return 1
     if not remote and not _mount_entry(root):
         try:  # a read-write mount makes a missing root, as the CLI's writing commands
             prepare_root(root, create=not opts.readonly)
         except StoreError as exc:
             print(f"contentfs: {exc}", file=sys.stderr)
             return EXIT_NO_STORE
-    if not os.path.isdir(mountpoint) and not _mount_entry(mountpoint):
-        print(f"contentfs: mount point {mountpoint}: not a directory", file=sys.stderr)
-        return 1
     ready_r, ready_w = os.pipe()
     if not foreground:
         pid = os.fork()

@@ -134,3 +134,8 @@ def test_mount_read_write_creates_read_only_says_no_store(
     assert (p.returncode, err(p)) == (
         NO_STORE, f"contentfs: store root {file_root}: not a directory")
     assert not is_mounted(mp)
+    # a mistyped mount point: said so, and no root is made for it
+    p = cli("mount", missing, mp + "-typo")
+    assert (p.returncode, err(p)) == (1, f"contentfs: mount point {mp}-typo: no such directory")
+    assert not os.path.lexists(missing)
+
