@@ -321,10 +321,11 @@ def human_size(n: int) -> str:
 
 def age(when: dt.datetime) -> str:
     secs = max(0, int((dt.datetime.now(dt.UTC) - when).total_seconds()))
-    for unit, length in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+    for unit, length in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
         if secs >= length:
-            return f"{secs // length} {unit}"
-    return f"{secs} seconds"
+            n = secs // length
+            return f"{n} {unit}" if n == 1 else f"{n} {unit}s"
+    return "Less than a second"  # as ctr says
 
 
 def parse_pairs(pairs: Iterable[str]) -> dict[str, str]:
