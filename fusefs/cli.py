@@ -882,8 +882,8 @@ def umount_cmd(mountpoint: str, lazy: bool) -> None:
 
 @cli.command("serve")
 @click.option("--address", metavar="ADDR", default=None,
-              help="unix:///PATH (default: a socket in the user's runtime dir) "
-                   "or tcp://127.0.0.1:PORT.")
+              help="Where to listen: unix:///PATH (default: contentfs/contentfs.sock in"
+                   " $XDG_RUNTIME_DIR, else /run/contentfs for root) or tcp://127.0.0.1:PORT.")
 @click.option("--debug", is_flag=True, help="Log every call.")
 @click.option("--write-idle-timeout", metavar="SECONDS", type=click.FloatRange(min=0),
               default=60.0, show_default=True,
@@ -1075,7 +1075,7 @@ def namespaces_cmd(ctx: click.Context, quiet: bool, as_json: bool, cmd_root: str
     always `default`."""
     names = open_local(ctx, cmd_root, "namespaces", reading=True, raw=True).namespaces()
     if as_json:
-        click.echo(json.dumps(names))
+        click.echo(json.dumps(names, indent=2))  # as every other --json
         return
     for name in names:
         click.echo(name)

@@ -225,6 +225,8 @@ def test_unreachable_store_is_one_line_and_unavailable(tmp_path: Any) -> None:
         r = run("--address", addr, *args, stdin=b"data")
         line = _fails(r, Unavailable)
         assert addr in line, line
+        # in a few words, not gRPC's "failed to connect to all addresses; last error: ..."
+        assert line.endswith(": cannot connect: No such file or directory: unavailable"), line
 
 
 def _stop(pid: int) -> None:

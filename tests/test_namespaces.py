@@ -198,6 +198,7 @@ def test_cli_namespace_option_and_env(store_root: str) -> None:
     assert ok(cf("ls", "-q", env={"CONTENTFS_NAMESPACE": "team-a"})).text.split() == [d]
     assert ok(cf("ls", "-q")).text.split() == []
     assert ok(cf("namespaces")).text.split() == ["default", "team-a"]
+    assert ok(cf("namespaces", "--json")).text == '[\n  "default",\n  "team-a"\n]\n'
     r = cf("-n", "bad name", "ls")
     assert r.code == 3 and "namespace" in r.error_line()
     r = cf("info", d)
