@@ -901,6 +901,7 @@ def serve_cmd(ctx: click.Context, address: str | None, debug: bool,
         raise click.UsageError(
             "serve serves a root (--root); its --address is where it listens, after the"
             " command", ctx)
+    _every_namespace(ctx, "serve serves every namespace (each call names its own)")
     store = open_store(ctx, cmd_root, create=True, raw=True)
     assert isinstance(store, LocalStore)
     sys.exit(serve_main(store, address, debug=debug, write_idle_timeout=write_idle_timeout))
@@ -1204,6 +1205,14 @@ def lease_rm_cmd(
         sys.exit(exit_code(first_error))
 
 
+def _every_namespace(ctx: click.Context, what: str) -> None:
+    """A usage error for ``-n`` on a command that works on every namespace (it was
+    silently ignored, so ``contentfs -n team-a gc`` looked like a gc of team-a only)."""
+    flag = (ctx.find_root().obj or {}).get("namespace")
+    if flag is not None:
+        raise click.UsageError(f"{what}: -n {flag} does not apply", ctx)
+
+
 @cli.command("gc")
 @click.option("--dry-run", is_flag=True, help="Report what would be removed; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
@@ -1214,6 +1223,7 @@ def gc_cmd(ctx: click.Context, dry_run: bool, as_json: bool, cmd_root: str | Non
     gc.root label, live lease or gc.ref.content label keeps, expired leases and ingests
     idle for 24 h outside a lease. Unclaimed blobs are never removed. Prints each digest
     removed (or, with --dry-run, that would be) with its size, then the bytes freed."""
+    _every_namespace(ctx, "gc collects in every namespace at once")
     result = open_local(ctx, cmd_root, "gc", raw=True).gc(dry_run=dry_run)
     if as_json:
         click.echo(json.dumps({
