@@ -7,6 +7,7 @@ its class (EXIT_CODES); anything else is a bug and shows its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import hashlib
@@ -982,13 +983,32 @@ def fetch_cmd(
         raise click.UsageError("--all-platforms and --platform exclude each other")
     store = open_store(ctx, cmd_root, create=True)
     parsed, client = _registry_client(ref, plain_http, skip_verify, user, concurrency + 2)
-    with client, _transfer_progress(as_json) as progress:
-        result = fetch_image(store, client, parsed, platforms=platforms,
+    with client, _transfer_progress(as_json) as progress, _fetch_lease(store) as held:
+        result = fetch_image(held, client, parsed, platforms=platforms,
                              concurrency=concurrency, progress=progress)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
         click.echo(result.digest)
+
+
+@contextlib.contextmanager
+def _fetch_lease(store: AnyStore) -> Iterator[AnyStore]:
+    """The view a fetch writes through. On a root: held by a lease of its own (expiring
+    in 24 h, as ctr's), deleted once the fetch ends, so a gc meanwhile cannot take the
+    blobs committed before the manifests whose labels keep them. A remote store's writes
+    are held already (the ``contentfs`` lease)."""
+    if not isinstance(store, LocalStore) or store.ns is None:
+        yield store
+        return
+    from store.gc import EXPIRE_LABEL
+
+    until = dt.datetime.now(dt.UTC) + dt.timedelta(hours=24)
+    lease = store.create_lease(None, {EXPIRE_LABEL: rfc3339(until)})
+    try:
+        yield store.namespace(store.ns, lease=lease.id)
+    finally:
+        store.delete_lease(lease.id)
 
 
 @cli.command("fetch-object")

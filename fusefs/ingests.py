@@ -95,6 +95,9 @@ class Ingests:
             await offload.call(False, self.store.status, ref)
         except NotFound:
             return False
+        except StoreError as exc:  # e.g. the store cannot be reached: its errno
+            with fuse_errors(f"status of ingest {ref}"):
+                raise exc from None
         return True
 
     async def attr(self, ino: int, ref: str) -> Attr:

@@ -16,11 +16,12 @@ anything else is a bug and ends the mount.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pyfuse3
 import trio
@@ -141,7 +142,7 @@ class ContentOps(pyfuse3.Operations):
     async def _attr(self, node: Node) -> Attr:
         """Attributes of ``node``; FUSEError(ENOENT) if what it shows is gone."""
         kind = node.kind
-        try:
+        with _stat_errors(node):
             if kind is Kind.BLOB:
                 return await self.blobs.attr(node.ino, node.key)
             if kind is Kind.INGEST:
@@ -149,11 +150,6 @@ class ContentOps(pyfuse3.Operations):
             if kind is Kind.LAYOUT_FILE:
                 assert self.root is not None
                 return view.layout_attr(node.ino, os.stat(os.path.join(self.root, node.key)))
-        except (FileNotFoundError, NotADirectoryError, NotFound):
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
-        except (OSError, StoreError) as exc:  # e.g. EACCES, a busy metadata database
-            with fuse_errors(f"stat {node.key or node.kind.value}"):
-                raise exc from None
         nlink = 4 if kind is Kind.ROOT else 2 + 3 if kind is Kind.BLOBS else 2
         writable = not self.readonly and kind not in (Kind.ROOT, Kind.BLOBS)
         if self.root is None:
@@ -188,7 +184,8 @@ class ContentOps(pyfuse3.Operations):
     async def _entry_of(self, node: Node) -> pyfuse3.EntryAttributes:
         """What the kernel gets for ``node``; blobs through the blob cache."""
         if node.kind is Kind.BLOB and node.ino >> 62 == 1:  # not a committed ingest's node
-            return await self.blobs.entry(node)
+            with _stat_errors(node):
+                return await self.blobs.entry(node)
         return make_entry(await self._attr(node))
 
     async def _child(self, parent: Node, name: str) -> Node | None:
@@ -297,7 +294,8 @@ class ContentOps(pyfuse3.Operations):
         i = bisect.bisect_left(handle.keys, start_id)
         while i < len(handle.keys):
             batch = range(i, min(i + _READDIR_BATCH, len(handle.keys)))
-            listed = await self._listed(handle, batch)
+            with fuse_errors(f"list {handle.kind.value}"):
+                listed = await self._listed(handle, batch)
             for j, item in zip(batch, listed, strict=True):
                 if item is None:
                     continue
@@ -650,3 +648,16 @@ class ContentOps(pyfuse3.Operations):
         if key not in await self.xattrs.labels(node):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         await self.xattrs.change_label(node, key, "")
+
+
+@contextlib.contextmanager
+def _stat_errors(node: Node) -> Iterator[None]:
+    """Reading the attributes of ``node``: gone is ENOENT, anything else (EACCES, a busy
+    metadata database, a store that cannot be reached) its errno."""
+    try:
+        yield
+    except (FileNotFoundError, NotADirectoryError, NotFound):
+        raise pyfuse3.FUSEError(errno.ENOENT) from None
+    except (OSError, StoreError) as exc:
+        with fuse_errors(f"stat {node.key or node.kind.value}"):
+            raise exc from None
