@@ -1093,7 +1093,7 @@ def push_object_cmd(ctx: click.Context, ref: str, digest: str, media_type: str,
 @click.pass_context
 def namespaces_cmd(ctx: click.Context, quiet: bool, as_json: bool, cmd_root: str | None) -> None:
     """List the namespaces of the store: those holding blobs, leases or ingests, and
-    always `default`."""
+    always `default`. A root only (not --address)."""
     names = open_local(ctx, cmd_root, "namespaces", reading=True, raw=True).namespaces()
     if as_json:
         click.echo(json.dumps(names, indent=2))  # as every other --json
@@ -1124,7 +1124,8 @@ def lease_json(lease: Lease) -> dict[str, Any]:
 
 @cli.group("lease", cls=_Group)
 def lease_grp() -> None:
-    """Leases: hold blobs and ingests against `contentfs gc` (containerd's leases)."""
+    """Leases: hold blobs and ingests against `contentfs gc` (containerd's leases). A root
+    only (not --address: use `ctr leases` there)."""
 
 
 @lease_grp.command("create")
@@ -1222,7 +1223,8 @@ def gc_cmd(ctx: click.Context, dry_run: bool, as_json: bool, cmd_root: str | Non
     """Collect garbage in every namespace (containerd's mark and sweep): remove blobs no
     gc.root label, live lease or gc.ref.content label keeps, expired leases and ingests
     idle for 24 h outside a lease. Unclaimed blobs are never removed. Prints each digest
-    removed (or, with --dry-run, that would be) with its size, then the bytes freed."""
+    removed (or, with --dry-run, that would be) with its size, then the bytes freed. A
+    root only (not --address)."""
     _every_namespace(ctx, "gc collects in every namespace at once")
     result = open_local(ctx, cmd_root, "gc", raw=True).gc(dry_run=dry_run)
     if as_json:
