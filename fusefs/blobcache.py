@@ -36,7 +36,7 @@ from store.digest import Digest, split_digest
 from store.types import to_ns
 
 from . import offload, view
-from .errors import refuse
+from .errors import fuse_errors, refuse
 from .handles import BlobListing, ReadHandle
 from .kernel import entry as make_entry
 from .view import Attr, Kind, Node, NodeTable
@@ -95,6 +95,9 @@ class BlobCache:
                 info = await offload.call(False, self.store.info, digest)
             except NotFound:
                 return False
+            except StoreError as exc:  # e.g. the store cannot be reached: its errno
+                with fuse_errors(f"info of {digest}"):
+                    raise exc from None
             self.attrs[view.blob_ino(digest)] = make_entry(self._info_attr(info))
             return True
         try:

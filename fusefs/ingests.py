@@ -14,7 +14,7 @@ from its data file, which is also how it is read back. Over any other store they
 from its Status (in worker threads); hints (expected digest, labels, total) are kept by
 the store when it can (:class:`store.api.IngestHints`), else here and passed at commit;
 an ingest is read back only if the store can (:class:`store.api.IngestReader`), and
-renamed only if it can (:class:`store.api.IngestRenamer`, else ENOTSUP).
+renamed only if it can (:class:`store.api.IngestRenamer`, else EPERM).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import TypeVar
 import pyfuse3
 import trio
 
-from store import AlreadyExists, NotFound, StoreError, Unavailable
+from store import AlreadyExists, FailedPrecondition, NotFound, StoreError, Unavailable
 from store.api import (
     BlobFiles,
     IngestHints,
@@ -95,6 +95,9 @@ class Ingests:
             await offload.call(False, self.store.status, ref)
         except NotFound:
             return False
+        except StoreError as exc:  # e.g. the store cannot be reached: its errno
+            with fuse_errors(f"status of ingest {ref}"):
+                raise exc from None
         return True
 
     async def attr(self, ino: int, ref: str) -> Attr:
@@ -133,9 +136,17 @@ class Ingests:
         """The store's status of ``ref``, with the live writer's exact offset and times."""
         st = await offload.call(self.inline, self.store.status, ref)
         handle = self.writers.get(ref)
-        if handle is not None:  # the writer's own times are exact (file mtimes are not)
-            live = handle.writer.status()
-            st = dataclasses.replace(live, expected=st.expected)
+        if handle is not None and not handle.writer.closed:
+            try:  # the writer's own times are exact (file mtimes are not)
+                live = await offload.call(self.inline, handle.writer.status)
+            except FailedPrecondition:  # closed meanwhile (a remote one closes late)
+                pass
+            else:
+                st = dataclasses.replace(live, expected=st.expected)
+        if ref in self._hints:  # kept here for a store without IngestHints
+            expected, _, total = self._hints[ref]
+            st = dataclasses.replace(st, expected=Digest(expected) if expected else st.expected,
+                                     total=total or st.total)
         return st
 
     async def digest(self, ref: str) -> str:
@@ -236,10 +247,18 @@ class Ingests:
         _close(handle)
 
     async def release_writer(self, handle: WriteHandle) -> None:
-        """RELEASE of a write open: the writer slot is free before anything awaits (a
-        new open may be waiting for it); a remote writer closes in a worker thread."""
-        self._let_go(handle)
-        await offload.call(self.inline, _close, handle)
+        """RELEASE of a write open. A local writer: the slot is free before anything
+        awaits (a new open may be waiting for it). A remote one closes in a worker
+        thread and holds the slot until its stream has ended, so an abort that waits for
+        the slot never races the stream."""
+        if self.inline:
+            self._let_go(handle)
+            _close(handle)
+            return
+        try:
+            await trio.to_thread.run_sync(_close, handle)
+        finally:
+            self._let_go(handle)
 
     def _let_go(self, handle: WriteHandle) -> None:
         if self.writers.get(handle.ref) is handle:
@@ -328,7 +347,7 @@ class Ingests:
     async def rename(self, ref: str, new_ref: str) -> None:
         """Give ingest ``ref`` the ref ``new_ref`` (replacing an ingest of that name)."""
         if not isinstance(self.store, IngestRenamer):
-            raise refuse(errno.ENOTSUP, f"rename ingest {ref} to {new_ref}: this store"
+            raise refuse(errno.EPERM, f"rename ingest {ref} to {new_ref}: this store"
                          " cannot rename an ingest")
         await self.retry_busy(functools.partial(self.store.rename_ingest, ref, new_ref),
                               f"rename ingest {ref} to {new_ref}")

@@ -29,7 +29,6 @@ from store.api import ChangeFeed, Store
 from store.identifiers import DEFAULT_NAMESPACE, validate_identifier
 
 from .ops import ContentOps
-from .remote import RemoteOps
 
 __all__ = ["MountOptions", "is_address", "mount_main", "parse_options", "umount_main"]
 
@@ -209,15 +208,17 @@ def mount_main(
     if not remote:
         root = os.path.abspath(root)
     mountpoint = os.path.abspath(mountpoint)
+    if not os.path.isdir(mountpoint) and not _mount_entry(mountpoint):
+        # checked first: a mistyped mount point must not leave a new root behind
+        why = "not a directory" if os.path.lexists(mountpoint) else "no such directory"
+        print(f"contentfs: mount point {mountpoint}: {why}", file=sys.stderr)
+        return 1
     if not remote and not _mount_entry(root):
         try:  # a read-write mount makes a missing root, as the CLI's writing commands
             prepare_root(root, create=not opts.readonly)
         except StoreError as exc:
             print(f"contentfs: {exc}", file=sys.stderr)
             return EXIT_NO_STORE
-    if not os.path.isdir(mountpoint) and not _mount_entry(mountpoint):
-        print(f"contentfs: mount point {mountpoint}: not a directory", file=sys.stderr)
-        return 1
     ready_r, ready_w = os.pipe()
     if not foreground:
         pid = os.fork()
@@ -278,12 +279,7 @@ def _run(root: str, mountpoint: str, opts: MountOptions, *, debug: bool, ready_f
         _tell(f"cannot mount {root} at {mountpoint}: {exc}")
         return 1
     lock_fd = _take_pidfile(mountpoint)
-    ops: ContentOps | RemoteOps
-    if remote:
-        ops = RemoteOps(store, readonly=opts.readonly)
-    else:
-        assert isinstance(store, LocalStore)
-        ops = ContentOps(store, readonly=opts.readonly)
+    ops = ContentOps(store, readonly=opts.readonly)
     fuse_options = set(pyfuse3.default_options) | opts.fuse
     fuse_options |= {f"fsname={root}", "subtype=contentfs"}
     if opts.auto_unmount:
@@ -316,14 +312,14 @@ def _run(root: str, mountpoint: str, opts: MountOptions, *, debug: bool, ready_f
     return code
 
 
-async def _serve(ops: ContentOps | RemoteOps, mountpoint: str, ready_fd: int, daemon: bool,
+async def _serve(ops: ContentOps, mountpoint: str, ready_fd: int, daemon: bool,
                  log_file: str | None) -> None:
     from .watch import watch_store
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_on_signals)
         nursery.start_soon(_announce, mountpoint, ready_fd, daemon, log_file)
-        if isinstance(ops, ContentOps) and isinstance(ops.store, ChangeFeed):
+        if isinstance(ops.store, ChangeFeed):
             # (a store that tells no changes gets short caches instead)
             nursery.start_soon(watch_store, ops.store, ops.blobs)
         await pyfuse3.main()

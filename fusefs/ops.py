@@ -16,23 +16,24 @@ anything else is a bug and ends the mount.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pyfuse3
 import trio
 
 from store import NotFound, StoreError
-from store.api import BlobFiles, ChangeFeed, FileReader, Store
+from store.api import BlobFiles, ChangeFeed, FileReader, ReadyReader, Store
 
 from . import offload, view
 from .blobcache import BlobCache
 from .errors import fuse_errors, refuse
 from .handles import DirHandle, Handles, ReadHandle, WriteHandle
-from .ingests import Ingests
+from .ingests import BUSY_WAIT, Ingests
 from .kernel import entry as make_entry
 from .kernel import negative
 from .view import (
@@ -141,7 +142,7 @@ class ContentOps(pyfuse3.Operations):
     async def _attr(self, node: Node) -> Attr:
         """Attributes of ``node``; FUSEError(ENOENT) if what it shows is gone."""
         kind = node.kind
-        try:
+        with _stat_errors(node):
             if kind is Kind.BLOB:
                 return await self.blobs.attr(node.ino, node.key)
             if kind is Kind.INGEST:
@@ -149,11 +150,6 @@ class ContentOps(pyfuse3.Operations):
             if kind is Kind.LAYOUT_FILE:
                 assert self.root is not None
                 return view.layout_attr(node.ino, os.stat(os.path.join(self.root, node.key)))
-        except (FileNotFoundError, NotADirectoryError, NotFound):
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
-        except (OSError, StoreError) as exc:  # e.g. EACCES, a busy metadata database
-            with fuse_errors(f"stat {node.key or node.kind.value}"):
-                raise exc from None
         nlink = 4 if kind is Kind.ROOT else 2 + 3 if kind is Kind.BLOBS else 2
         writable = not self.readonly and kind not in (Kind.ROOT, Kind.BLOBS)
         if self.root is None:
@@ -188,7 +184,8 @@ class ContentOps(pyfuse3.Operations):
     async def _entry_of(self, node: Node) -> pyfuse3.EntryAttributes:
         """What the kernel gets for ``node``; blobs through the blob cache."""
         if node.kind is Kind.BLOB and node.ino >> 62 == 1:  # not a committed ingest's node
-            return await self.blobs.entry(node)
+            with _stat_errors(node):
+                return await self.blobs.entry(node)
         return make_entry(await self._attr(node))
 
     async def _child(self, parent: Node, name: str) -> Node | None:
@@ -297,7 +294,8 @@ class ContentOps(pyfuse3.Operations):
         i = bisect.bisect_left(handle.keys, start_id)
         while i < len(handle.keys):
             batch = range(i, min(i + _READDIR_BATCH, len(handle.keys)))
-            listed = await self._listed(handle, batch)
+            with fuse_errors(f"list {handle.kind.value}"):
+                listed = await self._listed(handle, batch)
             for j, item in zip(batch, listed, strict=True):
                 if item is None:
                     continue
@@ -392,8 +390,13 @@ class ContentOps(pyfuse3.Operations):
             if fd >= 0:
                 data = os.pread(fd, size, off)
             elif isinstance(handle, ReadHandle) and handle.reader is not None:
-                with fuse_errors(f"read {handle.digest or 'ingest'}"):
-                    data = await trio.to_thread.run_sync(handle.reader.read_at, size, off)
+                reader = handle.reader
+                ready = reader.read_ready(size, off) if isinstance(reader, ReadyReader) else None
+                if ready is not None:  # fetched ahead already: no thread hop
+                    data = ready
+                else:
+                    with fuse_errors(f"read {handle.digest or 'ingest'}"):
+                        data = await trio.to_thread.run_sync(reader.read_at, size, off)
             else:
                 raise refuse(errno.EACCES, "read: this store cannot read back an ingest")
         except OSError as exc:
@@ -480,6 +483,11 @@ class ContentOps(pyfuse3.Operations):
             ref = decode_name(text)
             if ref is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
+            if not self.inline:  # a remote ingest cannot be aborted under its own stream:
+                # `echo x > f; rm f` may come before the RELEASE of that write
+                deadline = trio.current_time() + BUSY_WAIT
+                while ref in self.ingests.writers and trio.current_time() < deadline:
+                    await trio.sleep(0.02)
             with fuse_errors(f"abort ingest {ref}"):
                 await trio.to_thread.run_sync(self.store.abort, ref)
             log.info("aborted ingest %s", ref)
@@ -640,3 +648,16 @@ class ContentOps(pyfuse3.Operations):
         if key not in await self.xattrs.labels(node):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         await self.xattrs.change_label(node, key, "")
+
+
+@contextlib.contextmanager
+def _stat_errors(node: Node) -> Iterator[None]:
+    """Reading the attributes of ``node``: gone is ENOENT, anything else (EACCES, a busy
+    metadata database, a store that cannot be reached) its errno."""
+    try:
+        yield
+    except (FileNotFoundError, NotADirectoryError, NotFound):
+        raise pyfuse3.FUSEError(errno.ENOENT) from None
+    except (OSError, StoreError) as exc:
+        with fuse_errors(f"stat {node.key or node.kind.value}"):
+            raise exc from None

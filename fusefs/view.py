@@ -1,6 +1,7 @@
 """The filesystem view as a pure, synchronous model: inodes, names, attributes.
 
-No pyfuse3 and no trio here (``ops`` adapts this to FUSE). The tree (DESIGN §2)::
+No pyfuse3 and no trio here (``ops`` adapts this to FUSE). The tree (README, "The
+filesystem")::
 
     /                      ROOT_INO
       blobs/               BLOBS_INO

@@ -47,6 +47,8 @@ signatures). An adapter degrades when a store lacks one, as its docstring says:
 * :class:`WriterOpener`   ``open_writer``: ``writer`` with the two choices containerd
   leaves to its callers (resume only; wait for a held ref) done atomically by the store
   (:func:`store.helpers.open_writer` does them for any store);
+* :class:`ReadyReader`    a ReaderAt that can tell, without blocking, bytes it already
+  holds (a remote reader's fetched blocks), so an event loop reads them inline;
 * :class:`FileReader`     a ReaderAt over a local file descriptor (``fileno``), which an
   adapter may ``pread`` itself;
 * :class:`SyncWriter`, :class:`TotalWriter`, :class:`IdleCloser`: a Writer that can make
@@ -89,6 +91,7 @@ __all__ = [
     "Namespaced",
     "Provider",
     "ReaderAt",
+    "ReadyReader",
     "Store",
     "SyncWriter",
     "TotalWriter",
@@ -415,6 +418,16 @@ class BlobFiles(Protocol):
         """``(size, created_ns, updated_ns)`` recorded for those of ``digests`` that
         have metadata, in one query. A record whose size differs from the file's is
         stale: use the file's mtime for both times then (:func:`blob_times_of`)."""
+        ...
+
+
+@runtime_checkable
+class ReadyReader(Protocol):
+    """A ReaderAt that may already hold the bytes asked for (fetched ahead)."""
+
+    def read_ready(self, n: int, offset: int) -> bytes | None:
+        """``read_at(n, offset)`` if that needs no waiting (then it never blocks, so an
+        event loop may call it), else None."""
         ...
 
 

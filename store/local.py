@@ -714,7 +714,7 @@ class LocalStore:
                 if not create:
                     raise NotFound(f"ingest {ref}")
                 state = self._fresh(path, bref, total, algorithm)
-            if lease is not None:
+            if lease is not None and is_text(ref):  # a legacy ref cannot be recorded
                 self.meta.add_lease_resource(self._key, lease, "ingests", ref)
             writer = LocalWriter(self.layout, self.db, self._hashes, ref, lock, state, exp,
                                  bref=bref, visible=self.visible, lease=lease)

@@ -22,6 +22,7 @@ from typing import Any
 
 from .errors import DataLoss, InvalidArgument, Unavailable
 from .fsutil import ensure_dir
+from .text import is_text
 
 __all__ = ["RAW", "BlobRow", "IngestRow", "LeaseRow", "MetadataDB", "NsMetadata"]
 
@@ -466,7 +467,7 @@ class MetadataDB:
     # SQLite's TEXT: it has no row, and LocalStore refuses to record hints for it.
 
     def get_ingest(self, ref: str) -> IngestRow:
-        if not _storable(ref):
+        if not is_text(ref):
             return None, {}
         with self._tx() as c:
             row = c.execute("SELECT expected, labels FROM ingests WHERE ref = ?", (ref,)).fetchone()
@@ -487,7 +488,7 @@ class MetadataDB:
                              (digest,)).fetchone() is not None
 
     def put_ingest(self, ref: str, expected: str | None, labels: Mapping[str, str]) -> None:
-        if not _storable(ref):
+        if not is_text(ref):
             raise InvalidArgument(f"ref {ref.encode('utf-8', 'surrogateescape')!r}:"
                                   " not valid UTF-8")
         with self._tx() as c:
@@ -500,7 +501,7 @@ class MetadataDB:
                 )
 
     def delete_ingest(self, ref: str) -> None:
-        if not _storable(ref):
+        if not is_text(ref):
             return
         with self._tx() as c:
             c.execute("DELETE FROM ingests WHERE ref = ?", (ref,))
@@ -508,7 +509,7 @@ class MetadataDB:
     def rename_ingest(self, old: str, new: str) -> None:
         with self._tx() as c:
             c.execute("DELETE FROM ingests WHERE ref = ?", (new,))
-            if _storable(old):
+            if is_text(old):
                 c.execute("UPDATE ingests SET ref = ? WHERE ref = ?", (new, old))
 
 
@@ -570,12 +571,17 @@ class MetadataDB:
             return True
 
     def move_lease_ingest(self, ns: str, old: str, new: str) -> None:
-        """An ingest renamed in ``ns``: its lease entries follow it."""
+        """An ingest renamed in ``ns``: its lease entries follow it (a legacy ref that is
+        not text has none)."""
+        if not is_text(old):
+            return
         with self._tx() as c:
             c.execute("UPDATE OR REPLACE lease_resources SET id = ?"
                       " WHERE ns = ? AND type = 'ingests' AND id = ?", (new, ns, old))
 
     def drop_lease_ingest(self, ns: str, ref: str) -> None:
+        if not is_text(ref):
+            return
         with self._tx() as c:
             c.execute("DELETE FROM lease_resources WHERE ns = ? AND type = 'ingests'"
                       " AND id = ?", (ns, ref))
@@ -713,10 +719,3 @@ def _select_in(
         yield from c.execute(f"{select} WHERE {cond}digest IN ({marks})", (*params, *chunk))
 
 
-def _storable(ref: str) -> bool:
-    """True if ``ref`` is valid Unicode text (SQLite TEXT cannot hold lone surrogates)."""
-    try:
-        ref.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

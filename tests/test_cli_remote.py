@@ -54,7 +54,8 @@ class Remote:
            ) -> Run:
         """``contentfs --address ADDR ARGS`` in this test's namespace."""
         return run("--address", self.address, *args, stdin=stdin,
-                   env={"CONTENTFS_NAMESPACE": self.namespace, **(env or {})})
+                   env={"CONTENTFS_NAMESPACE": self.namespace, "CONTENTFS_TIMEOUT": "30",
+                        **(env or {})})
 
     def ctr(self, *args: str, input: bytes | None = None  # noqa: A002
             ) -> subprocess.CompletedProcess[bytes]:
@@ -224,6 +225,8 @@ def test_unreachable_store_is_one_line_and_unavailable(tmp_path: Any) -> None:
         r = run("--address", addr, *args, stdin=b"data")
         line = _fails(r, Unavailable)
         assert addr in line, line
+        # in a few words, not gRPC's "failed to connect to all addresses; last error: ..."
+        assert line.endswith(": cannot connect: No such file or directory: unavailable"), line
 
 
 def _stop(pid: int) -> None:

@@ -298,6 +298,117 @@ def test_what_a_store_without_files_cannot_do(store: Store) -> None:
             assert (await ops.lookup(INGEST, b"s", CTX)).st_size == 4
         else:
             await fails(errno.EACCES, ops.open(ino, os.O_RDONLY, CTX))
-            await fails(errno.ENOTSUP, ops.rename(INGEST, b"r", INGEST, b"s", 0, CTX))
+            await fails(errno.EPERM, ops.rename(INGEST, b"r", INGEST, b"s", 0, CTX))
 
     run(store, case)
+
+
+def test_committing_content_that_exists_is_success(store: Store) -> None:
+    async def case(ops: ContentOps) -> None:
+        hexd = await commit(ops, b"first", b"same bytes")
+        await put(ops, b"second", b"same bytes")
+        await ops.rename(INGEST, b"second", alg_ino(ops), hexd.encode(), 0, CTX)
+        await fails(errno.ENOENT, ops.lookup(INGEST, b"second", CTX))
+        await put(ops, b"third", b"same bytes")
+        await fails(errno.EEXIST, ops.rename(INGEST, b"third", alg_ino(ops), hexd.encode(),
+                                             pyfuse3.RENAME_NOREPLACE, CTX))
+
+    run(store, case)
+
+
+def test_ingest_status_as_xattrs(store: Store) -> None:
+    async def case(ops: ContentOps) -> None:
+        fh = await put(ops, b"r", b"12345", close=False)
+        ino = (await ops.lookup(INGEST, b"r", CTX)).st_ino
+        await ops.setxattr(ino, b"user.contentfs.total", b"9", CTX)
+        assert await ops.getxattr(ino, b"user.contentfs.offset", CTX) == b"5"
+        assert await ops.getxattr(ino, b"user.contentfs.total", CTX) == b"9"
+        await fails(errno.EINVAL, ops.setxattr(ino, b"user.contentfs.total", b"x", CTX))
+        await ops.removexattr(ino, b"user.contentfs.total", CTX)
+        assert await ops.getxattr(ino, b"user.contentfs.total", CTX) == b"0"
+        want = b"sha256:" + hashlib.sha256(b"other").hexdigest().encode()
+        await ops.setxattr(ino, b"user.contentfs.expected", want, CTX)
+        assert await ops.getxattr(ino, b"user.contentfs.expected", CTX) == want
+        await ops.release(fh)
+        await fails(errno.EBADMSG, ops.setxattr(ino, b"user.contentfs.commit", b"", CTX))
+        await ops.removexattr(ino, b"user.contentfs.expected", CTX)
+        assert await ops.getxattr(ino, b"user.contentfs.expected", CTX) == b""
+        await ops.setxattr(ino, b"user.contentfs.commit", b"", CTX)  # now it commits
+        hexd = hashlib.sha256(b"12345").hexdigest().encode()
+        assert (await ops.lookup(alg_ino(ops), hexd, CTX)).st_size == 5
+
+    run(store, case)
+
+
+def test_open_with_trunc_restarts_and_chmod_is_kept(store: Store) -> None:
+    async def case(ops: ContentOps) -> None:
+        await put(ops, b"r", b"old bytes")
+        ino = (await ops.lookup(INGEST, b"r", CTX)).st_ino
+        fi = await ops.open(ino, os.O_WRONLY | os.O_TRUNC, CTX)
+        await ops.write(fi.fh, 0, b"new")
+        await ops.release(fi.fh)
+        assert (await ops.getattr(ino, CTX)).st_size == 3
+        mode = pyfuse3.EntryAttributes()
+        mode.st_mode = 0o600
+        entry = await ops.setattr(ino, mode, Fields(update_mode=True), None, CTX)
+        assert entry.st_mode & 0o777 == 0o600
+        other = pyfuse3.EntryAttributes()
+        other.st_uid = os.getuid() + 1
+        await fails(errno.EPERM, ops.setattr(ino, other, Fields(update_uid=True), None, CTX))
+        blobs = await ops.getattr(BLOBS, CTX)
+        await fails(errno.EPERM, ops.setattr(BLOBS, mode, Fields(update_mode=True), None,
+                                             CTX))
+        assert blobs.st_mode & 0o777 == 0o555
+
+    run(store, case)
+
+
+def test_a_blob_removed_while_open_keeps_answering(store: Store) -> None:
+    data = b"still readable"
+
+    async def case(ops: ContentOps) -> None:
+        hexd = await commit(ops, b"r", data)
+        ino = (await ops.lookup(alg_ino(ops), hexd.encode(), CTX)).st_ino
+        fi = await ops.open(ino, os.O_RDONLY, CTX)
+        await ops.unlink(alg_ino(ops), hexd.encode(), CTX)
+        attr = await ops.getattr(ino, CTX)
+        assert attr.st_nlink == 0 and attr.st_size == len(data)
+        if is_local(store):  # a local file stays readable (a remote blob is gone)
+            assert await ops.read(fi.fh, 0, 100) == data
+        await ops.release(fi.fh)
+        await fails(errno.ENOENT, ops.getattr(ino, CTX))
+
+    run(store, case)
+
+
+def test_a_store_that_is_gone_is_an_errno_never_a_crash(tmp_path: Any) -> None:
+    """Handlers over a remote store whose server stopped answer with an errno (EIO):
+    a StoreError escaping a handler would end the mount."""
+    root = os.path.join(tmp_path, "root")
+    os.mkdir(root)
+    local = LocalStore(root)
+    srv = InProcessServer(local, os.path.join(tmp_path, "s.sock")).start()
+    remote = RemoteStore(srv.address)
+
+    async def case(ops: ContentOps) -> None:
+        hexd = await commit(ops, b"r", b"x")
+        await put(ops, b"open", b"y")
+        srv.stop()
+        ops.blobs.attrs.clear()
+        codes = set()
+        for call in (ops.lookup(alg_ino(ops), b"f" * 64, CTX),
+                     ops.lookup(INGEST, b"open", CTX),
+                     ops.unlink(alg_ino(ops), hexd.encode(), CTX),
+                     ops.create(INGEST, b"new", 0o644, os.O_WRONLY | os.O_EXCL, CTX),
+                     ops.opendir(INGEST, CTX)):
+            with pytest.raises(pyfuse3.FUSEError) as err:
+                await call
+            codes.add(err.value.errno)
+        assert codes <= {errno.EIO, errno.EBUSY}, codes
+
+    try:
+        run(remote, case)
+    finally:
+        remote.close()
+        srv.stop()  # (again: a no-op once stopped)
+        local.close()

@@ -71,6 +71,8 @@ class RemoteMount:
 def mount_remote(mounter: MountFactory, address: str, *options: str,
                  name: str = "mnt") -> RemoteMount:
     ns = f"m{next(_namespaces)}"
+    if not any(o.startswith("timeout=") for o in options):
+        options = (*options, "timeout=30")  # generous: the test machine may be loaded
     m = mounter(f"namespace={ns}", *options, root=address, name=name)
     return RemoteMount(m, address, ns)
 
@@ -298,6 +300,11 @@ def test_mount_options_and_cli_forms(mounter: MountFactory, containerd: Containe
     r = subprocess.run([CONTENTFS, "mount", "--address", containerd.address, base, base],
                        capture_output=True, check=False, timeout=60)
     assert r.returncode == 2 and b"mutually exclusive" in r.stderr, r.stderr
+    # a store that cannot be reached fails the mount at once, with the reason
+    r = subprocess.run([CONTENTFS, "mount", "--address", f"unix://{base}/none.sock",
+                        os.path.join(base, "x")], capture_output=True, check=False, timeout=60)
+    assert r.returncode == 1 and b"none.sock" in r.stderr, r.stderr
+    assert not fuse_util.is_mounted(os.path.join(base, "x"))
     # the background form returns once the mount answers, and `contentfs umount` ends it
     path = os.path.join(base, "bg")
     os.mkdir(path)
@@ -312,3 +319,28 @@ def test_mount_options_and_cli_forms(mounter: MountFactory, containerd: Containe
         u = subprocess.run([CONTENTFS, "umount", path], capture_output=True, check=False,
                            timeout=60)
     assert u.returncode == 0, u.stderr
+
+
+def test_mount_over_contentfs_serve(mounter: MountFactory, tmp_path: Any) -> None:
+    """The same view over another ``contentfs serve``: cp + setfattr + mv commit through
+    its Writer, reads, labels, rm; ctr and the served root agree."""
+    from tests.grpc_util import ServeProcess
+
+    root = os.path.join(os.fspath(tmp_path), "served")
+    os.mkdir(root)
+    srv = ServeProcess(root, os.path.join(os.fspath(tmp_path), "s.sock"))
+    try:
+        rm = mount_remote(mounter, srv.address, name="over-serve")
+        run("cp", _src(tmp_path), rm.ingest("layer"))
+        run("setfattr", "-n", "user.team", "-v", "infra", rm.ingest("layer"))
+        run("mv", rm.ingest("layer"), rm.blob(HEX))
+        assert run("sha256sum", rm.blob(HEX)).stdout.decode().split()[0] == HEX
+        assert os.getxattr(rm.blob(HEX), "user.team") == b"infra"
+        listed = rm.ctr("content", "ls").stdout.decode()
+        assert f"sha256:{HEX}" in listed and "team=infra" in listed
+        assert os.path.isfile(os.path.join(root, "blobs", "sha256", HEX))
+        run("rm", rm.blob(HEX))
+        assert rm.ctr("content", "ls", "-q").stdout.decode().split() == []
+        rm.m.unmount()
+    finally:
+        assert srv.stop() == 0, srv.stderr

@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
 
 import pytest
 
 from store import AlreadyExists, Digest, Info, InvalidArgument, LocalStore, NotFound, digest_of
 from store.types import EPOCH
 
+from .fuse_util import CONTENTFS, Mount, MountFactory, mounter
 from .test_cli import ok, run
+
+mounter = mounter  # noqa: PLW0127 - the fixture, imported for this module
 
 
 def put(store: LocalStore, data: bytes, labels: dict[str, str] | None = None,
@@ -194,9 +198,35 @@ def test_cli_namespace_option_and_env(store_root: str) -> None:
     assert ok(cf("ls", "-q", env={"CONTENTFS_NAMESPACE": "team-a"})).text.split() == [d]
     assert ok(cf("ls", "-q")).text.split() == []
     assert ok(cf("namespaces")).text.split() == ["default", "team-a"]
+    assert ok(cf("namespaces", "--json")).text == '[\n  "default",\n  "team-a"\n]\n'
     r = cf("-n", "bad name", "ls")
     assert r.code == 3 and "namespace" in r.error_line()
     r = cf("info", d)
     assert r.code == 4
     ok(cf("-n", "team-a", "rm", d))
     assert not os.listdir(os.path.join(store_root, "blobs", "sha256"))
+
+
+def test_mount_takes_the_namespace_as_every_command(mounter: MountFactory) -> None:
+    """``contentfs -n NS mount`` / ``mount -n NS`` / ``$CONTENTFS_NAMESPACE`` mount NS
+    (they were ignored: the mount showed ``default``); ``-o namespace=`` wins over the
+    variable, and disagreeing with ``-n`` is a usage error."""
+    plain = mounter()
+    root = plain.root
+    d = ok(run("--root", root, "-n", "team-a", "ingest", "r", stdin=b"team a only")).text.strip()
+
+    def shows(m: Mount) -> bool:
+        try:
+            with open(m.blob(d[7:]), "rb") as f:
+                return f.read() == b"team a only"
+        except FileNotFoundError:
+            return False
+
+    assert not shows(plain)
+    assert shows(mounter(name="flag", extra=("-n", "team-a")))
+    assert shows(mounter(name="env", env={"CONTENTFS_NAMESPACE": "team-a"}))
+    assert not shows(mounter("namespace=default", name="opt",
+                             env={"CONTENTFS_NAMESPACE": "team-a"}))
+    p = subprocess.run([CONTENTFS, "mount", "-n", "team-a", root, "/nonexistent-qa",
+                        "-o", "namespace=team-b"], capture_output=True, check=False, timeout=60)
+    assert p.returncode == 2 and b"-n team-a and -o namespace=team-b disagree" in p.stderr

@@ -550,3 +550,34 @@ def test_gc_keeps_what_was_fetched(images: Images, tmp_path: Any) -> None:
     gone = contentfs("--root", root, "gc")
     assert gone.returncode == 0, gone.stderr
     assert labels_by_digest(root) == {}
+
+
+def test_gc_during_a_fetch_takes_nothing_of_it(images: Images, tmp_path: Any) -> None:
+    """A gc while a fetch runs (the small blobs committed, the big layer still coming,
+    the manifest with its gc.root and gc.ref labels not yet there) takes nothing: the
+    fetch holds what it writes by a lease of its own (ctr's way), deleted at the end.
+    Before: gc took the config and the small layers and the fetch still succeeded."""
+    proxy = CountingProxy(images.registry.host, rate=16 << 20)
+    root = str(tmp_path / "store")
+    ref = f"{proxy.host}/test/single:v1"
+    small = [d for d in images.amd_layers if d != images.big]
+    try:
+        proc = subprocess.Popen([CONTENTFS, "--root", root, "fetch", "--plain-http", ref],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            _wait_for_offset(root, f"layer-{images.big}", 8 << 20, proc)
+            assert set(small) <= set(labels_by_digest(root))  # committed, not yet rooted
+            during = contentfs("--root", root, "gc")
+            assert during.returncode == 0, during.stderr
+            assert during.stdout == b"", during.stdout  # nothing removed
+            leases = contentfs("--root", root, "lease", "ls", "-q")
+            assert len(leases.stdout.split()) == 1, leases
+        finally:
+            proxy.rate = None
+            out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    finally:
+        proxy.stop()
+    assert set(images.amd_layers) | {images.amd} <= set(labels_by_digest(root))
+    assert contentfs("--root", root, "lease", "ls", "-q").stdout == b""  # the lease went
+    assert contentfs("--root", root, "gc").stdout == b""  # and the image is rooted

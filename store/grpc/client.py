@@ -192,6 +192,16 @@ class _Watchdog:
             alarm.call.cancel()
 
 
+def _connect_reason(details: str) -> str:
+    """gRPC's connection failure in a few words: ``failed to connect to all addresses;
+    last error: FAILED_PRECONDITION: unix:/x: connect failed: addr: ... error: No such
+    file or directory`` becomes ``cannot connect: No such file or directory`` (its code
+    and the address repeated say nothing to a user); other details are kept."""
+    if not details.startswith("failed to connect to all addresses"):
+        return details
+    return "cannot connect: " + details.rsplit(": ", 1)[-1].strip()
+
+
 class RemoteStore:
     """The store API over gRPC, in ``namespace`` (every call carries it), each call with
     a deadline of ``timeout`` seconds; with ``lease``, what it writes is held by that
@@ -298,7 +308,7 @@ class RemoteStore:
         if code == grpc.StatusCode.UNAVAILABLE and not details.endswith(
             ": " + Unavailable.kind
         ):
-            return Unreachable(f"store at {self.address}: {details}")
+            return Unreachable(f"store at {self.address}: {_connect_reason(details)}")
         return from_grpc(code, details)
 
     def _call(
@@ -723,5 +733,6 @@ if TYPE_CHECKING:  # mypy checks that RemoteStore has the store interface
     def _conforms(s: RemoteStore, w: RemoteWriter, r: RemoteReaderAt) -> None:
         from store import api
 
-        checked: tuple[api.Store, api.InfoIterator, api.Writer, api.ReaderAt] = (s, s, w, r)
+        checked: tuple[api.Store, api.InfoIterator, api.Writer, api.ReaderAt,
+                       api.ReadyReader] = (s, s, w, r, r)
         del checked
