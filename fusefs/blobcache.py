@@ -25,7 +25,7 @@ import time
 import pyfuse3
 
 from store import ALGORITHMS, NotFound, StoreError
-from store.api import blob_times_of
+from store.api import BlobVisibility, blob_times_of
 from store.digest import Digest, split_digest
 from store.local import LocalStore
 
@@ -65,12 +65,15 @@ class BlobCache:
     # attributes ------------------------------------------------------------------------
 
     def exists(self, digest: str) -> bool:
-        """The blob is committed (its file is a regular file)."""
+        """The blob is committed (its file is a regular file) and, for a store of
+        namespaced views, in this view's namespace."""
         try:
             st = os.lstat(self.store.blob_path(digest))
         except (FileNotFoundError, NotADirectoryError):
             return False
-        return stat.S_ISREG(st.st_mode)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        return not isinstance(self.store, BlobVisibility) or self.store.blob_visible(digest)
 
     def attr(self, ino: int, digest: str) -> Attr:
         """Attributes of blob ``digest`` read afresh; NotFound if it is gone."""

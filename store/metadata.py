@@ -431,6 +431,26 @@ class MetadataDB:
                     " AND id = ?", (ns, lease, digest))
             return [n for (n,) in c.execute("SELECT ns FROM blobs WHERE digest = ?", (digest,))]
 
+    def change_stamp(self) -> tuple[int, int]:
+        """Changes whenever anyone (this connection or another) commits a change."""
+        with self._tx() as c:
+            version = c.execute("PRAGMA data_version").fetchone()[0]
+            return int(version), c.total_changes
+
+    def digests_of(self, ns: str) -> set[str]:
+        """Every digest ``ns`` has a record of."""
+        with self._tx() as c:
+            return {d for (d,) in c.execute("SELECT digest FROM blobs WHERE ns = ?", (ns,))}
+
+    def hidden_from(self, ns: str) -> set[str]:
+        """Digests some other namespace holds and ``ns`` does not (for ``default``: the
+        claimed files it does not see), and those gc is about to unlink."""
+        with self._tx() as c:
+            return {d for (d,) in c.execute(
+                "SELECT DISTINCT digest FROM blobs WHERE ns NOT IN ('', ?)"
+                " EXCEPT SELECT digest FROM blobs WHERE ns = ?"
+                " UNION SELECT digest FROM gc_doomed", (ns, ns))}
+
     def namespaces(self) -> set[str]:
         """Namespaces with a blob record or a lease."""
         with self._tx() as c:
