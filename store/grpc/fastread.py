@@ -237,7 +237,7 @@ class ReadLane:
         read then answers in full (errors included)."""
         blob = self._open.get(req.digest)
         if blob is None:
-            blob = self._admit(req.digest)
+            blob = self._admit(req.digest, metadata)
             if blob is None:
                 return None
         else:
@@ -282,15 +282,17 @@ class ReadLane:
             return None
         return encode_read_response(0, data)
 
-    def _admit(self, digest: str) -> _Open | None:
-        """Open a committed blob to keep; None if it is not one (the full path reports)."""
+    def _admit(self, digest: str, metadata: Any) -> _Open | None:
+        """Open a committed blob to keep; None if it is not one (the full path reports).
+        Opened through the call's view, so a namespace's visibility and recorded size
+        count (later calls recheck the visibility for their own namespace)."""
         try:
             dgst = parse_digest(digest)
             store = self._service.store
             if not isinstance(store, BlobFiles):
                 return None
-            reader = store.reader_at(dgst)
-        except (StoreError, OSError):
+            reader = self._service.view(metadata).reader_at(dgst)
+        except (StoreError, GrpcError, OSError):
             return None
         if not isinstance(reader, FileReader):
             reader.close()
