@@ -213,13 +213,18 @@ class MetadataDB:
                 # create the WAL index (-shm) that a plain read-only open needs
                 uri += "&immutable=1"
             conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=10)
-            if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
-                # an older store that cannot be migrated in place: migrate a copy in memory
-                mem = sqlite3.connect(":memory:", check_same_thread=False)
-                conn.backup(mem)
+            try:
+                if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                    # a store made before namespaces that cannot be migrated in place
+                    # (read-only): migrate a copy in memory
+                    mem = sqlite3.connect(":memory:", check_same_thread=False)
+                    conn.backup(mem)
+                    conn.close()
+                    migrate(mem)
+                    return mem
+            except sqlite3.DatabaseError as exc:
                 conn.close()
-                migrate(mem)
-                return mem
+                raise _db_error(self.path, exc) from None
             return conn
         ensure_dir(os.path.dirname(self.path), 0o700)
         for attempt in (1, 2):
