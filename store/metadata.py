@@ -574,11 +574,15 @@ class MetadataDB:
 
     def move_lease_ingest(self, ns: str, old: str, new: str) -> None:
         """An ingest renamed in ``ns``: its lease entries follow it."""
+        if not (_storable(old) and _storable(new)):
+            return  # a legacy ref that is not UTF-8 was never in a lease
         with self._tx() as c:
             c.execute("UPDATE OR REPLACE lease_resources SET id = ?"
                       " WHERE ns = ? AND type = 'ingests' AND id = ?", (new, ns, old))
 
     def drop_lease_ingest(self, ns: str, ref: str) -> None:
+        if not _storable(ref):
+            return
         with self._tx() as c:
             c.execute("DELETE FROM lease_resources WHERE ns = ? AND type = 'ingests'"
                       " AND id = ?", (ns, ref))
@@ -645,7 +649,7 @@ class MetadataDB:
 def _lease_move(
     c: sqlite3.Connection, ns: str, lease: str, ingest_ref: str | None, digest: str
 ) -> None:
-    if ingest_ref is not None:
+    if ingest_ref is not None and _storable(ingest_ref):
         c.execute("DELETE FROM lease_resources WHERE ns = ? AND lease = ? AND type = 'ingests'"
                   " AND id = ?", (ns, lease, ingest_ref))
     if c.execute("SELECT 1 FROM leases WHERE ns = ? AND id = ?", (ns, lease)).fetchone():
