@@ -10,6 +10,12 @@ Verification: a blob whose file may have changed since its commit (no metadata r
 an mtime other than the commit time, a ctime long after it) is hashed on its first whole
 sequential read; a mismatch makes that read, and every later read of the same file, EIO.
 Unchanged blobs are trusted and read at full speed (``contentfs verify`` rehashes all).
+
+Over a store whose blobs are files here (:class:`store.api.BlobFiles`, a local root)
+attributes come from ``lstat`` and one metadata query per batch, inline. Over any other
+store (a remote one) they come from its Info, in worker threads, a listing from one
+walk; without a change feed everything cached is dropped after ``ttl`` seconds, and the
+kernel is told to keep entries no longer. Verification needs the files.
 """
 
 from __future__ import annotations
@@ -24,13 +30,21 @@ import time
 
 import pyfuse3
 
-from store import ALGORITHMS, NotFound, StoreError
-from store.api import BlobVisibility, blob_times_of
+from store import ALGORITHMS, Info, NotFound, StoreError
+from store.api import (
+    BlobFiles,
+    BlobNames,
+    BlobVisibility,
+    ChangeFeed,
+    InfoIterator,
+    Store,
+    blob_times_of,
+)
 from store.digest import Digest, split_digest
-from store.local import LocalStore
+from store.types import to_ns
 
-from . import view
-from .errors import refuse
+from . import offload, view
+from .errors import fuse_errors, refuse
 from .handles import BlobListing, ReadHandle
 from .kernel import entry as make_entry
 from .view import Attr, Kind, Node, NodeTable
@@ -46,9 +60,15 @@ _VERIFIED_MAX = 100_000
 class BlobCache:
     """Listings and attributes of the blobs of one store, for one mount."""
 
-    def __init__(self, store: LocalStore, nodes: NodeTable) -> None:
+    def __init__(self, store: Store, nodes: NodeTable, *, ttl: float | None = None) -> None:
         self.store = store
         self.nodes = nodes
+        self.files = store if isinstance(store, BlobFiles) else None
+        self.inline = self.files is not None  # store calls on the trio thread
+        #: seconds anything cached is kept (None: until the change feed drops it)
+        self.ttl = ttl
+        self._cleared = time.monotonic()
+        self._uid, self._gid = os.getuid(), os.getgid()
         # Attributes of blobs by inode, as sent to the kernel (blobs are immutable).
         # Plain C structs keep 100k blobs at ~25 MB.
         self.attrs: dict[int, pyfuse3.EntryAttributes] = {}
@@ -64,31 +84,61 @@ class BlobCache:
 
     # attributes ------------------------------------------------------------------------
 
-    def exists(self, digest: str) -> bool:
+    @property
+    def negative_timeout(self) -> float:
+        """How long the kernel may keep a lookup miss in blobs/<alg>/."""
+        return view.NEGATIVE_TIMEOUT if self.ttl is None else self.ttl
+
+    def expire(self) -> None:
+        """Drop everything cached once ``ttl`` has passed (no change feed tells us)."""
+        if self.ttl is not None and time.monotonic() - self._cleared >= self.ttl:
+            self.attrs.clear()
+            self._listings.clear()
+            self._cleared = time.monotonic()
+
+    async def exists(self, digest: str) -> bool:
         """The blob is committed (its file is a regular file) and, for a store of
         namespaced views, in this view's namespace."""
+        if self.files is None:
+            try:
+                info = await offload.call(False, self.store.info, digest)
+            except NotFound:
+                return False
+            except StoreError as exc:  # e.g. the store cannot be reached: its errno
+                with fuse_errors(f"info of {digest}"):
+                    raise exc from None
+            self.attrs[view.blob_ino(digest)] = make_entry(self._info_attr(info))
+            return True
         try:
-            st = os.lstat(self.store.blob_path(digest))
+            st = os.lstat(self.files.blob_path(digest))
         except (FileNotFoundError, NotADirectoryError):
             return False
         if not stat.S_ISREG(st.st_mode):
             return False
         return not isinstance(self.store, BlobVisibility) or self.store.blob_visible(digest)
 
-    def attr(self, ino: int, digest: str) -> Attr:
+    async def attr(self, ino: int, digest: str) -> Attr:
         """Attributes of blob ``digest`` read afresh; NotFound if it is gone."""
-        st = os.lstat(self.store.blob_path(digest))
+        if self.files is None:
+            return self._info_attr(await offload.call(False, self.store.info, digest), ino)
+        st = os.lstat(self.files.blob_path(digest))
         if not stat.S_ISREG(st.st_mode):
             raise NotFound(f"content {digest}")
-        row = self.store.blob_times([digest]).get(Digest(digest))
+        row = self.files.blob_times([digest]).get(Digest(digest))
         created, updated = blob_times_of(st, row)
         return view.blob_attr(ino, st, created, updated)
 
-    def entry(self, node: Node) -> pyfuse3.EntryAttributes:
+    def _info_attr(self, info: Info, ino: int = 0) -> Attr:
+        return view.info_attr(ino or view.blob_ino(info.digest), info.size,
+                              to_ns(info.created_at), to_ns(info.updated_at), self._uid,
+                              self._gid, self.negative_timeout)
+
+    async def entry(self, node: Node) -> pyfuse3.EntryAttributes:
         """What the kernel gets for blob ``node``: the cached attributes, else read."""
+        self.expire()
         entry = self.attrs.get(node.ino)
         if entry is None:
-            entry = make_entry(self.attr(node.ino, node.key))
+            entry = make_entry(await self.attr(node.ino, node.key))
             self.attrs[node.ino] = entry
         return entry
 
@@ -99,6 +149,7 @@ class BlobCache:
     def updated_rows(self) -> list[tuple[Digest, int, int]]:
         """Metadata rows whose UpdatedAt moved lately, for ``relabelled`` (a scan of the
         blob table: call it from a worker thread)."""
+        assert isinstance(self.store, ChangeFeed)
         return self.store.updated_since(self._updated_mark - _UPDATED_SLACK_NS)
 
     def relabelled(self, rows: list[tuple[Digest, int, int]]) -> list[int]:
@@ -118,20 +169,35 @@ class BlobCache:
     # listings --------------------------------------------------------------------------
 
     def listing(self, alg: str) -> BlobListing:
-        """The names in blobs/<alg>/: the kept listing if the directory has not changed
-        since it was taken, else a new one (runs in a worker thread)."""
+        """The names in blobs/<alg>/: the kept listing if the store's stamp for it has
+        not changed since it was taken, else a new one (runs in a worker thread)."""
         gen = self._listing_gen.get(alg, 0)
-        stamp = self.store.blob_names_stamp(alg)
-        kept = self._listings.get(alg)
-        if kept is not None and kept.stamp == stamp:
-            return kept
-        good = sorted(self.store.blob_names(alg))
+        infos: dict[int, Info] | None = None
+        if isinstance(self.store, BlobNames):
+            stamp = self.store.blob_names_stamp(alg)
+            kept = self._listings.get(alg)
+            if kept is not None and stamp is not None and kept.stamp == stamp:
+                return kept
+            good = sorted(self.store.blob_names(alg))
+        else:  # one walk gives the names and their attributes
+            stamp, prefix = None, f"{alg}:"
+            found = [i for i in self._walk() if i.digest.startswith(prefix)]
+            found.sort(key=lambda i: i.digest)
+            good = [i.digest[len(prefix):] for i in found]
+            infos = {view.blob_ino(i.digest): i for i in found}
         listing = BlobListing(stamp, ALGORITHMS[alg], "".join(good).encode(),
                               array.array("Q", map(view.hex_ino, good)),
-                              array.array("Q", map(view.hex_key, good)))
-        if self._listing_gen.get(alg, 0) == gen:  # nothing dropped it meanwhile
-            self._listings[alg] = listing
+                              array.array("Q", map(view.hex_key, good)), infos)
+        if self._listing_gen.get(alg, 0) == gen and stamp is not None:
+            self._listings[alg] = listing  # (nothing dropped it meanwhile)
         return listing
+
+    def _walk(self) -> list[Info]:
+        if isinstance(self.store, InfoIterator):
+            return list(self.store.iter_infos())
+        out: list[Info] = []
+        self.store.walk(out.append)
+        return out
 
     def drop_listing(self, alg: str) -> None:
         """A blob came or went in blobs/<alg>/: the next opendir lists it afresh."""
@@ -158,8 +224,7 @@ class BlobCache:
                 if i >= filled:
                     filled = min(i + _READDIR_BATCH, n)
                     batch = [j for j in range(i, filled) if inos[j] not in self.attrs]
-                    self._fill(alg, [listing.name(j).decode() for j in batch],
-                               [inos[j] for j in batch])
+                    self._fill(alg, listing, batch)
                     continue
                 i += 1  # deleted since opendir
                 continue
@@ -173,13 +238,22 @@ class BlobCache:
             node.lookups += 1
             i += 1
 
-    def _fill(self, alg: str, names: list[str], inos: list[int]) -> None:
-        """Read the attributes of blobs ``names`` of ``alg`` into the cache; blobs that
-        no longer exist are left out."""
+    def _fill(self, alg: str, listing: BlobListing, batch: list[int]) -> None:
+        """Read the attributes of entries ``batch`` of ``listing`` into the cache;
+        blobs that no longer exist are left out."""
+        if listing.infos is not None:  # from the walk that listed them
+            for j in batch:
+                info = listing.infos.get(listing.inos[j])
+                if info is not None:
+                    self.attrs[listing.inos[j]] = make_entry(self._info_attr(info))
+            return
+        assert self.files is not None
         prefix = f"{alg}:"
-        times = self.store.blob_times([prefix + n for n in names])
-        blob_path = self.store.blob_path
-        for name, ino in zip(names, inos, strict=True):
+        names = [listing.name(j).decode() for j in batch]
+        times = self.files.blob_times([prefix + n for n in names])
+        blob_path = self.files.blob_path
+        for name, j in zip(names, batch, strict=True):
+            ino = listing.inos[j]
             digest = prefix + name
             try:
                 st = os.lstat(blob_path(digest))
@@ -197,9 +271,11 @@ class BlobCache:
         changed since its commit: no metadata row, an mtime other than the commit time
         (commit sets both), or a ctime more than 2 s after it."""
         digest = handle.digest
+        if self.files is None or handle.fd < 0:
+            return  # only files here can be checked (a remote store checks its own)
         try:
             st = os.fstat(handle.fd)
-            row = self.store.blob_times([digest]).get(Digest(digest))
+            row = self.files.blob_times([digest]).get(Digest(digest))
         except (OSError, StoreError):
             return
         key = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

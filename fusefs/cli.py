@@ -7,6 +7,7 @@ its class (EXIT_CODES); anything else is a bug and shows its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import hashlib
@@ -321,10 +322,11 @@ def human_size(n: int) -> str:
 
 def age(when: dt.datetime) -> str:
     secs = max(0, int((dt.datetime.now(dt.UTC) - when).total_seconds()))
-    for unit, length in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+    for unit, length in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
         if secs >= length:
-            return f"{secs // length} {unit}"
-    return f"{secs} seconds"
+            n = secs // length
+            return f"{n} {unit}" if n == 1 else f"{n} {unit}s"
+    return "Less than a second"  # as ctr says
 
 
 def parse_pairs(pairs: Iterable[str]) -> dict[str, str]:
@@ -812,28 +814,61 @@ def verify_cmd(ctx: click.Context, digests: tuple[str, ...], cmd_root: str | Non
     context_settings={"ignore_unknown_options": False},
 )
 @click.argument("root", type=click.Path())
-@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.argument("mountpoint", type=click.Path(file_okay=False), required=False)
 @click.option("-o", "options", metavar="OPT[,OPT...]", multiple=True,
               help="Mount options: ro, allow_other, default_permissions, ... "
-                   "(generic ones such as rw, defaults, nofail, _netdev are ignored).")
+                   "(generic ones such as rw, defaults, nofail, _netdev are ignored);"
+                   " namespace=NS (as -n); with --address: timeout=SECONDS.")
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground.")
 @click.option("--debug", is_flag=True, help="Log every request (implies -f).")
 @click.option("--log-file", metavar="FILE", default=None,
               help="Where the background daemon logs (default: mount-*.log beside its pid"
                    " file, in /run/contentfs for root, else $XDG_RUNTIME_DIR/contentfs).")
+@address_option
+@namespace_option
+@click.pass_context
 def mount_cmd(
-    root: str, mountpoint: str, options: tuple[str, ...], foreground: bool, debug: bool,
-    log_file: str | None,
+    ctx: click.Context, root: str, mountpoint: str | None, options: tuple[str, ...],
+    foreground: bool, debug: bool, log_file: str | None,
 ) -> None:
-    """Mount the store ROOT at MOUNTPOINT.
+    """Mount the store ROOT at MOUNTPOINT, or with --address ADDR (or a ROOT of the form
+    unix:///PATH or tcp://HOST:PORT) the store at that gRPC address: a containerd or
+    another `contentfs serve`. The mount shows one namespace: -n NS or -o namespace=NS,
+    else $CONTENTFS_NAMESPACE, else `default`.
 
     Returns once the mount answers; the daemon stays in the background unless -f.
     Unmount with `contentfs umount MOUNTPOINT` (or SIGINT/SIGTERM in the foreground).
     """
-    from .mount import mount_main
+    from .mount import is_address, mount_main
 
+    address = (ctx.find_root().obj or {}).get("address")
+    if mountpoint is None:
+        env_address = os.environ.get("CONTENTFS_ADDRESS")
+        if not (address or env_address):
+            raise click.UsageError("missing argument MOUNTPOINT", ctx)
+        root, mountpoint = address or env_address or "", root
+    elif address:
+        raise click.UsageError("--address and a store ROOT are mutually exclusive", ctx)
+    elif is_address(root):
+        address = root
+    options = _mount_namespace(ctx, options)
     sys.exit(mount_main(root, mountpoint, options, foreground=foreground or debug, debug=debug,
-                        log_file=log_file))
+                        log_file=log_file, remote=bool(address) or is_address(root)))
+
+
+def _mount_namespace(ctx: click.Context, options: tuple[str, ...]) -> tuple[str, ...]:
+    """``options`` with ``namespace=NS`` first when ``-n`` or ``$CONTENTFS_NAMESPACE``
+    names one (as for every other command); ``-o namespace=`` wins over the variable, and
+    differing from ``-n`` is a usage error."""
+    given = [opt.strip()[len("namespace="):] for group in options for opt in group.split(",")
+             if opt.strip().startswith("namespace=")]
+    flag = (ctx.find_root().obj or {}).get("namespace")
+    if flag is not None and any(ns != flag for ns in given):
+        raise click.UsageError(f"-n {flag} and -o namespace={given[-1]} disagree", ctx)
+    chosen = flag or os.environ.get("CONTENTFS_NAMESPACE")
+    if chosen and not given:
+        return (f"namespace={chosen}", *options)
+    return options
 
 
 @cli.command("umount")
@@ -848,8 +883,8 @@ def umount_cmd(mountpoint: str, lazy: bool) -> None:
 
 @cli.command("serve")
 @click.option("--address", metavar="ADDR", default=None,
-              help="unix:///PATH (default: a socket in the user's runtime dir) "
-                   "or tcp://127.0.0.1:PORT.")
+              help="Where to listen: unix:///PATH (default: contentfs/contentfs.sock in"
+                   " $XDG_RUNTIME_DIR, else /run/contentfs for root) or tcp://127.0.0.1:PORT.")
 @click.option("--debug", is_flag=True, help="Log every call.")
 @click.option("--write-idle-timeout", metavar="SECONDS", type=click.FloatRange(min=0),
               default=60.0, show_default=True,
@@ -866,6 +901,7 @@ def serve_cmd(ctx: click.Context, address: str | None, debug: bool,
         raise click.UsageError(
             "serve serves a root (--root); its --address is where it listens, after the"
             " command", ctx)
+    _every_namespace(ctx, "serve serves every namespace (each call names its own)")
     store = open_store(ctx, cmd_root, create=True, raw=True)
     assert isinstance(store, LocalStore)
     sys.exit(serve_main(store, address, debug=debug, write_idle_timeout=write_idle_timeout))
@@ -948,13 +984,32 @@ def fetch_cmd(
         raise click.UsageError("--all-platforms and --platform exclude each other")
     store = open_store(ctx, cmd_root, create=True)
     parsed, client = _registry_client(ref, plain_http, skip_verify, user, concurrency + 2)
-    with client, _transfer_progress(as_json) as progress:
-        result = fetch_image(store, client, parsed, platforms=platforms,
+    with client, _transfer_progress(as_json) as progress, _fetch_lease(store) as held:
+        result = fetch_image(held, client, parsed, platforms=platforms,
                              concurrency=concurrency, progress=progress)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
         click.echo(result.digest)
+
+
+@contextlib.contextmanager
+def _fetch_lease(store: AnyStore) -> Iterator[AnyStore]:
+    """The view a fetch writes through. On a root: held by a lease of its own (expiring
+    in 24 h, as ctr's), deleted once the fetch ends, so a gc meanwhile cannot take the
+    blobs committed before the manifests whose labels keep them. A remote store's writes
+    are held already (the ``contentfs`` lease)."""
+    if not isinstance(store, LocalStore) or store.ns is None:
+        yield store
+        return
+    from store.gc import EXPIRE_LABEL
+
+    until = dt.datetime.now(dt.UTC) + dt.timedelta(hours=24)
+    lease = store.create_lease(None, {EXPIRE_LABEL: rfc3339(until)})
+    try:
+        yield store.namespace(store.ns, lease=lease.id)
+    finally:
+        store.delete_lease(lease.id)
 
 
 @cli.command("fetch-object")
@@ -1038,10 +1093,10 @@ def push_object_cmd(ctx: click.Context, ref: str, digest: str, media_type: str,
 @click.pass_context
 def namespaces_cmd(ctx: click.Context, quiet: bool, as_json: bool, cmd_root: str | None) -> None:
     """List the namespaces of the store: those holding blobs, leases or ingests, and
-    always `default`."""
+    always `default`. A root only (not --address)."""
     names = open_local(ctx, cmd_root, "namespaces", reading=True, raw=True).namespaces()
     if as_json:
-        click.echo(json.dumps(names))
+        click.echo(json.dumps(names, indent=2))  # as every other --json
         return
     for name in names:
         click.echo(name)
@@ -1069,7 +1124,8 @@ def lease_json(lease: Lease) -> dict[str, Any]:
 
 @cli.group("lease", cls=_Group)
 def lease_grp() -> None:
-    """Leases: hold blobs and ingests against `contentfs gc` (containerd's leases)."""
+    """Leases: hold blobs and ingests against `contentfs gc` (containerd's leases). A root
+    only (not --address: use `ctr leases` there)."""
 
 
 @lease_grp.command("create")
@@ -1092,7 +1148,7 @@ def lease_create_cmd(
     if expire is not None:
         until = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=parse_duration(expire))
         pairs[EXPIRE_LABEL] = rfc3339(until)
-    lease = open_local(ctx, cmd_root, "lease create").create_lease(lease_id, pairs)
+    lease = open_local(ctx, cmd_root, "lease create", create=True).create_lease(lease_id, pairs)
     click.echo(lease.id)
 
 
@@ -1108,6 +1164,7 @@ def lease_ls_cmd(
     cmd_root: str | None,
 ) -> None:
     """List the namespace's leases, optionally matching FILTERS (id, labels.KEY)."""
+    parse_filters(*filters, strict=True)  # a bad filter fails before anything is listed
     leases = open_local(ctx, cmd_root, "lease ls", reading=True).leases(*filters)
     if as_json:
         click.echo(json.dumps([lease_json(lease) for lease in leases], indent=2))
@@ -1149,6 +1206,14 @@ def lease_rm_cmd(
         sys.exit(exit_code(first_error))
 
 
+def _every_namespace(ctx: click.Context, what: str) -> None:
+    """A usage error for ``-n`` on a command that works on every namespace (it was
+    silently ignored, so ``contentfs -n team-a gc`` looked like a gc of team-a only)."""
+    flag = (ctx.find_root().obj or {}).get("namespace")
+    if flag is not None:
+        raise click.UsageError(f"{what}: -n {flag} does not apply", ctx)
+
+
 @cli.command("gc")
 @click.option("--dry-run", is_flag=True, help="Report what would be removed; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
@@ -1158,7 +1223,9 @@ def gc_cmd(ctx: click.Context, dry_run: bool, as_json: bool, cmd_root: str | Non
     """Collect garbage in every namespace (containerd's mark and sweep): remove blobs no
     gc.root label, live lease or gc.ref.content label keeps, expired leases and ingests
     idle for 24 h outside a lease. Unclaimed blobs are never removed. Prints each digest
-    removed (or, with --dry-run, that would be) with its size, then the bytes freed."""
+    removed (or, with --dry-run, that would be) with its size, then the bytes freed. A
+    root only (not --address)."""
+    _every_namespace(ctx, "gc collects in every namespace at once")
     result = open_local(ctx, cmd_root, "gc", raw=True).gc(dry_run=dry_run)
     if as_json:
         click.echo(json.dumps({

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import os
 
+from store import Info
 from store.api import ReaderAt, Writer
 
 from .view import Kind
@@ -24,7 +25,7 @@ __all__ = ["BlobListing", "DirHandle", "Handle", "Handles", "ReadHandle", "Write
 class ReadHandle:
     """A read-only open: a blob (through its ReaderAt), an ingest or a layout file."""
 
-    fd: int
+    fd: int  # -1 for a reader that is not a file here (reads go through ``reader``)
     reader: ReaderAt | None = None
     digest: str = ""  # of a blob
     ino: int = 0  # the inode opened (0: not tracked)
@@ -37,7 +38,7 @@ class ReadHandle:
     def close(self) -> None:
         if self.reader is not None:
             self.reader.close()
-        else:
+        elif self.fd >= 0:
             os.close(self.fd)
 
 
@@ -48,7 +49,7 @@ class WriteHandle:
     ref: str
     writer: Writer
     append: bool
-    read_fd: int
+    read_fd: int  # the ingest's data for reading back (-1: the store cannot)
     dirty: bool = False
     ino: int = 0  # the inode opened (0: not tracked)
 
@@ -59,11 +60,12 @@ class BlobListing:
     the directory changes: ``names`` is their concatenation (each ``width`` bytes),
     ``inos`` their inodes. About 100 bytes per blob."""
 
-    stamp: object  # the store's blob_names_stamp when the names were read
+    stamp: object  # the store's blob_names_stamp when the names were read (None: walked)
     width: int
     names: bytes
     inos: array.array[int]
     keys: array.array[int]  # readdir cursors (``view.hex_key``: ascending like the names)
+    infos: dict[int, Info] | None = None  # by inode, when the listing came from a walk
 
     def __len__(self) -> int:
         return len(self.inos)

@@ -8,6 +8,13 @@ a failed commit is kept for ``user.contentfs.error``.
 
 close(2) returns before the kernel sends RELEASE, so opening a writer or committing
 waits up to BUSY_WAIT for a writer still held before answering EBUSY.
+
+Over a store of files here (:class:`store.api.BlobFiles`) an ingest's attributes come
+from its data file, which is also how it is read back. Over any other store they come
+from its Status (in worker threads); hints (expected digest, labels, total) are kept by
+the store when it can (:class:`store.api.IngestHints`), else here and passed at commit;
+an ingest is read back only if the store can (:class:`store.api.IngestReader`), and
+renamed only if it can (:class:`store.api.IngestRenamer`, else EPERM).
 """
 
 from __future__ import annotations
@@ -24,13 +31,24 @@ from typing import TypeVar
 import pyfuse3
 import trio
 
-from store import AlreadyExists, NotFound, StoreError, Unavailable
-from store.api import SyncWriter, TotalWriter, Writer
-from store.digest import Digest, split_digest
-from store.local import LocalStore
-from store.types import Status
+from store import AlreadyExists, FailedPrecondition, NotFound, StoreError, Unavailable
+from store.api import (
+    BlobFiles,
+    IngestHints,
+    IngestReader,
+    IngestRenamer,
+    ReaderAt,
+    Store,
+    SyncWriter,
+    TotalWriter,
+    Writer,
+)
+from store.digest import Digest, parse_digest, split_digest
+from store.helpers import open_writer
+from store.labels import validate_labels
+from store.types import Status, to_ns
 
-from . import view
+from . import offload, view
 from .blobcache import BlobCache
 from .errors import fuse_errors, refuse
 from .handles import WriteHandle
@@ -52,40 +70,83 @@ _ZEROS = bytes(1 << 20)
 class Ingests:
     """The ingests of one mount: open writers by ref, modes set by chmod, last errors."""
 
-    def __init__(self, store: LocalStore, nodes: NodeTable, blobs: BlobCache) -> None:
+    def __init__(self, store: Store, nodes: NodeTable, blobs: BlobCache) -> None:
         self.store = store
         self.nodes = nodes
         self.blobs = blobs
+        self.files = store if isinstance(store, BlobFiles) else None
+        self.inline = self.files is not None  # store calls on the trio thread
         self.writers: dict[str, WriteHandle] = {}
         self.modes: dict[str, int] = {}
         self.errors: dict[str, str] = {}
+        # hints of ingests of a store that cannot keep them: ref -> (expected, labels,
+        # total), passed at commit
+        self._hints: dict[str, tuple[str | None, dict[str, str], int]] = {}
+        self._uid, self._gid = os.getuid(), os.getgid()
 
     # what an ingest shows --------------------------------------------------------------
 
-    def data_path(self, ref: str) -> str:
-        return self.store.ingest_data_path(ref)
+    async def exists(self, ref: str) -> bool:
+        if ref in self.writers:
+            return True
+        if self.files is not None:
+            return os.path.isfile(self.files.ingest_data_path(ref))
+        try:
+            await offload.call(False, self.store.status, ref)
+        except NotFound:
+            return False
+        except StoreError as exc:  # e.g. the store cannot be reached: its errno
+            with fuse_errors(f"status of ingest {ref}"):
+                raise exc from None
+        return True
 
-    def exists(self, ref: str) -> bool:
-        return ref in self.writers or os.path.isfile(self.data_path(ref))
-
-    def attr(self, ino: int, ref: str) -> Attr:
+    async def attr(self, ino: int, ref: str) -> Attr:
         """Attributes of ingest ``ref``: its data file's, the size as written so far."""
-        st = os.stat(self.data_path(ref))
         handle = self.writers.get(ref)
-        size = handle.writer.offset if handle is not None else st.st_size
-        return view.ingest_attr(ino, st, size, self.modes.get(ref))
+        if self.files is not None:
+            st = os.stat(self.files.ingest_data_path(ref))
+            size = handle.writer.offset if handle is not None else st.st_size
+            return view.ingest_attr(ino, st, size, self.modes.get(ref))
+        status = await offload.call(False, self.store.status, ref)
+        size = handle.writer.offset if handle is not None else status.offset
+        return view.status_attr(ino, size, to_ns(status.started_at),
+                                to_ns(status.updated_at), self._uid, self._gid,
+                                self.modes.get(ref))
+
+    def open_data(self, ref: str) -> int:
+        """A descriptor of the ingest's data for reading back; -1 if only a reader
+        (``open_reader``) can, OSError (EACCES) if the store cannot at all."""
+        if self.files is not None:
+            return os.open(self.files.ingest_data_path(ref),
+                           os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        if isinstance(self.store, IngestReader):
+            return -1
+        raise OSError(errno.EACCES, "this store cannot read back an ingest")
+
+    def open_reader(self, ref: str) -> ReaderAt:
+        """A reader of the ingest's data (a store with IngestReader)."""
+        assert isinstance(self.store, IngestReader)
+        return self.store.ingest_reader_at(ref)
 
     def refs(self) -> set[str]:
         """The active ingests (a store listing: call it from a worker thread)."""
         return {s.ref for s in self.store.list_statuses()} | set(self.writers)
 
-    def status(self, ref: str) -> Status:
+    async def status(self, ref: str) -> Status:
         """The store's status of ``ref``, with the live writer's exact offset and times."""
-        st = self.store.status(ref)
+        st = await offload.call(self.inline, self.store.status, ref)
         handle = self.writers.get(ref)
-        if handle is not None:  # the writer's own times are exact (file mtimes are not)
-            live = handle.writer.status()
-            st = dataclasses.replace(live, expected=st.expected)
+        if handle is not None and not handle.writer.closed:
+            try:  # the writer's own times are exact (file mtimes are not)
+                live = await offload.call(self.inline, handle.writer.status)
+            except FailedPrecondition:  # closed meanwhile (a remote one closes late)
+                pass
+            else:
+                st = dataclasses.replace(live, expected=st.expected)
+        if ref in self._hints:  # kept here for a store without IngestHints
+            expected, _, total = self._hints[ref]
+            st = dataclasses.replace(st, expected=Digest(expected) if expected else st.expected,
+                                     total=total or st.total)
         return st
 
     async def digest(self, ref: str) -> str:
@@ -93,13 +154,50 @@ class Ingests:
         handle = self.writers.get(ref)
         if handle is not None:
             return handle.writer.digest()
-        return await trio.to_thread.run_sync(_hash_file, self.data_path(ref))
+        if self.files is not None:
+            return await trio.to_thread.run_sync(
+                _hash_file, self.files.ingest_data_path(ref))
+        writer = await self.acquire(ref, f"digest of ingest {ref}", create=False)
+        try:
+            return writer.digest()
+        finally:
+            await trio.to_thread.run_sync(writer.close)
 
     def forget(self, ref: str) -> None:
         """Ingest ``ref`` is gone (aborted or committed)."""
         self.nodes.gone(ref)
         self.modes.pop(ref, None)
         self.errors.pop(ref, None)
+        self._hints.pop(ref, None)
+
+    # hints -----------------------------------------------------------------------------
+
+    def hints(self, ref: str) -> tuple[str | None, dict[str, str]]:
+        """The expected digest and labels recorded for ``ref``."""
+        if isinstance(self.store, IngestHints):
+            return self.store.ingest_hints(ref)
+        expected, labels, _ = self._hints.get(ref, (None, {}, 0))
+        return expected, dict(labels)
+
+    async def set_hints(self, ref: str, *, expected: str | None = None,
+                        labels: dict[str, str] | None = None,
+                        clear_expected: bool = False) -> None:
+        """Record an expected digest and/or labels for ``ref`` (NotFound if no ingest)."""
+        if isinstance(self.store, IngestHints):
+            self.store.set_ingest_hints(ref, expected=expected, labels=labels,
+                                        clear_expected=clear_expected)
+            return
+        if not await self.exists(ref):
+            raise NotFound(f"ingest {ref}")
+        old_expected, old_labels, total = self._hints.get(ref, (None, {}, 0))
+        if expected is not None:
+            old_expected = parse_digest(expected)
+        if clear_expected:
+            old_expected = None
+        if labels is not None:
+            validate_labels(labels)
+            old_labels = dict(labels)
+        self._hints[ref] = (old_expected, old_labels, total)
 
     # writers ---------------------------------------------------------------------------
 
@@ -109,10 +207,13 @@ class Ingests:
         try:
             with fuse_errors(f"open ingest {ref} for writing"):
                 if flags & os.O_TRUNC and writer.offset:
-                    writer.truncate(0)
-                read_fd = os.open(self.data_path(ref), os.O_RDONLY | os.O_CLOEXEC)
+                    await offload.call(self.inline, writer.truncate, 0)
+                try:
+                    read_fd = self.open_data(ref)
+                except PermissionError:
+                    read_fd = -1  # written only: reading it back is EACCES
         except BaseException:
-            writer.close()
+            await offload.call(self.inline, writer.close)
             raise
         handle = WriteHandle(ref, writer, bool(flags & os.O_APPEND), read_fd, ino=ino)
         self.writers[ref] = handle
@@ -123,9 +224,9 @@ class Ingests:
         """Open the store writer for ``ref``, waiting (in a thread, by the store's own
         wait) up to BUSY_WAIT while it is held. ``create=False`` only resumes an existing
         ingest (ENOENT if it is gone)."""
-        open_writer = functools.partial(self.store.writer, ref, create=create, wait=BUSY_WAIT)
+        opener = functools.partial(open_writer, self.store, ref, create=create, wait=BUSY_WAIT)
         with fuse_errors(what):
-            return await trio.to_thread.run_sync(open_writer)
+            return await trio.to_thread.run_sync(opener)
 
     async def retry_busy(self, fn: Callable[[], T], what: str) -> T:
         """Run ``fn`` in a thread, retrying for up to BUSY_WAIT while it is Unavailable."""
@@ -141,24 +242,41 @@ class Ingests:
         raise AssertionError("unreachable")
 
     def close_writer(self, handle: WriteHandle) -> None:
-        """RELEASE of a write open: the writer is closed (the ingest stays resumable)."""
+        """The end of a write open: the writer is closed (the ingest stays resumable)."""
+        self._let_go(handle)
+        _close(handle)
+
+    async def release_writer(self, handle: WriteHandle) -> None:
+        """RELEASE of a write open. A local writer: the slot is free before anything
+        awaits (a new open may be waiting for it). A remote one closes in a worker
+        thread and holds the slot until its stream has ended, so an abort that waits for
+        the slot never races the stream."""
+        if self.inline:
+            self._let_go(handle)
+            _close(handle)
+            return
+        try:
+            await trio.to_thread.run_sync(_close, handle)
+        finally:
+            self._let_go(handle)
+
+    def _let_go(self, handle: WriteHandle) -> None:
         if self.writers.get(handle.ref) is handle:
             del self.writers[handle.ref]
-        os.close(handle.read_fd)
-        try:
-            handle.writer.close()
-        except (OSError, StoreError) as exc:
-            log.warning("close ingest %s: %s", handle.ref, exc)
+        if handle.read_fd >= 0:
+            os.close(handle.read_fd)
+            handle.read_fd = -1
 
-    def write(self, handle: WriteHandle, off: int, buf: bytes) -> int:
+    async def write(self, handle: WriteHandle, off: int, buf: bytes) -> int:
         writer = handle.writer
         with fuse_errors(f"write ingest {handle.ref}"):
             if not handle.append:
                 if off < writer.offset:
                     raise refuse(errno.ESPIPE, f"write ingest {handle.ref}: offset {off} is"
                                  f" before the end ({writer.offset}); ingests are append-only")
-                _zero_fill(writer, off - writer.offset)
-            n = writer.write(buf)
+                if off > writer.offset:
+                    await offload.call(self.inline, _zero_fill, writer, off - writer.offset)
+            n = await offload.call(self.inline, writer.write, buf)
         handle.dirty = True
         return n
 
@@ -177,29 +295,35 @@ class Ingests:
         if handle is None:
             handle = self.writers.get(ref)
         if handle is not None:
-            _truncate_writer(handle.writer, size)
+            await offload.call(self.inline, _truncate_writer, handle.writer, size)
             handle.dirty = True
             return
         writer = await self.acquire(ref, f"truncate ingest {ref}", create=False)
         try:
-            _truncate_writer(writer, size)
+            await offload.call(self.inline, _truncate_writer, writer, size)
         finally:
-            writer.close()
+            await offload.call(self.inline, writer.close)
 
     async def setattr(self, ref: str, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, handle: WriteHandle | None) -> None:
-        """chmod, truncate and utimes of an ingest; chown to another owner is EPERM."""
-        path = self.data_path(ref)
+        """chmod, truncate and utimes of an ingest; chown to another owner is EPERM.
+        (Times are the data file's: a store that is not files here ignores them.)"""
+        path = self.files.ingest_data_path(ref) if self.files is not None else None
         with fuse_errors(f"change ingest {ref}"):
-            st = os.stat(path)
-            if (fields.update_uid and attr.st_uid != st.st_uid) or (
-                    fields.update_gid and attr.st_gid != st.st_gid):
+            if path is not None:
+                st = os.stat(path)
+                uid, gid = st.st_uid, st.st_gid
+            else:
+                await offload.call(False, self.store.status, ref)  # NotFound if gone
+                uid, gid = self._uid, self._gid
+            if (fields.update_uid and attr.st_uid != uid) or (
+                    fields.update_gid and attr.st_gid != gid):
                 raise refuse(errno.EPERM, f"chown ingest {ref}: owner cannot change")
             if fields.update_size:
                 await self.truncate(ref, attr.st_size, handle)
             if fields.update_mode:
                 self.modes[ref] = attr.st_mode & 0o7777
-            if fields.update_atime or fields.update_mtime:
+            if path is not None and (fields.update_atime or fields.update_mtime):
                 st = os.stat(path)
                 atime = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
                 mtime = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
@@ -210,15 +334,25 @@ class Ingests:
         handle = self.writers.get(ref)
         if handle is not None and isinstance(handle.writer, TotalWriter):
             handle.writer.set_total(total)
-        else:
+        elif isinstance(self.store, IngestHints):
             self.store.set_ingest_hints(ref, total=total)
+        else:
+            if total < 0:
+                raise refuse(errno.EINVAL, f"ingest {ref}: negative total {total}")
+            expected, labels, _ = self._hints.get(ref, (None, {}, 0))
+            self._hints[ref] = (expected, labels, total)
 
     # rename and commit -----------------------------------------------------------------
 
     async def rename(self, ref: str, new_ref: str) -> None:
         """Give ingest ``ref`` the ref ``new_ref`` (replacing an ingest of that name)."""
+        if not isinstance(self.store, IngestRenamer):
+            raise refuse(errno.EPERM, f"rename ingest {ref} to {new_ref}: this store"
+                         " cannot rename an ingest")
         await self.retry_busy(functools.partial(self.store.rename_ingest, ref, new_ref),
                               f"rename ingest {ref} to {new_ref}")
+        if ref in self._hints:
+            self._hints[new_ref] = self._hints.pop(ref)
         self.nodes.rename_ingest(ref, new_ref)
         if ref in self.modes:
             self.modes[new_ref] = self.modes.pop(ref)
@@ -234,9 +368,14 @@ class Ingests:
         # never a fresh writer: an ingest aborted since is ENOENT, not the empty blob
         writer = await self.acquire(ref, what, create=False)
         actual = writer.digest()
+        size, labels = 0, None
+        if not isinstance(self.store, IngestHints):  # (a store with them applies its own)
+            hint_expected, hint_labels, size = self._hints.get(ref, (None, {}, 0))
+            expected = expected or hint_expected
+            labels = hint_labels or None
         try:
             digest: str = await trio.to_thread.run_sync(
-                functools.partial(writer.commit, 0, expected))
+                functools.partial(writer.commit, size, expected, labels))
         except AlreadyExists:
             digest = expected or actual
             log.info("commit ingest %s: content %s already exists", ref, digest)
@@ -247,8 +386,9 @@ class Ingests:
                 raise
             raise
         finally:
-            writer.close()
+            await offload.call(self.inline, writer.close)
         log.info("committed ingest %s as %s", ref, digest)
+        self._hints.pop(ref, None)
         self.blobs.drop(view.blob_ino(digest))
         self.blobs.drop_listing(split_digest(Digest(digest))[0])
         self.errors.pop(ref, None)
@@ -274,6 +414,13 @@ class Ingests:
         alg_ino = self.nodes.alg_ino(alg)
         if alg_ino is not None:
             await invalidate_entry(alg_ino, hexpart.encode())
+
+
+def _close(handle: WriteHandle) -> None:
+    try:
+        handle.writer.close()
+    except (OSError, StoreError) as exc:
+        log.warning("close ingest %s: %s", handle.ref, exc)
 
 
 def _zero_fill(writer: Writer, gap: int) -> None:

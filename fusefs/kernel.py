@@ -42,11 +42,11 @@ def entry(attr: Attr) -> pyfuse3.EntryAttributes:
     return e
 
 
-def negative() -> pyfuse3.EntryAttributes:
-    """A lookup miss the kernel may cache (as long as blob entries)."""
+def negative(timeout: float = view.NEGATIVE_TIMEOUT) -> pyfuse3.EntryAttributes:
+    """A lookup miss the kernel may cache for ``timeout`` seconds."""
     e = pyfuse3.EntryAttributes()
     e.st_ino = 0
-    e.entry_timeout = view.NEGATIVE_TIMEOUT
+    e.entry_timeout = timeout
     return e
 
 

@@ -25,11 +25,12 @@ import pyfuse3
 import trio
 
 from store import LocalStore, StoreError, prepare_root
+from store.api import ChangeFeed, Store
 from store.identifiers import DEFAULT_NAMESPACE, validate_identifier
 
 from .ops import ContentOps
 
-__all__ = ["MountOptions", "mount_main", "parse_options", "umount_main"]
+__all__ = ["MountOptions", "is_address", "mount_main", "parse_options", "umount_main"]
 
 log = logging.getLogger("fusefs")
 
@@ -58,6 +59,13 @@ class MountOptions:
         #: ``namespace=NS``: the namespace the mount shows (DESIGN §6)
         self.namespace = DEFAULT_NAMESPACE
         self.fuse: set[str] = set()
+        #: ``timeout=SECONDS``: each call's deadline, for a remote store
+        self.timeout: float | None = None
+
+
+def is_address(source: str) -> bool:
+    """Whether a mount source names a gRPC store (``unix://``, ``tcp://``), not a root."""
+    return source.startswith(("unix://", "tcp://"))
 
 
 def parse_options(options: Iterable[str]) -> MountOptions:
@@ -77,6 +85,13 @@ def parse_options(options: Iterable[str]) -> MountOptions:
                     out.namespace = validate_identifier("namespace", opt[len("namespace="):])
                 except StoreError as exc:
                     raise ValueError(f"mount option {opt!r}: {exc}") from None
+            elif opt.startswith("timeout="):
+                try:
+                    out.timeout = float(opt.partition("=")[2])
+                except ValueError:
+                    out.timeout = -1.0
+                if not out.timeout > 0:
+                    raise ValueError(f"mount option {opt!r}: expected seconds > 0")
             elif opt in FUSE_OPTIONS:
                 out.fuse.add(opt)
                 out.readonly = out.readonly or opt == "ro"
@@ -174,28 +189,36 @@ def mount_main(
     foreground: bool,
     debug: bool,
     log_file: str | None = None,
+    remote: bool = False,
 ) -> int:
-    """Mount store ``root`` at ``mountpoint``; see the module docstring. Returns the exit
-    status: 0 after a clean unmount (or, in the parent, once the daemon answers), 1 on a
-    failure, 2 on bad options, 4 for no store at ``root`` (read-only) or a root that is
-    no directory. A read-write mount makes a missing root, parents too."""
+    """Mount store ``root`` at ``mountpoint`` (``remote``: ``root`` is the address of a
+    gRPC store); see the module docstring. Returns the exit status: 0 after a clean
+    unmount (or, in the parent, once the daemon answers), 1 on a failure, 2 on bad
+    options, 4 for no store at ``root`` (read-only) or a root that is no directory. A
+    read-write mount makes a missing root, parents too."""
     _setup_logging(debug, quiet=not foreground)
     try:
         opts = parse_options(options)
     except ValueError as exc:
         print(f"contentfs: {exc}", file=sys.stderr)
         return 2
-    root = os.path.abspath(root)
+    if not remote and opts.timeout is not None:
+        print("contentfs: mount option timeout= needs a store address", file=sys.stderr)
+        return 2
+    if not remote:
+        root = os.path.abspath(root)
     mountpoint = os.path.abspath(mountpoint)
-    if not _mount_entry(root):
+    if not os.path.isdir(mountpoint) and not _mount_entry(mountpoint):
+        # checked first: a mistyped mount point must not leave a new root behind
+        why = "not a directory" if os.path.lexists(mountpoint) else "no such directory"
+        print(f"contentfs: mount point {mountpoint}: {why}", file=sys.stderr)
+        return 1
+    if not remote and not _mount_entry(root):
         try:  # a read-write mount makes a missing root, as the CLI's writing commands
             prepare_root(root, create=not opts.readonly)
         except StoreError as exc:
             print(f"contentfs: {exc}", file=sys.stderr)
             return EXIT_NO_STORE
-    if not os.path.isdir(mountpoint) and not _mount_entry(mountpoint):
-        print(f"contentfs: mount point {mountpoint}: not a directory", file=sys.stderr)
-        return 1
     ready_r, ready_w = os.pipe()
     if not foreground:
         pid = os.fork()
@@ -211,7 +234,7 @@ def mount_main(
         os.close(ready_r)
     try:
         return _run(root, mountpoint, opts, debug=debug, ready_fd=ready_w,
-                    daemon=not foreground, log_file=log_file)
+                    daemon=not foreground, log_file=log_file, remote=remote)
     finally:
         with contextlib.suppress(OSError):
             os.close(ready_w)
@@ -227,11 +250,28 @@ def _wait_ready(ready_r: int, pid: int) -> int:
     return code if code > 0 else 1
 
 
+def _open_store(root: str, opts: MountOptions, *, remote: bool) -> Store:
+    """The store to mount: a root, or (``remote``) the gRPC store at ``root``, whose
+    writes are held by the lease ``contentfs`` so containerd's GC keeps them."""
+    if not remote:
+        return LocalStore(root, readonly=opts.readonly).namespace(opts.namespace)
+    from store.grpc.client import DEFAULT_TIMEOUT, KEEP_LEASE, RemoteStore
+
+    store = RemoteStore(root, namespace=opts.namespace,
+                        timeout=opts.timeout or DEFAULT_TIMEOUT, lease=KEEP_LEASE)
+    try:
+        store.list_statuses()  # reachable, and the namespace is valid: say so now
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
 def _run(root: str, mountpoint: str, opts: MountOptions, *, debug: bool, ready_fd: int,
-         daemon: bool, log_file: str | None) -> int:
+         daemon: bool, log_file: str | None, remote: bool = False) -> int:
     try:
         _clear_dead_mount(mountpoint)
-        store = LocalStore(root, readonly=opts.readonly).namespace(opts.namespace)
+        store = _open_store(root, opts, remote=remote)
     except RuntimeError as exc:
         _tell(f"cannot mount {root}: {exc}")
         return 1
@@ -279,7 +319,9 @@ async def _serve(ops: ContentOps, mountpoint: str, ready_fd: int, daemon: bool,
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_on_signals)
         nursery.start_soon(_announce, mountpoint, ready_fd, daemon, log_file)
-        nursery.start_soon(watch_store, ops.store, ops.blobs)
+        if isinstance(ops.store, ChangeFeed):
+            # (a store that tells no changes gets short caches instead)
+            nursery.start_soon(watch_store, ops.store, ops.blobs)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 

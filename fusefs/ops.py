@@ -16,23 +16,24 @@ anything else is a bug and ends the mount.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pyfuse3
 import trio
 
 from store import NotFound, StoreError
-from store.local import LocalStore
+from store.api import BlobFiles, ChangeFeed, FileReader, ReadyReader, Store
 
-from . import view
+from . import offload, view
 from .blobcache import BlobCache
 from .errors import fuse_errors, refuse
 from .handles import DirHandle, Handles, ReadHandle, WriteHandle
-from .ingests import Ingests
+from .ingests import BUSY_WAIT, Ingests
 from .kernel import entry as make_entry
 from .kernel import negative
 from .view import (
@@ -54,6 +55,9 @@ __all__ = ["ContentOps"]
 log = logging.getLogger("fusefs")
 
 _STATFS_TTL = 5.0
+#: Seconds blob attributes and listings are cached over a store that does not report
+#: changes (a remote one), here and in the kernel.
+REMOTE_TTL = 2.0
 _READDIR_BATCH = 64  # entries stat-ed per step of a listing of the root or ingest/
 _NAME_MAX = 255  # a new ingest name may be no longer than any Linux file name
 
@@ -63,14 +67,24 @@ class ContentOps(pyfuse3.Operations):
 
     enable_writeback_cache = False
 
-    def __init__(self, store: LocalStore, *, readonly: bool = False) -> None:
+    def __init__(self, store: Store, *, readonly: bool = False,
+                 ttl: float | None = None) -> None:
+        """The view of ``store``. Over a store of files here (:class:`store.api.BlobFiles`)
+        the root directory shows through (times, statfs, an OCI layout's files); over any
+        other, the directories are the mount's. Without a change feed
+        (:class:`store.api.ChangeFeed`), cached blob attributes and listings last
+        ``ttl`` seconds (default :data:`REMOTE_TTL`), in the kernel too."""
         super().__init__()
         self.store = store
         self.readonly = readonly
-        self.root = store.root
+        self.root = store.root if isinstance(store, BlobFiles) else None
+        self.inline = self.root is not None  # store calls on the trio thread (offload)
+        if ttl is None and not isinstance(store, ChangeFeed):
+            ttl = REMOTE_TTL
+        self._started_ns = time.time_ns()
         self.nodes = view.NodeTable()
         self.handles = Handles()
-        self.blobs = BlobCache(store, self.nodes)
+        self.blobs = BlobCache(store, self.nodes, ttl=ttl)
         self.ingests = Ingests(store, self.nodes, self.blobs)
         self.xattrs = Xattrs(store, self.blobs, self.ingests)
         self._statfs: tuple[float, pyfuse3.StatvfsData] | None = None
@@ -93,6 +107,13 @@ class ContentOps(pyfuse3.Operations):
         created, updated = self.handles.unlinked[node.ino]
         handle = self.handles.first_open(node.ino)
         fd = handle.read_fd if isinstance(handle, WriteHandle) else handle.fd
+        if fd < 0:  # not a file here: what the mount knows
+            size = (handle.writer.offset if isinstance(handle, WriteHandle)
+                    else handle.reader.size if handle.reader is not None else 0)
+            attr = view.info_attr(node.ino, size, created, updated, os.getuid(),
+                                  os.getgid(), self.blobs.negative_timeout)
+            attr.nlink = 0
+            return make_entry(attr)
         with fuse_errors(f"stat removed {node.key}"):
             st = os.fstat(fd)
         if node.kind is Kind.BLOB:
@@ -114,33 +135,29 @@ class ContentOps(pyfuse3.Operations):
             raise refuse(errno.EROFS, f"{reason}: read-only mount")
 
     def is_oci_layout(self) -> bool:
-        return os.path.isfile(os.path.join(self.root, "oci-layout"))
+        return self.root is not None and os.path.isfile(os.path.join(self.root, "oci-layout"))
 
     # attributes ------------------------------------------------------------------------
 
-    def _attr(self, node: Node) -> Attr:
+    async def _attr(self, node: Node) -> Attr:
         """Attributes of ``node``; FUSEError(ENOENT) if what it shows is gone."""
         kind = node.kind
-        try:
+        with _stat_errors(node):
             if kind is Kind.BLOB:
-                return self.blobs.attr(node.ino, node.key)
+                return await self.blobs.attr(node.ino, node.key)
             if kind is Kind.INGEST:
-                return self.ingests.attr(node.ino, node.key)
+                return await self.ingests.attr(node.ino, node.key)
             if kind is Kind.LAYOUT_FILE:
+                assert self.root is not None
                 return view.layout_attr(node.ino, os.stat(os.path.join(self.root, node.key)))
-        except (FileNotFoundError, NotADirectoryError, NotFound):
-            raise pyfuse3.FUSEError(errno.ENOENT) from None
-        except (OSError, StoreError) as exc:  # e.g. EACCES, a busy metadata database
-            with fuse_errors(f"stat {node.key or node.kind.value}"):
-                raise exc from None
+        nlink = 4 if kind is Kind.ROOT else 2 + 3 if kind is Kind.BLOBS else 2
+        writable = not self.readonly and kind not in (Kind.ROOT, Kind.BLOBS)
+        if self.root is None:
+            return view.synthetic_dir_attr(node.ino, self._started_ns, os.getuid(),
+                                           os.getgid(), writable=writable, nlink=nlink)
         with fuse_errors("stat store root"):
             root_st = os.stat(self.root)
-        if kind is Kind.ROOT:
-            return view.dir_attr(node.ino, root_st, writable=False, nlink=4)
-        if kind is Kind.BLOBS:
-            return view.dir_attr(node.ino, root_st, writable=False, nlink=2 + 3)
-        writable = not self.readonly
-        return view.dir_attr(node.ino, root_st, writable=writable)
+        return view.dir_attr(node.ino, root_st, writable=writable, nlink=nlink)
 
     # lookup, getattr, forget -----------------------------------------------------------
 
@@ -152,25 +169,26 @@ class ContentOps(pyfuse3.Operations):
         parent = self._node(parent_inode)
         text = name.decode("utf-8", "surrogateescape")
         with fuse_errors(f"lookup {text}"):
-            node = self._child(parent, text)
+            node = await self._child(parent, text)
         if node is None:
-            return negative()
+            return negative(self.blobs.negative_timeout)
         self.handles.unlinked.pop(node.ino, None)  # e.g. the same blob committed again
         try:
-            entry = self._entry_of(node)
+            entry = await self._entry_of(node)
         except pyfuse3.FUSEError:
             self.nodes.drop_unused(node)  # vanished between the check and the stat
             raise
         self.nodes.remember(node)
         return entry
 
-    def _entry_of(self, node: Node) -> pyfuse3.EntryAttributes:
+    async def _entry_of(self, node: Node) -> pyfuse3.EntryAttributes:
         """What the kernel gets for ``node``; blobs through the blob cache."""
         if node.kind is Kind.BLOB and node.ino >> 62 == 1:  # not a committed ingest's node
-            return self.blobs.entry(node)
-        return make_entry(self._attr(node))
+            with _stat_errors(node):
+                return await self.blobs.entry(node)
+        return make_entry(await self._attr(node))
 
-    def _child(self, parent: Node, name: str) -> Node | None:
+    async def _child(self, parent: Node, name: str) -> Node | None:
         """The node ``name`` in ``parent``; None for a cacheable miss; ENOENT otherwise."""
         kind = parent.kind
         found: Node | None = None
@@ -188,10 +206,10 @@ class ContentOps(pyfuse3.Operations):
             if not is_blob_name(parent.key, name):
                 return None
             digest = f"{parent.key}:{name}"
-            return self.nodes.blob(digest) if self.blobs.exists(digest) else None
+            return self.nodes.blob(digest) if await self.blobs.exists(digest) else None
         elif kind is Kind.INGEST_DIR:
             ref = decode_name(name)
-            if ref is not None and self.ingests.exists(ref):
+            if ref is not None and await self.ingests.exists(ref):
                 return self.nodes.ingest(ref)
         if found is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -201,7 +219,7 @@ class ContentOps(pyfuse3.Operations):
         node = self._node(inode)
         if inode not in self.handles.unlinked:
             try:
-                return self._entry_of(node)
+                return await self._entry_of(node)
             except pyfuse3.FUSEError as exc:
                 if exc.errno != errno.ENOENT or inode not in self.handles.open_files:
                     raise
@@ -217,9 +235,13 @@ class ContentOps(pyfuse3.Operations):
         now = time.monotonic()
         if self._statfs is not None and now - self._statfs[0] < _STATFS_TTL:
             return self._statfs[1]
+        out = pyfuse3.StatvfsData()
+        out.f_namemax = 255
+        if self.root is None:  # a remote store: no figures to give
+            out.f_bsize = out.f_frsize = 4096
+            return out
         with fuse_errors("statfs of the store root"):
             sv = os.statvfs(self.root)
-        out = pyfuse3.StatvfsData()
         out.f_bsize = sv.f_frsize  # df multiplies by f_frsize: keep them equal
         out.f_frsize = sv.f_frsize
         out.f_blocks = sv.f_blocks
@@ -228,7 +250,6 @@ class ContentOps(pyfuse3.Operations):
         out.f_files = sv.f_files
         out.f_ffree = sv.f_ffree
         out.f_favail = sv.f_favail
-        out.f_namemax = 255
         self._statfs = (now, out)
         return out
 
@@ -239,12 +260,13 @@ class ContentOps(pyfuse3.Operations):
         entries: list[tuple[int, str, str]]  # cursor, name, what it names
         if node.kind is Kind.ROOT:
             names = ["blobs", "ingest"]
-            if self.is_oci_layout():
+            if self.root is not None and self.is_oci_layout():
                 names += [n for n in LAYOUT_FILES if os.path.isfile(os.path.join(self.root, n))]
             entries = [(i + 1, n, n) for i, n in enumerate(names)]
         elif node.kind is Kind.BLOBS:
             entries = [(i + 1, alg, alg) for i, (alg, _) in enumerate(self.nodes.algorithms())]
         elif node.kind is Kind.ALG:
+            self.blobs.expire()
             with fuse_errors(f"list blobs/{node.key}"):
                 listing = await trio.to_thread.run_sync(self.blobs.listing, node.key)
             return self.handles.add(DirHandle(node.kind, node.key, [], [], [], listing))
@@ -272,7 +294,8 @@ class ContentOps(pyfuse3.Operations):
         i = bisect.bisect_left(handle.keys, start_id)
         while i < len(handle.keys):
             batch = range(i, min(i + _READDIR_BATCH, len(handle.keys)))
-            listed = self._listed(handle, batch)
+            with fuse_errors(f"list {handle.kind.value}"):
+                listed = await self._listed(handle, batch)
             for j, item in zip(batch, listed, strict=True):
                 if item is None:
                     continue
@@ -288,25 +311,26 @@ class ContentOps(pyfuse3.Operations):
                 self.nodes.remember(node)
             i = batch.stop
 
-    def _listed(self, handle: DirHandle, batch: range) -> list[tuple[Node, Attr] | None]:
+    async def _listed(self, handle: DirHandle,
+                      batch: range) -> list[tuple[Node, Attr] | None]:
         """Nodes and attributes of some snapshot entries (None for those that vanished)."""
         out: list[tuple[Node, Attr] | None] = []
         for j in batch:
             what = handle.refs[j]
             node: Node | None
             if handle.kind is Kind.INGEST_DIR:
-                node = self.nodes.ingest(what) if self.ingests.exists(what) else None
+                node = self.nodes.ingest(what) if await self.ingests.exists(what) else None
             else:
                 parent = ROOT_INO if handle.kind is Kind.ROOT else BLOBS_INO
                 try:
-                    node = self._child(self._node(parent), what)
+                    node = await self._child(self._node(parent), what)
                 except pyfuse3.FUSEError:  # a layout file removed since opendir
                     node = None
             if node is None:
                 out.append(None)
                 continue
             try:
-                out.append((node, self._attr(node)))
+                out.append((node, await self._attr(node)))
             except pyfuse3.FUSEError:
                 self.nodes.drop_unused(node)
                 out.append(None)
@@ -327,18 +351,26 @@ class ContentOps(pyfuse3.Operations):
                 fh = await self._open_writer(node.key, flags, inode)
                 return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
             with fuse_errors(f"open ingest {node.key}"):
-                fd = os.open(self.ingests.data_path(node.key), os.O_RDONLY | os.O_CLOEXEC)
-            return pyfuse3.FileInfo(fh=self.handles.add(ReadHandle(fd, ino=inode)),
-                                    direct_io=True, keep_cache=False)
+                fd = self.ingests.open_data(node.key)
+                handle = ReadHandle(fd, ino=inode)
+                if fd < 0:
+                    handle.reader = await offload.call(False, self.ingests.open_reader,
+                                                       node.key)
+            return pyfuse3.FileInfo(fh=self.handles.add(handle), direct_io=True,
+                                    keep_cache=False)
         if wants_write:
             raise self._deny(f"open {node.key} for writing: blobs are read-only")
         if node.kind is Kind.LAYOUT_FILE:
+            assert self.root is not None
             with fuse_errors(f"open {node.key}"):
-                fd = os.open(os.path.join(self.root, node.key), os.O_RDONLY | os.O_CLOEXEC)
+                # O_NONBLOCK: a FIFO planted there must not block the mount's event loop
+                fd = os.open(os.path.join(self.root, node.key),
+                             os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             return pyfuse3.FileInfo(fh=self.handles.add(ReadHandle(fd)), keep_cache=False)
         with fuse_errors(f"open blob {node.key}"):
-            reader = self.store.reader_at(node.key)
-        handle = ReadHandle(reader.fileno(), reader, digest=node.key, ino=inode)
+            reader = await offload.call(self.inline, self.store.reader_at, node.key)
+        fd = reader.fileno() if isinstance(reader, FileReader) else -1
+        handle = ReadHandle(fd, reader, digest=node.key, ino=inode)
         self.blobs.arm_verify(handle)
         return pyfuse3.FileInfo(fh=self.handles.add(handle), keep_cache=True)
 
@@ -355,7 +387,18 @@ class ContentOps(pyfuse3.Operations):
         else:
             raise pyfuse3.FUSEError(errno.EISDIR)
         try:
-            data = os.pread(fd, size, off)
+            if fd >= 0:
+                data = os.pread(fd, size, off)
+            elif isinstance(handle, ReadHandle) and handle.reader is not None:
+                reader = handle.reader
+                ready = reader.read_ready(size, off) if isinstance(reader, ReadyReader) else None
+                if ready is not None:  # fetched ahead already: no thread hop
+                    data = ready
+                else:
+                    with fuse_errors(f"read {handle.digest or 'ingest'}"):
+                        data = await trio.to_thread.run_sync(reader.read_at, size, off)
+            else:
+                raise refuse(errno.EACCES, "read: this store cannot read back an ingest")
         except OSError as exc:
             raise refuse(exc.errno or errno.EIO, f"read: {exc}") from None
         if isinstance(handle, ReadHandle) and handle.corrupt:
@@ -368,7 +411,7 @@ class ContentOps(pyfuse3.Operations):
         handle = self.handles[fh]
         if not isinstance(handle, WriteHandle):
             raise pyfuse3.FUSEError(errno.EBADF)
-        return self.ingests.write(handle, off, buf)
+        return await self.ingests.write(handle, off, buf)
 
     async def flush(self, fh: int) -> None:
         handle = self.handles.get(fh)
@@ -381,10 +424,10 @@ class ContentOps(pyfuse3.Operations):
             await self.ingests.sync(handle, "fsync")
 
     async def release(self, fh: int) -> None:
-        # Frees the writer slot before anything could await (DESIGN §2: RELEASE is late).
+        # Frees the writer slot before anything could await (RELEASE comes late)
         handle = self.handles.drop(fh)
         if isinstance(handle, WriteHandle):
-            self.ingests.close_writer(handle)
+            await self.ingests.release_writer(handle)
         elif isinstance(handle, ReadHandle):
             handle.close()
 
@@ -417,7 +460,7 @@ class ContentOps(pyfuse3.Operations):
         if ref is None:
             raise refuse(errno.EINVAL, f"create ingest/{text}: not a ref name ('%' must be"
                          " written %25 and '/' %2F)")
-        if flags & os.O_EXCL and self.ingests.exists(ref):
+        if flags & os.O_EXCL and await self.ingests.exists(ref):
             raise pyfuse3.FUSEError(errno.EEXIST)
         # (if another process created the ingest since the kernel's lookup, this resumes
         # it, or restarts it for O_TRUNC, exactly as an open would)
@@ -428,7 +471,7 @@ class ContentOps(pyfuse3.Operations):
             self.nodes.drop_unused(node)
             raise
         self.ingests.modes[ref] = mode & 0o7777
-        attr = self._attr(node)
+        attr = await self._attr(node)
         self.nodes.remember(node)
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False), make_entry(attr)
 
@@ -440,6 +483,11 @@ class ContentOps(pyfuse3.Operations):
             ref = decode_name(text)
             if ref is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
+            if not self.inline:  # a remote ingest cannot be aborted under its own stream:
+                # `echo x > f; rm f` may come before the RELEASE of that write
+                deadline = trio.current_time() + BUSY_WAIT
+                while ref in self.ingests.writers and trio.current_time() < deadline:
+                    await trio.sleep(0.02)
             with fuse_errors(f"abort ingest {ref}"):
                 await trio.to_thread.run_sync(self.store.abort, ref)
             log.info("aborted ingest %s", ref)
@@ -456,8 +504,8 @@ class ContentOps(pyfuse3.Operations):
             kept = self.blobs.attrs.get(ino)
             with fuse_errors(f"delete content {digest}"):
                 if kept is None and ino in self.handles.open_files:
-                    kept = make_entry(self.blobs.attr(ino, digest))
-                self.store.delete(digest)
+                    kept = make_entry(await self.blobs.attr(ino, digest))
+                await offload.call(self.inline, self.store.delete, digest)
             if kept is not None:
                 self.handles.unlinked_open(ino, kept.st_mtime_ns, kept.st_ctime_ns)
             self.blobs.drop(ino)
@@ -479,7 +527,7 @@ class ContentOps(pyfuse3.Operations):
         if src_dir.kind is not Kind.INGEST_DIR or flags & pyfuse3.RENAME_EXCHANGE:
             raise self._deny(f"{what}: only ingests can be renamed (into ingest/ or blobs/)")
         ref = decode_name(old)
-        if ref is None or not self.ingests.exists(ref):
+        if ref is None or not await self.ingests.exists(ref):
             raise pyfuse3.FUSEError(errno.ENOENT)
         if dst_dir.kind is Kind.INGEST_DIR:
             await self._rename_ingest(ref, new, flags, what)
@@ -498,7 +546,7 @@ class ContentOps(pyfuse3.Operations):
             raise self._deny(f"{what}: not a ref name ('%' must be %25, '/' %2F)")
         if new_ref == ref:
             return
-        if flags & pyfuse3.RENAME_NOREPLACE and self.ingests.exists(new_ref):
+        if flags & pyfuse3.RENAME_NOREPLACE and await self.ingests.exists(new_ref):
             raise pyfuse3.FUSEError(errno.EEXIST)
         await self.ingests.rename(ref, new_ref)
 
@@ -506,7 +554,7 @@ class ContentOps(pyfuse3.Operations):
         alg = alg_dir.key
         if not is_blob_name(alg, name):
             raise self._deny(f"commit ingest {ref} as blobs/{alg}/{name}: not a {alg} digest")
-        if flags & pyfuse3.RENAME_NOREPLACE and self.blobs.exists(f"{alg}:{name}"):
+        if flags & pyfuse3.RENAME_NOREPLACE and await self.blobs.exists(f"{alg}:{name}"):
             raise pyfuse3.FUSEError(errno.EEXIST)
         await self.ingests.commit_by_rename(ref, alg_dir, name)
 
@@ -550,7 +598,7 @@ class ContentOps(pyfuse3.Operations):
         elif changes:
             raise self._deny(f"change attributes of {node.key or node.kind.value}:"
                              " blobs and directories are read-only")
-        return make_entry(self._attr(node))
+        return make_entry(await self._attr(node))
 
     # extended attributes ---------------------------------------------------------------
 
@@ -565,7 +613,7 @@ class ContentOps(pyfuse3.Operations):
         return value.encode("utf-8", "surrogateescape")
 
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
-        labels = self.xattrs.labels(self._node(inode))
+        labels = await self.xattrs.labels(self._node(inode))
         return [b"user." + k.encode("utf-8", "surrogateescape") for k in sorted(labels)]
 
     async def setxattr(self, inode: int, name: bytes, value: bytes,
@@ -597,6 +645,19 @@ class ContentOps(pyfuse3.Operations):
                 raise self._deny(f"remove contentfs.{field} from {node.key}: read-only")
             await self.xattrs.remove_reserved(node, field)
             return
-        if key not in self.xattrs.labels(node):
+        if key not in await self.xattrs.labels(node):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         await self.xattrs.change_label(node, key, "")
+
+
+@contextlib.contextmanager
+def _stat_errors(node: Node) -> Iterator[None]:
+    """Reading the attributes of ``node``: gone is ENOENT, anything else (EACCES, a busy
+    metadata database, a store that cannot be reached) its errno."""
+    try:
+        yield
+    except (FileNotFoundError, NotADirectoryError, NotFound):
+        raise pyfuse3.FUSEError(errno.ENOENT) from None
+    except (OSError, StoreError) as exc:
+        with fuse_errors(f"stat {node.key or node.kind.value}"):
+            raise exc from None

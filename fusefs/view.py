@@ -1,6 +1,7 @@
 """The filesystem view as a pure, synchronous model: inodes, names, attributes.
 
-No pyfuse3 and no trio here (``ops`` adapts this to FUSE). The tree (DESIGN §2)::
+No pyfuse3 and no trio here (``ops`` adapts this to FUSE). The tree (README, "The
+filesystem")::
 
     /                      ROOT_INO
       blobs/               BLOBS_INO
@@ -286,3 +287,28 @@ def layout_attr(ino: int, st: os.stat_result) -> Attr:
     return Attr(ino, stat.S_IFREG | 0o444, size=st.st_size, uid=st.st_uid, gid=st.st_gid,
                 blocks=st.st_blocks, atime_ns=st.st_mtime_ns, mtime_ns=st.st_mtime_ns,
                 ctime_ns=st.st_ctime_ns, timeout=LAYOUT_TIMEOUT)
+
+
+def info_attr(ino: int, size: int, created_ns: int, updated_ns: int, uid: int, gid: int,
+              timeout: float) -> Attr:
+    """A blob of a store that is not files here: from its Info, owned by the mount."""
+    return Attr(ino, stat.S_IFREG | 0o444, size=size, uid=uid, gid=gid,
+                blocks=(size + 511) // 512, atime_ns=created_ns, mtime_ns=created_ns,
+                ctime_ns=max(updated_ns, created_ns), timeout=timeout)
+
+
+def status_attr(ino: int, size: int, started_ns: int, updated_ns: int, uid: int, gid: int,
+                mode: int | None) -> Attr:
+    """An ingest of a store that is not files here: from its Status, owned by the mount."""
+    perm = mode if mode is not None else 0o644
+    return Attr(ino, stat.S_IFREG | (perm & 0o7777), size=size, uid=uid, gid=gid,
+                blocks=(size + 511) // 512, atime_ns=updated_ns, mtime_ns=updated_ns,
+                ctime_ns=max(updated_ns, started_ns), timeout=INGEST_TIMEOUT)
+
+
+def synthetic_dir_attr(ino: int, when_ns: int, uid: int, gid: int, *, writable: bool,
+                       nlink: int = 2) -> Attr:
+    """A directory of a mount with no root directory here (a remote store)."""
+    mode = stat.S_IFDIR | (0o755 if writable else 0o555)
+    return Attr(ino, mode, size=4096, nlink=nlink, uid=uid, gid=gid, atime_ns=when_ns,
+                mtime_ns=when_ns, ctime_ns=when_ns, timeout=DIR_TIMEOUT)

@@ -13,10 +13,11 @@ import errno
 import logging
 
 from store import Info, NotFound
+from store.api import Store
 from store.labels import MAX_LABEL_SIZE, label_size
-from store.local import LocalStore
 from store.types import format_time, to_ns
 
+from . import offload
 from .blobcache import BlobCache
 from .errors import fuse_errors, refuse
 from .ingests import Ingests
@@ -33,33 +34,37 @@ RESERVED = "contentfs."
 class Xattrs:
     """Reading and changing the extended attributes of blobs and ingests."""
 
-    def __init__(self, store: LocalStore, blobs: BlobCache, ingests: Ingests) -> None:
+    def __init__(self, store: Store, blobs: BlobCache, ingests: Ingests) -> None:
         self.store = store
         self.blobs = blobs
         self.ingests = ingests
+        self.inline = blobs.inline  # store calls on the trio thread (see offload)
+
+    async def _info(self, digest: str) -> Info:
+        return await offload.call(self.inline, self.store.info, digest)
 
     async def get(self, node: Node, key: str) -> str | None:
         """The value of ``user.<key>``; None if it has none."""
         if key.startswith(RESERVED):
             return await self._reserved(node, key[len(RESERVED):])
-        return self.labels(node).get(key)
+        return (await self.labels(node)).get(key)
 
-    def labels(self, node: Node) -> dict[str, str]:
+    async def labels(self, node: Node) -> dict[str, str]:
         """The labels of a blob or an ingest (none for anything else)."""
         with fuse_errors(f"labels of {node.key}"):
             if node.kind is Kind.BLOB:
-                return dict(self.store.info(node.key).labels)
+                return dict((await self._info(node.key)).labels)
             if node.kind is Kind.INGEST:
-                if not self.ingests.exists(node.key):
+                if not await self.ingests.exists(node.key):
                     raise NotFound(f"ingest {node.key}")
-                return self.store.ingest_hints(node.key)[1]
+                return self.ingests.hints(node.key)[1]
         return {}
 
     async def _reserved(self, node: Node, field: str) -> str | None:
         """``user.contentfs.<field>``: status readable by name, never listed."""
         with fuse_errors(f"status of {node.key}"):
             if node.kind is Kind.BLOB:
-                info = self.store.info(node.key)
+                info = await self._info(node.key)
                 return {
                     "digest": info.digest,
                     "size": str(info.size),
@@ -73,7 +78,7 @@ class Xattrs:
                 return self.ingests.errors.get(ref)
             if field == "digest":
                 return await self.ingests.digest(ref)
-            st = self.ingests.status(ref)
+            st = await self.ingests.status(ref)
             return {
                 "offset": str(st.offset),
                 "total": str(st.total),
@@ -94,23 +99,23 @@ class Xattrs:
         """Set label ``key`` (an empty value removes it) on a blob or an ingest."""
         with fuse_errors(f"label {key} of {node.key}"):
             if node.kind is Kind.BLOB:
-                info = self.store.info(node.key)
-                self.store.update(
-                    Info(info.digest, info.size, info.created_at, info.updated_at,
-                         {key: value}), f"labels.{key}")
+                info = await self._info(node.key)
+                change = Info(info.digest, info.size, info.created_at, info.updated_at,
+                              {key: value})
+                await offload.call(self.inline, self.store.update, change, f"labels.{key}")
                 self.blobs.drop(node.ino)
                 # ctime (UpdatedAt) changed: drop the kernel's cached attributes
                 invalidate_inode(node.ino, node.key)
                 return
             ref = node.key
-            if not self.ingests.exists(ref):
+            if not await self.ingests.exists(ref):
                 raise NotFound(f"ingest {ref}")
-            labels = self.store.ingest_hints(ref)[1]
+            labels = self.ingests.hints(ref)[1]
             if value:
                 labels[key] = value
             else:
                 labels.pop(key, None)
-            self.store.set_ingest_hints(ref, labels=labels)
+            await self.ingests.set_hints(ref, labels=labels)
 
     async def set_reserved(self, node: Node, field: str, value: str) -> None:
         """``user.contentfs.<field>`` on an ingest (``node`` is not a blob)."""
@@ -120,9 +125,9 @@ class Xattrs:
                 await self.ingests.commit_by_xattr(ref, value.strip() or None)
             elif field == "expected":
                 if value.strip():
-                    self.store.set_ingest_hints(ref, expected=value.strip())
+                    await self.ingests.set_hints(ref, expected=value.strip())
                 else:
-                    self.store.set_ingest_hints(ref, clear_expected=True)
+                    await self.ingests.set_hints(ref, clear_expected=True)
             elif field == "total":
                 try:
                     total = int(value.strip() or "0")
@@ -138,7 +143,7 @@ class Xattrs:
         ``total`` are cleared; other names are accepted and ignored."""
         if field == "expected":
             with fuse_errors(f"clear expected of ingest {node.key}"):
-                self.store.set_ingest_hints(node.key, clear_expected=True)
+                await self.ingests.set_hints(node.key, clear_expected=True)
         elif field == "total":
             await self.set_reserved(node, "total", "0")
 

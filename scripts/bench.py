@@ -36,7 +36,7 @@ from typing import IO, Any
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 MiB = 1 << 20
-NS = "bench"  # containerd namespace used for every ctr call
+NS = "default"  # namespace of every ctr call: the one a mount and the CLI use by default
 
 
 class BenchError(Exception):
@@ -90,6 +90,9 @@ FIGURES: tuple[Figure, ...] = (
            "ctr content ingest on containerd", "rate", ">", 1.0),
     Figure("cli_get", "CLI get, big blob", "contentfs get", "ctr content get on containerd",
            "rate", ">", 1.0),
+    Figure("read_remote", "first read via a mount over containerd",
+           "cat of a 256 MiB blob via `contentfs mount --address` (cache dropped)",
+           "ctr content get of it from the same containerd", "rate", ">=", 2.0),
     Figure("cli_verify", "CLI verify, blobs of 1-64 MiB", "contentfs verify",
            "sha256sum of the blob files", "rate", ">=", 2.0),
     Figure("fetch_registry", "fetch an image from a registry", "contentfs fetch",
@@ -100,9 +103,17 @@ FIGURES: tuple[Figure, ...] = (
            "containerd (VmHWM)", "memory", "<", 150.0),
     Figure("rss_serve", "serve daemon peak RSS", "contentfs serve (VmHWM)",
            "containerd (VmHWM)", "memory", "<", 150.0),
+    Figure("serve_rss_abandoned", "serve RSS after abandoned large writes",
+           "contentfs serve RSS after rounds of abandoned 15 MB writes (max)",
+           "the same server's RSS before them", "memory", "<", 100.0,
+           "within 50 MB of the ~46 MB start (issue 15); growth in extra"),
+    Figure("pull_proxy", "ctr images pull, one big layer",
+           "containerd over contentfs serve (content proxy plugin)",
+           "containerd with its own content store", "rate", ">=", 0.8),
 )
 BY_NAME = {f.name: f for f in FIGURES}
 REGISTRY_FIGS = frozenset({"fetch_registry", "fetch_registry_skopeo"})
+PULL_FIGS = frozenset({"pull_proxy"})  # makes its own data and daemons
 
 
 @dataclasses.dataclass
@@ -326,12 +337,30 @@ class Mount:
                 run(["fusermount3", "-u", "-z", str(self.mnt)], check=False)
 
 
+class RemoteMount(Mount):
+    """``contentfs mount -f --address SOCK -o namespace=NS MNT``: a mount over containerd."""
+
+    def __init__(self, sock: Path, mnt: Path, logdir: Path) -> None:
+        self.root, self.mnt = sock, mnt
+        mnt.mkdir(parents=True, exist_ok=True)
+        self.daemon = Daemon("contentfs mount --address",
+                             [str(BIN / "contentfs"), "mount", "-f", "--address",
+                              f"unix://{sock}", "-o", f"namespace={NS}", str(mnt)],
+                             logdir / "mount-remote.log")
+        try:
+            wait_until("remote mount", lambda: is_mounted(mnt) and (mnt / "blobs").exists(),
+                       self.daemon)
+        except BaseException:
+            self.stop()
+            raise
+
+
 class Serve:
     """``contentfs serve`` on a unix socket; ready when it prints its "serving" line."""
 
-    def __init__(self, root: Path, sock: Path, logdir: Path) -> None:
+    def __init__(self, root: Path, sock: Path, logdir: Path, name: str = "serve") -> None:
         self.sock = sock
-        log = logdir / "serve.log"
+        log = logdir / f"{name}.log"
         self.daemon = Daemon("contentfs serve", [str(BIN / "contentfs"), "serve", "--root",
                                                  str(root), "--address", f"unix://{sock}"], log)
         try:
@@ -354,23 +383,30 @@ class Containerd:
                 "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
                 "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing")
 
-    def __init__(self, base: Path, sock: Path) -> None:
+    def __init__(self, base: Path, sock: Path, content_proxy: Path | None = None) -> None:
+        """``content_proxy``: the socket of a Content server that replaces containerd's
+        built-in content store (``[proxy_plugins]``, as for the pull_proxy figure)."""
         exe = shutil.which("containerd")
         if exe is None:
             raise BenchError("containerd not found (apt-get install containerd)")
         base.mkdir(parents=True, exist_ok=True)
         self.sock = sock
         self.daemon_root = base / "root"
+        disabled = list(self.DISABLED)
+        if content_proxy:
+            disabled.append("io.containerd.content.v1.content")
         config = base / "config.toml"
         config.write_text(
             "version = 2\n"
             f'root = "{base / "root"}"\n'
             f'state = "{base / "state"}"\n'
-            f"disabled_plugins = {json.dumps(list(self.DISABLED))}\n"
+            f"disabled_plugins = {json.dumps(disabled)}\n"
             f'[grpc]\n  address = "{self.sock}"\n'
             f'[ttrpc]\n  address = "{self.sock}.ttrpc"\n'
             '[debug]\n  level = "warn"\n'
             '[plugins."io.containerd.gc.v1.scheduler"]\n  mutation_threshold = 0\n'
+            + (f'[proxy_plugins.contentfs]\n  type = "content"\n  address = "{content_proxy}"\n'
+               if content_proxy else "")
         )
         self.daemon = Daemon("containerd", [exe, "--config", str(config)], base / "log")
         try:
@@ -506,12 +542,13 @@ def record_blobs(root: Path, rows: Sequence[tuple[str, int]], label: bool = True
         base = time.time_ns()
         with conn:
             conn.executemany(
-                "INSERT OR REPLACE INTO blobs(digest, size, created_ns, updated_ns)"
-                " VALUES (?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO blobs(ns, digest, size, created_ns, updated_ns)"
+                " VALUES ('default', ?, ?, ?, ?)",
                 ((f"sha256:{h}", size, base + i, base + i) for i, (h, size) in enumerate(rows)))
             if label:
                 conn.executemany(
-                    "INSERT OR REPLACE INTO labels(digest, key, value) VALUES (?, ?, ?)",
+                    "INSERT OR REPLACE INTO labels(ns, digest, key, value)"
+                    " VALUES ('default', ?, ?, ?)",
                     ((f"sha256:{h}", "containerd.io/distribution.source.bench", "library/bench")
                      for h, _ in rows))
     finally:
@@ -600,6 +637,7 @@ class Params:
     plot: bool = False
     show: bool = False
     layer_size: int = 512 * MiB
+    pull_layer_size: int = 256 * MiB
 
 
 class Bench:
@@ -638,7 +676,7 @@ class Bench:
 
     def prepare(self) -> None:
         p = self.p
-        self.prepared = not p.only <= REGISTRY_FIGS
+        self.prepared = not p.only <= REGISTRY_FIGS | PULL_FIGS
         if not self.prepared:  # the registry figures make their own data
             return
         say(f"preparing data in {self.work}: 2 x {human(p.size)}, {p.blobs} small blobs")
@@ -737,7 +775,8 @@ class Bench:
         fuse_figs = ("read_first", "read_warm", "ingest_mount", "small_writes", "ls_first",
                      "ls_many", "find_many", "stat_hit", "stat_miss", "rss_mount")
         grpc_figs = ("ctr_get", "ctr_ingest", "rss_serve")
-        cd_figs = ("ctr_get", "ctr_ingest", "cli_ingest", "cli_get", "rss_mount", "rss_serve")
+        cd_figs = ("ctr_get", "ctr_ingest", "cli_ingest", "cli_get", "read_remote", "rss_mount",
+                   "rss_serve")
         if self.wanted(*cd_figs):
             self.guard("containerd", self.start_containerd)
         if self.wanted(*fuse_figs):
@@ -763,11 +802,15 @@ class Bench:
         if self.containerd is not None:
             self.measure("cli_ingest", self.fig_cli_ingest)
             self.measure("cli_get", self.fig_cli_get)
+            self.measure("read_remote", self.fig_read_remote)
         self.measure("cli_verify", self.fig_cli_verify)
         if self.serve is not None:
             self.measure("rss_serve", lambda r: self.fig_rss(r, self.serve))
+        self.measure("serve_rss_abandoned", self.fig_serve_rss_abandoned)
         if self.wanted("fetch_registry", "fetch_registry_skopeo"):
             self.run_registry_figures()
+        if self.wanted("pull_proxy"):
+            self.run_pull_proxy()
         for name in p.only:
             if name not in self.results:
                 res = Result(self.figure(name), error=self.start_errors.get(name, "not run"))
@@ -782,7 +825,8 @@ class Bench:
                               "ls_first", "ls_many", "find_many", "stat_hit", "stat_miss",
                               "rss_mount"),
                     "serve": ("ctr_get", "ctr_ingest", "rss_serve"),
-                    "containerd": ("ctr_get", "ctr_ingest", "cli_ingest", "cli_get")}
+                    "containerd": ("ctr_get", "ctr_ingest", "cli_ingest", "cli_get",
+                                   "read_remote")}
             for name in deps[what]:
                 self.start_errors.setdefault(name, f"{what} did not start: {exc}")
 
@@ -939,6 +983,57 @@ class Bench:
         res.baseline.append(self.containerd.daemon.peak_rss_mb())
         res.extra["rss_mb"] = self.rss.get(key, {})
 
+    def fig_serve_rss_abandoned(self, res: Result) -> None:
+        """Rounds of Write streams that each send one 15 MB chunk and leave without a
+        commit, against a server of its own: its RSS once they left, vs before."""
+        import threading
+
+        import grpc
+
+        from store.grpc.pb import content_pb2 as pb
+
+        writers, rounds = (8, 1) if self.p.quick else (64, 4)
+        root = self.work / "abandoned-root"
+        root.mkdir()
+        logs = self.logs / "abandoned"
+        logs.mkdir()
+        srv = Serve(root, self.socks / "abandoned.sock", logs)
+        chunk = os.urandom(15 * MiB)
+
+        def one(rnd: int, i: int) -> None:
+            ch = grpc.insecure_channel(f"unix:{srv.sock}", options=[
+                ("grpc.use_local_subchannel_pool", 1), ("grpc.max_send_message_length", 32 * MiB)])
+            call = ch.stream_stream("/containerd.services.content.v1.Content/Write",
+                                    request_serializer=lambda m: m.SerializeToString(),
+                                    response_deserializer=pb.WriteContentResponse.FromString)
+            req = pb.WriteContentRequest(action=pb.WRITE, ref=f"abandoned-{rnd}-{i}", data=chunk)
+            with contextlib.suppress(grpc.RpcError):
+                for _ in call(iter([req]), metadata=(("containerd-namespace", NS),), timeout=120):
+                    pass
+            ch.close()
+
+        try:
+            before = srv.daemon.rss_mb()
+            after = []
+            for rnd in range(rounds):
+                threads = [threading.Thread(target=one, args=(rnd, i)) for i in range(writers)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                srv.daemon.check_alive()
+                # the clients have left; the server trims shortly after
+                settle = time.monotonic() + 5
+                while srv.daemon.rss_mb() > before + 50 and time.monotonic() < settle:
+                    time.sleep(0.1)
+                after.append(round(srv.daemon.rss_mb(), 1))
+            res.ours.append(max(after))
+            res.baseline.append(before)
+            res.extra.update({"writers": writers, "rounds": rounds, "rss_after_rounds": after,
+                              "growth_mb": round(max(after) - before, 1)})
+        finally:
+            srv.stop()
+
     # gRPC and CLI -----------------------------------------------------------------------
 
     def ctr_get(self, sock: Path) -> Callable[[], float]:
@@ -983,6 +1078,43 @@ class Bench:
                    lambda: timed(self.contentfs("get", f"sha256:{self.big_hex}")),
                    self.ctr_get(self.containerd.sock), self.rate(self.p.size))
 
+    def fig_read_remote(self, res: Result) -> None:
+        """A mount over containerd reads in large Read calls, ahead of ``cat``; ``ctr``
+        asks 32 KiB per call. The mount's page cache is dropped before each of its runs."""
+        assert self.containerd is not None
+        size = min(self.p.size, 256 * MiB)
+        src = self.work / "remote.bin"
+        hexd = make_random_file(src, size, 3)
+        sock = self.containerd.sock
+        with open(src, "rb") as fh:
+            run(ctr(sock, "content", "ingest", "bench-remote"), stdin=fh)
+        run(ctr(sock, "content", "label", f"sha256:{hexd}", "containerd.io/gc.root=bench"))
+        src.unlink()
+        say("  starting contentfs mount --address (containerd)")
+        mount = RemoteMount(sock, self.work / "mnt-remote", self.logs)
+        try:
+            blob = mount.mnt / "blobs" / "sha256" / hexd
+            h = hashlib.sha256()
+            with open(blob, "rb", buffering=0) as fh:
+                buf = bytearray(MiB)
+                view = memoryview(buf)
+                while n := fh.readinto(buf):
+                    h.update(view[:n])
+            if h.hexdigest() != hexd:
+                raise BenchError(f"{blob}: read back sha256:{h.hexdigest()}")
+            cat_mnt = self.cat(blob)
+
+            def first() -> float:
+                drop_cache(blob)
+                return cat_mnt()
+
+            res.extra["size"] = size
+            self.pairs(res, self.p.slow_runs, first,
+                       lambda: timed(ctr(sock, "content", "get", f"sha256:{hexd}")),
+                       self.rate(size))
+        finally:
+            mount.stop()
+
 
     def fig_cli_verify(self, res: Result) -> None:
         blob_dir = self.root / "blobs" / "sha256"
@@ -1005,6 +1137,9 @@ class Bench:
         self.pairs(res, self.p.runs, ours, lambda: timed(["sha256sum", *paths]),
                    self.rate(total))
     # registries ---------------------------------------------------------------------------
+
+    def run_pull_proxy(self) -> None:
+        _pull_proxy(self)
 
     def run_registry_figures(self) -> None:
         """``contentfs fetch`` of a one-layer image (``--layer-size``) from a local
@@ -1067,6 +1202,59 @@ class Bench:
                              lambda r: self.pairs(r, runs, ours, ctr_fetch, rate))
         self.measure("fetch_registry_skopeo",
                      lambda r: self.pairs(r, runs, ours, skopeo, rate))
+
+
+# pull through a content proxy ----------------------------------------------------------
+
+
+def _pull_proxy(bench: Bench) -> None:
+    """The pull_proxy figure: ``ctr images pull --plain-http`` (fetch and unpack) of a
+    one-layer image (``--pull-layer-size``) from a local docker-registry, by a containerd
+    whose content store is ``contentfs serve`` (proxy plugin), alternated with the same
+    pull by a containerd with its own store; both started for this figure alone, with
+    the same configuration otherwise. Every run starts with none of the image there:
+    after each pull ``ctr images rm --sync`` has containerd's GC delete it (through
+    contentfs for ours), checked on disk."""
+    p = bench.p
+    base = bench.work / "pull"
+    socks = bench.socks
+    logs = bench.logs / "pull"
+    logs.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:  # everything of this figure stops after it
+        try:
+            reg = Registry(base / "registry", logs)
+            stack.callback(reg.stop)
+            ref = reg.push_image(base / "image", p.pull_layer_size)
+            root = base / "cfs-root"
+            serve = Serve(root, socks / "pull-cfs.sock", logs, name="pull-serve")
+            stack.callback(serve.stop)
+            ours_cd = Containerd(base / "cd-proxy", socks / "pp.sock",
+                                 content_proxy=socks / "pull-cfs.sock")
+            stack.callback(ours_cd.stop)
+            plain_cd = Containerd(base / "cd-plain", socks / "pl.sock")
+            stack.callback(plain_cd.stop)
+        except BenchError as exc:
+            bench.start_errors["pull_proxy"] = f"pull_proxy setup: {exc}"
+            say(f"  cannot set up pull_proxy: {exc}")
+            return
+        ours_blob = root / "blobs" / "sha256" / ref.layer_hex
+        plain_blob = (plain_cd.daemon_root / "io.containerd.content.v1.content" / "blobs"
+                      / "sha256" / ref.layer_hex)
+
+        def pull(c: Containerd, blob: Path) -> Callable[[], float]:
+            def once() -> float:
+                t = timed(ctr(c.sock, "images", "pull", "--plain-http", ref.name))
+                if not blob.is_file():
+                    raise BenchError(f"ctr images pull: the layer is not at {blob}")
+                run(ctr(c.sock, "images", "rm", "--sync", ref.name))
+                wait_until("containerd GC of the pulled layer", lambda: not blob.exists(),
+                           c.daemon, timeout=60)
+                return t
+            return once
+
+        bench.measure("pull_proxy", lambda r: bench.pairs(
+            r, p.slow_runs, pull(ours_cd, ours_blob), pull(plain_cd, plain_blob),
+            bench.rate(p.pull_layer_size)))
 
 
 @dataclasses.dataclass
@@ -1365,6 +1553,9 @@ def parse_args(argv: Sequence[str]) -> Params:
                     help="measure nothing: print (and --compare, --plot) a saved run")
     ap.add_argument("--layer-size", type=parse_size,
                     help="the registry image's layer (default 512M; quick 16M)")
+    ap.add_argument("--pull-layer-size", type=parse_size,
+                    help="the layer of the image pulled by pull_proxy (default 256M; "
+                         "quick 16M)")
     a = ap.parse_args(argv)
     for path in (a.compare, a.show):
         if path is not None and not path.is_file():
@@ -1393,6 +1584,7 @@ def parse_args(argv: Sequence[str]) -> Params:
         plot=a.plot,
         show=a.show is not None,
         layer_size=a.layer_size or (16 * MiB if q else 512 * MiB),
+        pull_layer_size=a.pull_layer_size or (16 * MiB if q else 256 * MiB),
     )
 
 

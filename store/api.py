@@ -44,6 +44,11 @@ signatures). An adapter degrades when a store lacks one, as its docstring says:
 * :class:`BlobFiles`      ``blob_path``/``blob_times``/``ingest_data_path``: blobs and ingests
   are files on this machine, which an adapter may stat and open directly (the view's fast
   path for attributes and reads);
+* :class:`WriterOpener`   ``open_writer``: ``writer`` with the two choices containerd
+  leaves to its callers (resume only; wait for a held ref) done atomically by the store
+  (:func:`store.helpers.open_writer` does them for any store);
+* :class:`ReadyReader`    a ReaderAt that can tell, without blocking, bytes it already
+  holds (a remote reader's fetched blocks), so an event loop reads them inline;
 * :class:`FileReader`     a ReaderAt over a local file descriptor (``fileno``), which an
   adapter may ``pread`` itself;
 * :class:`SyncWriter`, :class:`TotalWriter`, :class:`IdleCloser`: a Writer that can make
@@ -88,10 +93,12 @@ __all__ = [
     "Namespaced",
     "Provider",
     "ReaderAt",
+    "ReadyReader",
     "Store",
     "SyncWriter",
     "TotalWriter",
     "Writer",
+    "WriterOpener",
     "blob_times_of",
 ]
 
@@ -378,10 +385,27 @@ class BlobNames(Protocol):
 
 
 @runtime_checkable
+class WriterOpener(Protocol):
+    """Opening a writer with the caller's policy applied inside the store."""
+
+    def open_writer(
+        self, ref: str, *, total: int = 0, expected: str | None = None,
+        create: bool = True, wait: float = 0.0,
+    ) -> Writer:
+        """``writer(ref, total=, expected=)``, except: ``create=False`` only resumes an
+        existing ingest (NotFound if there is none, decided under the ref's lock);
+        ``wait`` seconds are spent waiting for a held ref before Unavailable."""
+        ...
+
+
+@runtime_checkable
 class BlobFiles(Protocol):
-    """Blobs and ingests are regular files on this machine, which an adapter may stat
-    and open read-only itself (the view's fast path). It never writes them: every
-    change goes through the store."""
+    """Blobs and ingests are regular files on this machine, under the directory
+    ``root`` in containerd's layout, which an adapter may stat and open read-only itself
+    (the view's fast path). It never writes them: every change goes through the store."""
+
+    @property
+    def root(self) -> str: ...
 
     def blob_path(self, digest: str) -> str:
         """The path of a blob's file (whether or not the blob exists; check with
@@ -396,6 +420,16 @@ class BlobFiles(Protocol):
         """``(size, created_ns, updated_ns)`` recorded for those of ``digests`` that
         have metadata, in one query. A record whose size differs from the file's is
         stale: use the file's mtime for both times then (:func:`blob_times_of`)."""
+        ...
+
+
+@runtime_checkable
+class ReadyReader(Protocol):
+    """A ReaderAt that may already hold the bytes asked for (fetched ahead)."""
+
+    def read_ready(self, n: int, offset: int) -> bytes | None:
+        """``read_at(n, offset)`` if that needs no waiting (then it never blocks, so an
+        event loop may call it), else None."""
         ...
 
 

@@ -241,13 +241,13 @@ class LocalStore:
         """DataLoss if the metadata records another size for ``dgst`` (bytes appended or
         cut off on disk). A blob without a row, or an unreadable database, passes."""
         try:
-            row = self.db.get_blob(dgst)
+            recorded = self.meta.committed_size(dgst)
         except (StoreError, OSError) as exc:
             log.debug("content %s: size not checked: %s", dgst, exc)
             return
-        if row is not None and row[0] != size:
+        if recorded is not None and recorded != size:
             raise DataLoss(
-                f"content {dgst}: file holds {size} bytes, {row[0]} were committed"
+                f"content {dgst}: file holds {size} bytes, {recorded} were committed"
             )
 
     # Manager --------------------------------------------------------------------------
@@ -730,7 +730,7 @@ class LocalStore:
                 if not create:
                     raise NotFound(f"ingest {ref}")
                 state = self._fresh(path, bref, total, algorithm)
-            if lease is not None:
+            if lease is not None and is_text(ref):  # a legacy ref cannot be recorded
                 self.meta.add_lease_resource(self._key, lease, "ingests", ref)
             writer = LocalWriter(self.layout, self.db, self._hashes, ref, lock, state, exp,
                                  bref=bref, visible=self.visible, lease=lease)
@@ -740,6 +740,13 @@ class LocalStore:
         except BaseException:
             lock.release()
             raise
+
+    def open_writer(
+        self, ref: str, *, total: int = 0, expected: str | None = None,
+        create: bool = True, wait: float = 0.0,
+    ) -> LocalWriter:
+        """:meth:`writer` (the :class:`store.api.WriterOpener` capability)."""
+        return self.writer(ref, total=total, expected=expected, create=create, wait=wait)
 
     def _try_share(self, writer: LocalWriter, bref: str, exp: Digest, total: int) -> None:
         """The ``shared`` policy (reference §5.3): ``exp`` is in the store but not in
@@ -773,8 +780,12 @@ class LocalStore:
             if total and stored_total and total != stored_total:
                 raise ValueError(f"provided total {total} differs from status {stored_total}")
             fd = os.open(
-                os.path.join(path, "data"), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+                os.path.join(path, "data"),
+                os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
             )
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # e.g. a FIFO planted as data
+                os.close(fd)
+                raise ValueError("data is not a regular file")
         except (OSError, ValueError, UnicodeDecodeError) as exc:
             log.info("ingest %s: failed to resume (%s); restarting it empty", ref, exc)
             return None
@@ -918,11 +929,12 @@ class LocalStore:
         appends). NotFound if there is no such ingest."""
         _check_ref(ref)
         try:
-            fd = os.open(self.ingest_data_path(ref), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(self.ingest_data_path(ref),
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(f"ingest {ref}") from None
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
+            if exc.errno in (errno.ELOOP, errno.ENXIO):
                 raise NotFound(f"ingest {ref} (not a regular file)") from None
             raise
         st = os.fstat(fd)
@@ -1071,7 +1083,8 @@ if TYPE_CHECKING:  # mypy checks that LocalStore has the interface and its capab
         store: api.Store = s
         caps: tuple[api.InfoIterator, api.IngestReader, api.IngestHints, api.IngestRenamer,
                     api.ChangeFeed, api.BlobNames, api.BlobFiles, api.Namespaced,
-                    api.LeaseManager, api.BlobVisibility] = (s, s, s, s, s, s, s, s, s, s)
+                    api.LeaseManager, api.WriterOpener, api.BlobVisibility] = (
+                        s, s, s, s, s, s, s, s, s, s, s)
         writer: tuple[api.Writer, api.SyncWriter, api.TotalWriter, api.IdleCloser] = (
             w, w, w, w)
         del store, caps, writer

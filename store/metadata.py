@@ -22,6 +22,7 @@ from typing import Any
 
 from .errors import DataLoss, InvalidArgument, Unavailable
 from .fsutil import ensure_dir
+from .text import is_text
 
 __all__ = ["RAW", "BlobRow", "IngestRow", "LeaseRow", "MetadataDB", "NsMetadata"]
 
@@ -214,17 +215,17 @@ class MetadataDB:
                 uri += "&immutable=1"
             conn = sqlite3.connect(uri, uri=True, check_same_thread=False, timeout=10)
             try:
-                if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
-                    # a store made before namespaces that cannot be migrated in place
-                    # (read-only): migrate a copy in memory
-                    mem = sqlite3.connect(":memory:", check_same_thread=False)
-                    conn.backup(mem)
-                    conn.close()
-                    migrate(mem)
-                    return mem
-            except sqlite3.DatabaseError as exc:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+            except sqlite3.DatabaseError as exc:  # e.g. locked exclusively by another
                 conn.close()
                 raise _db_error(self.path, exc) from None
+            if version < SCHEMA_VERSION:
+                # an older store that cannot be migrated in place: migrate a copy in memory
+                mem = sqlite3.connect(":memory:", check_same_thread=False)
+                conn.backup(mem)
+                conn.close()
+                migrate(mem)
+                return mem
             return conn
         ensure_dir(os.path.dirname(self.path), 0o700)
         for attempt in (1, 2):
@@ -303,6 +304,14 @@ class MetadataDB:
             labels = dict(c.execute(
                 "SELECT key, value FROM labels WHERE ns = ? AND digest = ?", (ns, digest)))
         return row[0], row[1], row[2], labels
+
+    def committed_size(self, digest: str) -> int | None:
+        """The size recorded for ``digest`` at commit, in any namespace (the same in all:
+        it is the content's), or None if no namespace has a row."""
+        with self._tx() as c:
+            row = c.execute("SELECT size FROM blobs WHERE digest = ? LIMIT 1",
+                            (digest,)).fetchone()
+        return None if row is None else int(row[0])
 
     def get_blob_times(self, ns: str, digests: list[str]) -> dict[str, tuple[int, int, int]]:
         """(size, created_ns, updated_ns) of those ``digests`` that have a row; no labels.
@@ -469,7 +478,7 @@ class MetadataDB:
     # SQLite's TEXT: it has no row, and LocalStore refuses to record hints for it.
 
     def get_ingest(self, ref: str) -> IngestRow:
-        if not _storable(ref):
+        if not is_text(ref):
             return None, {}
         with self._tx() as c:
             row = c.execute("SELECT expected, labels FROM ingests WHERE ref = ?", (ref,)).fetchone()
@@ -490,7 +499,7 @@ class MetadataDB:
                              (digest,)).fetchone() is not None
 
     def put_ingest(self, ref: str, expected: str | None, labels: Mapping[str, str]) -> None:
-        if not _storable(ref):
+        if not is_text(ref):
             raise InvalidArgument(f"ref {ref.encode('utf-8', 'surrogateescape')!r}:"
                                   " not valid UTF-8")
         with self._tx() as c:
@@ -503,7 +512,7 @@ class MetadataDB:
                 )
 
     def delete_ingest(self, ref: str) -> None:
-        if not _storable(ref):
+        if not is_text(ref):
             return
         with self._tx() as c:
             c.execute("DELETE FROM ingests WHERE ref = ?", (ref,))
@@ -511,7 +520,7 @@ class MetadataDB:
     def rename_ingest(self, old: str, new: str) -> None:
         with self._tx() as c:
             c.execute("DELETE FROM ingests WHERE ref = ?", (new,))
-            if _storable(old):
+            if is_text(old):
                 c.execute("UPDATE ingests SET ref = ? WHERE ref = ?", (new, old))
 
 
@@ -573,15 +582,16 @@ class MetadataDB:
             return True
 
     def move_lease_ingest(self, ns: str, old: str, new: str) -> None:
-        """An ingest renamed in ``ns``: its lease entries follow it."""
-        if not (_storable(old) and _storable(new)):
-            return  # a legacy ref that is not UTF-8 was never in a lease
+        """An ingest renamed in ``ns``: its lease entries follow it (a legacy ref that is
+        not text has none)."""
+        if not is_text(old):
+            return
         with self._tx() as c:
             c.execute("UPDATE OR REPLACE lease_resources SET id = ?"
                       " WHERE ns = ? AND type = 'ingests' AND id = ?", (new, ns, old))
 
     def drop_lease_ingest(self, ns: str, ref: str) -> None:
-        if not _storable(ref):
+        if not is_text(ref):
             return
         with self._tx() as c:
             c.execute("DELETE FROM lease_resources WHERE ns = ? AND type = 'ingests'"
@@ -649,7 +659,7 @@ class MetadataDB:
 def _lease_move(
     c: sqlite3.Connection, ns: str, lease: str, ingest_ref: str | None, digest: str
 ) -> None:
-    if ingest_ref is not None and _storable(ingest_ref):
+    if ingest_ref is not None and is_text(ingest_ref):
         c.execute("DELETE FROM lease_resources WHERE ns = ? AND lease = ? AND type = 'ingests'"
                   " AND id = ?", (ns, lease, ingest_ref))
     if c.execute("SELECT 1 FROM leases WHERE ns = ? AND id = ?", (ns, lease)).fetchone():
@@ -720,10 +730,3 @@ def _select_in(
         yield from c.execute(f"{select} WHERE {cond}digest IN ({marks})", (*params, *chunk))
 
 
-def _storable(ref: str) -> bool:
-    """True if ``ref`` is valid Unicode text (SQLite TEXT cannot hold lone surrogates)."""
-    try:
-        ref.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

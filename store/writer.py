@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import ctypes
 import dataclasses
 import hashlib
 import logging
@@ -39,6 +41,131 @@ class IngestState:
     total: int
     started_ns: int
     updated_ns: int
+
+
+#: Writes at least this large are hashed on the writer's hashing thread.
+HASH_BEHIND_MIN = 128 << 10
+#: Bytes the hashing thread may lag behind the file before a write waits for it.
+HASH_AHEAD = 32 << 20
+#: Written bytes after which the hashing thread asks the kernel to start writing them
+#: out (so the fsync at close or commit finds little left to do).
+WRITEBACK_EVERY = 8 << 20
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a range of ``fd`` to disk, without waiting for
+    it (``sync_file_range(SYNC_FILE_RANGE_WRITE)``; ctypes: Python has no binding). A
+    hint: failures are ignored, durability still comes from fsync."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+def _immutable(data: bytes | bytearray | memoryview) -> bool:
+    """True if ``data`` cannot change after the call (so it may be hashed later)."""
+    if isinstance(data, bytes):
+        return True
+    return isinstance(data, memoryview) and data.readonly and isinstance(data.obj, bytes)
+
+
+class _HashBehind:
+    """Feeds a hasher from a thread of its own, in write order, while the writer's
+    caller goes on (hashlib releases the GIL for large updates, so hashing runs on
+    another core beside the pwrites and the FUSE or gRPC transport). Also starts the
+    kernel's writeback of what was written every WRITEBACK_EVERY bytes.
+
+    ``hasher()`` waits until every queued update is applied and returns the hasher; the
+    writer calls it before any use of the digest state. One producer (the writer, under
+    its mutex)."""
+
+    def __init__(self, hasher: hashlib._Hash, fd: int, flushed: int) -> None:
+        self._hasher = hasher
+        self._fd = fd
+        self._queue: collections.deque[tuple[bytes | memoryview, int]] = collections.deque()
+        self._cv = threading.Condition(threading.Lock())
+        self._pending = 0  # bytes queued or being hashed
+        self._stop = False
+        self._flushed = flushed  # file offset up to which writeback was started
+        self._thread: threading.Thread | None = None
+
+    def update(self, data: bytes | bytearray | memoryview, end: int) -> None:
+        """Hash ``data`` (which ends at file offset ``end``): queued if it is immutable
+        and large, or if earlier updates are still queued; else at once."""
+        n = len(data)
+        if self._pending == 0 and (n < HASH_BEHIND_MIN or not _immutable(data)):
+            self._hasher.update(data)  # nothing queued: order is kept
+            if end - self._flushed >= WRITEBACK_EVERY:
+                start_writeback(self._fd, self._flushed, end - self._flushed)
+                self._flushed = end
+            return
+        item = data if isinstance(data, bytes | memoryview) and _immutable(data) \
+            else bytes(data)  # the caller may reuse its buffer
+        with self._cv:
+            while self._pending >= HASH_AHEAD:
+                self._cv.wait()
+            self._queue.append((item, end))
+            self._pending += n
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="contentfs-hash",
+                                                daemon=True)
+                self._thread.start()
+            else:
+                self._cv.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stop:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                data, end = self._queue.popleft()
+            self._hasher.update(data)
+            if end - self._flushed >= WRITEBACK_EVERY:
+                start_writeback(self._fd, self._flushed, end - self._flushed)
+                self._flushed = end
+            with self._cv:
+                self._pending -= len(data)
+                self._cv.notify_all()
+
+    def hasher(self) -> hashlib._Hash:
+        """The hasher, once every queued update is applied."""
+        if self._pending:
+            with self._cv:
+                while self._pending:
+                    self._cv.wait()
+        return self._hasher
+
+    def reset(self, hasher: hashlib._Hash) -> None:
+        """Start over with ``hasher`` (truncate to 0)."""
+        self.hasher()
+        self._hasher = hasher
+        self._flushed = 0
+
+    def stop(self) -> None:
+        """Apply what is queued and end the thread."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        self._thread = None
 
 
 class LocalWriter:
@@ -81,7 +208,7 @@ class LocalWriter:
         self._lock = lock
         self._path = path
         self._fd = state.fd
-        self._hasher = state.hasher
+        self._hash = _HashBehind(state.hasher, state.fd, state.offset)
         self._offset = state.offset
         self._total = state.total
         self._started_ns = state.started_ns
@@ -118,13 +245,14 @@ class LocalWriter:
         dgst, _ = self._shared
         self._drop_share()
         try:
-            src = os.open(self._layout.blob_path(dgst), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            src = os.open(self._layout.blob_path(dgst),
+                          os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise NotFound(f"content {dgst} (removed while shared with {self.ref})") from None
         try:
             while chunk := os.pread(src, 1 << 20, self._offset):
                 os.pwrite(self._fd, chunk, self._offset)
-                self._hasher.update(chunk)
+                self._hash.update(chunk, self._offset + len(chunk))
                 self._offset += len(chunk)
         finally:
             os.close(src)
@@ -139,7 +267,8 @@ class LocalWriter:
         with self._mutex:
             if self._shared:
                 return self._shared[0]
-            return Digest(f"{self._hasher.name}:{self._hasher.hexdigest()}")
+            hasher = self._hash.hasher()
+            return Digest(f"{hasher.name}:{hasher.hexdigest()}")
 
     def status(self) -> Status:
         with self._mutex:
@@ -187,7 +316,7 @@ class LocalWriter:
                         log.warning("ingest %s: cannot drop a failed write: %s", self.ref, exc)
                 raise
             if done:
-                self._hasher.update(view)
+                self._hash.update(data, self._offset + done)
                 self._offset += done
                 self._updated_ns = time.time_ns()
                 self._dirty = True
@@ -204,7 +333,7 @@ class LocalWriter:
             if self._shared is not None:
                 self._drop_share()
             os.ftruncate(self._fd, 0)
-            self._hasher = hashlib.new(self._hasher.name)
+            self._hash.reset(hashlib.new(self._hash.hasher().name))
             self._offset = 0
             self._updated_ns = time.time_ns()
             self._dirty = True
@@ -253,8 +382,9 @@ class LocalWriter:
                     raise FailedPrecondition(
                         f'"{self.ref}" failed size validation: {actual_size} != {want_size}'
                     )
-                actual = Digest(f"{self._hasher.name}:{self._hasher.hexdigest()}")
-                if want is not None and split_digest(want)[0] != self._hasher.name:
+                hasher = self._hash.hasher()
+                actual = Digest(f"{hasher.name}:{hasher.hexdigest()}")
+                if want is not None and split_digest(want)[0] != hasher.name:
                     actual = self._rehash(split_digest(want)[0])
                 if want is not None and want != actual:
                     raise FailedPrecondition(
@@ -346,6 +476,7 @@ class LocalWriter:
 
     def _end(self) -> None:
         self._closed = True
+        self._hash.stop()
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
@@ -362,7 +493,7 @@ class LocalWriter:
                     os.fsync(self._fd)
                 st = os.fstat(self._fd)
                 if st.st_nlink:
-                    self._hashes.remember(self._bref, st, self._hasher)
+                    self._hashes.remember(self._bref, st, self._hash.hasher())
                     try:
                         write_atomic(
                             os.path.join(self._path, "updatedat"),

@@ -289,6 +289,9 @@ class CountingProxy:
         self.bearer = bearer
         self.tokens: dict[str, set[str]] = {}
         self.token_requests: list[dict[str, Any]] = []
+        self.fail_status = 0  # answer blob GETs with this status (a failing registry)
+        self.redirect = False  # send blob GETs to "storage" on another origin (307)
+        self.manifest_body: bytes | None = None  # answer every manifest GET with this
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -358,7 +361,38 @@ class CountingProxy:
                 if proxy.bearer is not None and self.path.startswith("/token"):
                     self._token()
                     return
-                if not self._challenge():
+                redirected = self.path.startswith("/_storage/")
+                if redirected:  # "blob storage": a presigned URL needs no registry auth
+                    self.path = self.path[len("/_storage"):]
+                elif not self._challenge():
+                    return
+                if proxy.manifest_body is not None and "/manifests/" in self.path:
+                    body = proxy.manifest_body
+                    self.send_response(200)
+                    self.send_header("Content-Type",
+                                     "application/vnd.oci.image.manifest.v1+json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(body)
+                    return
+                is_blob_get = self.command == "GET" and "/blobs/sha256:" in self.path
+                if is_blob_get and proxy.fail_status and not redirected:
+                    with proxy._lock:
+                        proxy.requests.append({"method": self.command, "path": self.path,
+                                               "range": self.headers.get("Range"), "sent": 0,
+                                               "status": proxy.fail_status})
+                    self.send_response(proxy.fail_status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if is_blob_get and proxy.redirect and not redirected:
+                    # elsewhere, as S3 would be: another origin (localhost, not 127.0.0.1)
+                    self.send_response(307)
+                    self.send_header("Location", f"http://localhost:{proxy.port}/_storage"
+                                                 f"{self.path}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                     return
 
                 length = int(self.headers.get("Content-Length") or 0)
@@ -366,7 +400,9 @@ class CountingProxy:
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() not in ("host", "connection")}
                 record = {"method": self.command, "path": self.path,
-                          "range": self.headers.get("Range"), "sent": 0, "status": 0}
+                          "range": self.headers.get("Range"), "sent": 0, "status": 0,
+                          "redirected": redirected,
+                          "authorization": self.headers.get("Authorization")}
                 with proxy._lock:
                     proxy.requests.append(record)
                 try:

@@ -110,3 +110,16 @@ def test_progress_on_a_terminal_only(store: LocalStore, tmp_path: os.PathLike[st
         assert proc.stderr == b"", proc.stderr
     proc = run_cli(store.root, "get", digest)
     assert proc.stdout == data and proc.stderr == b""
+
+
+def test_age_reads_as_ctr() -> None:
+    """The AGE column: singular for one unit ("1 seconds" before), ctr's words under 1 s."""
+    import datetime as dt
+
+    from fusefs.cli import age
+
+    now = dt.datetime.now(dt.UTC)
+    ago = [age(now + dt.timedelta(seconds=5))] + [
+        age(now - dt.timedelta(seconds=s)) for s in (0.2, 1, 2, 60, 150, 3600, 86400, 3 * 86400)]
+    assert ago == ["Less than a second", "Less than a second", "1 second", "2 seconds",
+                   "1 minute", "2 minutes", "1 hour", "1 day", "3 days"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import random
 import signal
 import subprocess
 import time
@@ -53,7 +54,8 @@ class Remote:
            ) -> Run:
         """``contentfs --address ADDR ARGS`` in this test's namespace."""
         return run("--address", self.address, *args, stdin=stdin,
-                   env={"CONTENTFS_NAMESPACE": self.namespace, **(env or {})})
+                   env={"CONTENTFS_NAMESPACE": self.namespace, "CONTENTFS_TIMEOUT": "30",
+                        **(env or {})})
 
     def ctr(self, *args: str, input: bytes | None = None  # noqa: A002
             ) -> subprocess.CompletedProcess[bytes]:
@@ -223,6 +225,8 @@ def test_unreachable_store_is_one_line_and_unavailable(tmp_path: Any) -> None:
         r = run("--address", addr, *args, stdin=b"data")
         line = _fails(r, Unavailable)
         assert addr in line, line
+        # in a few words, not gRPC's "failed to connect to all addresses; last error: ..."
+        assert line.endswith(": cannot connect: No such file or directory: unavailable"), line
 
 
 def _stop(pid: int) -> None:
@@ -302,3 +306,32 @@ def test_remote_store_deadlines_on_a_live_connection(containerd: Containerd) -> 
         assert w.offset == len(b"first")
         w.write(b"second")
         assert w.commit() == digest_of(b"firstsecond")
+
+
+def test_remote_reader_blocks_and_readahead(containerd: Containerd) -> None:
+    """RemoteReaderAt (the mount's reads) against containerd: any read, sequential or
+    random, across block edges and past the end, returns the blob's bytes."""
+    ns = f"read{next(_namespaces)}"
+    data = os.urandom((5 << 20) + 333)
+    rng = random.Random(11)
+    with RemoteStore(containerd.address, namespace=ns) as s:
+        w = s.writer("big")
+        w.write(data)
+        dgst = w.commit()
+        with s.reader_at(dgst) as r:
+            assert r.size == len(data)
+            out = bytearray()
+            while len(out) < len(data):
+                out += r.read_at(128 << 10, len(out))
+            assert bytes(out) == data
+            for _ in range(200):
+                off = rng.randrange(0, len(data) + 10)
+                n = rng.choice([1, 4096, 1 << 20, 3 << 20])
+                assert r.read_at(n, off) == data[off : off + n], (off, n)
+            with pytest.raises(ValueError):
+                r.read_at(1, -1)
+            # read_ready (the mount's read without a thread hop): bytes only when fetched
+            assert r.read_ready(4096, 100) is None or r.read_ready(4096, 100) == data[100:4196]
+            r.read_at(10, 0)
+            assert r.read_ready(4096, 100) == data[100:4196]
+            assert r.read_ready(10, len(data) - 5) in (None, data[-5:])

@@ -59,3 +59,14 @@ def test_oci_manifests(mounter: fuse_util.MountFactory, tmp_path: os.PathLike[st
     assert "== index.json" in out
     assert '"schemaVersion":2' in out.replace(" ", "")
     assert "application/vnd.oci.image.config.v1+json" in out  # the manifest itself
+
+
+def test_oci_manifests_on_a_plain_store(mnt: Mount) -> None:
+    """A store that is not an OCI layout: one line saying so, not cat's error after a
+    header (and ``--help`` is usage, not a path)."""
+    p = run(_script("oci-manifests"), mnt.path, check=False)
+    assert (p.returncode, p.stdout) == (1, b"")
+    assert p.stderr.decode().strip().endswith(
+        f"{mnt.path} has no index.json: not a mount of an OCI image layout")
+    p = run(_script("oci-manifests"), "--help", check=False)
+    assert p.returncode == 0 and p.stdout.decode().startswith("usage: ")

@@ -124,6 +124,14 @@ def test_cli_lease_and_gc(store_root: str) -> None:
     assert r.code == 5
     r = cf("lease", "create", "--expire", "soon")
     assert r.code == 3
+    # a ~= regex that does not compile is exit 3, as for ls and active (it listed nothing
+    # with a bare log line and exit 0)
+    r = cf("-n", "x", "lease", "ls", "id~=[")
+    assert (r.code, r.text) == (3, "") and "regex does not compile" in r.error_line()
+    # gc is of every namespace: -n is refused rather than ignored (so is serve's)
+    for cmd in ("gc", "serve"):
+        r = cf("-n", "x", cmd)
+        assert r.code == 2 and "every namespace" in r.err and "-n x does not apply" in r.err
     r = ok(cf("gc", "--dry-run"))
     assert r.text.split() == [drop, "4"]
     r = ok(cf("gc"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -15,7 +16,7 @@ import pytest
 from store import AlreadyExists, Digest, Info, InvalidArgument, LocalStore, NotFound, digest_of
 from store.types import EPOCH
 
-from .fuse_util import MountFactory, mounter
+from .fuse_util import CONTENTFS, Mount, MountFactory, mounter
 from .test_cli import ok, run
 
 mounter = mounter  # noqa: PLW0127 - the fixture, imported for this module
@@ -200,6 +201,7 @@ def test_cli_namespace_option_and_env(store_root: str) -> None:
     assert ok(cf("ls", "-q", env={"CONTENTFS_NAMESPACE": "team-a"})).text.split() == [d]
     assert ok(cf("ls", "-q")).text.split() == []
     assert ok(cf("namespaces")).text.split() == ["default", "team-a"]
+    assert ok(cf("namespaces", "--json")).text == '[\n  "default",\n  "team-a"\n]\n'
     r = cf("-n", "bad name", "ls")
     assert r.code == 3 and "namespace" in r.error_line()
     r = cf("info", d)
@@ -255,3 +257,28 @@ def test_mounts_in_two_namespaces(mounter: MountFactory) -> None:
     assert os.path.exists(os.path.join(ma.root, "blobs", "sha256", hexd))
     with open(mb.blob(hexd), "rb") as f:
         assert f.read() == data
+
+
+def test_mount_takes_the_namespace_as_every_command(mounter: MountFactory) -> None:
+    """``contentfs -n NS mount`` / ``mount -n NS`` / ``$CONTENTFS_NAMESPACE`` mount NS
+    (they were ignored: the mount showed ``default``); ``-o namespace=`` wins over the
+    variable, and disagreeing with ``-n`` is a usage error."""
+    plain = mounter()
+    root = plain.root
+    d = ok(run("--root", root, "-n", "team-a", "ingest", "r", stdin=b"team a only")).text.strip()
+
+    def shows(m: Mount) -> bool:
+        try:
+            with open(m.blob(d[7:]), "rb") as f:
+                return f.read() == b"team a only"
+        except FileNotFoundError:
+            return False
+
+    assert not shows(plain)
+    assert shows(mounter(name="flag", extra=("-n", "team-a")))
+    assert shows(mounter(name="env", env={"CONTENTFS_NAMESPACE": "team-a"}))
+    assert not shows(mounter("namespace=default", name="opt",
+                             env={"CONTENTFS_NAMESPACE": "team-a"}))
+    p = subprocess.run([CONTENTFS, "mount", "-n", "team-a", root, "/nonexistent-qa",
+                        "-o", "namespace=team-b"], capture_output=True, check=False, timeout=60)
+    assert p.returncode == 2 and b"-n team-a and -o namespace=team-b disagree" in p.stderr

@@ -154,6 +154,7 @@ def test_fetch_one_platform_matches_ctr(images: Images, tmp_path: Any) -> None:
                     images.ref("test/multi:v1"))
     assert res.returncode == 0, res.stderr
     assert res.stdout.decode().strip() == images.index
+    assert res.stderr == b""  # no progress display when stderr is not a terminal
     ours = labels_by_digest(root)
     assert images.amd not in ours and images.big not in ours and images.arm in ours
     ctrd = Containerd(str(tmp_path / "ctrd"))
@@ -329,7 +330,7 @@ def test_unknown_tag_is_not_found(images: Images, tmp_path: Any) -> None:
 def test_basic_auth_with_user_and_docker_config(images: Images, tmp_path: Any) -> None:
     reg = Registry(str(tmp_path / "reg"), users={"alice": "s3cret"})
     try:
-        skopeo_copy(f"oci:{images.layout}:amd", f"docker://{reg.host}/priv/img:v1",
+        skopeo_copy(f"oci:{images.layout}:arm", f"docker://{reg.host}/priv/img:v1",
                     "--dest-creds", "alice:s3cret")
         ref = f"{reg.host}/priv/img:v1"
         home = tmp_path / "home"
@@ -344,7 +345,7 @@ def test_basic_auth_with_user_and_docker_config(images: Images, tmp_path: Any) -
         ok = contentfs("--root", str(tmp_path / "b"), "fetch", "--plain-http",
                        "--user", "alice:s3cret", ref, env=env)
         assert ok.returncode == 0, ok.stderr
-        assert ok.stdout.decode().strip() == images.amd
+        assert ok.stdout.decode().strip() == images.arm
         prompted = contentfs("fetch-object", "--plain-http", "--user", "alice", ref,
                              env=env, input=b"s3cret\n")
         assert prompted.returncode == 0, prompted.stderr
@@ -445,3 +446,138 @@ def test_fetch_fills_an_oci_layout_read_through_a_mount(images: Images, tmp_path
     out = str(tmp_path / "copy")
     skopeo_copy(f"oci:{m.path}:multi", f"oci:{out}:multi")
     assert read_blob(out, images.big) == read_blob(images.layout, images.big)
+
+
+def test_fetch_into_namespaces(images: Images, tmp_path: Any) -> None:
+    """-n: what is fetched belongs to that namespace; a second namespace fetching the
+    same image gets its own records and labels without the bytes being downloaded again
+    (the store keeps bytes once)."""
+    proxy = CountingProxy(images.registry.host)
+    root = str(tmp_path / "store")
+    ref = f"{proxy.host}/test/single:v1"
+    try:
+        first = contentfs("--root", root, "-n", "team-a", "fetch", "--plain-http", ref)
+        assert first.returncode == 0, first.stderr
+        sent_first = sum(r["sent"] for r in proxy.blob_requests(images.big))
+        second = contentfs("--root", root, "fetch", "-n", "team-b", "--plain-http", "--json",
+                           ref)
+        assert second.returncode == 0, second.stderr
+    finally:
+        proxy.stop()
+    assert sent_first > BIG
+    assert sum(r["sent"] for r in proxy.blob_requests(images.big)) == sent_first
+    assert json.loads(second.stdout)["transferred"] < 1 << 20
+
+    def listing(ns: str) -> dict[str, dict[str, str]]:
+        out = contentfs("--root", root, "-n", ns, "ls", "--json")
+        assert out.returncode == 0, out.stderr
+        return {b["digest"]: b["labels"] for b in json.loads(out.stdout)}
+
+    a, b = listing("team-a"), listing("team-b")
+    assert set(a) == set(b) and images.amd in a and images.big in a
+    assert a[images.big] == b[images.big] == {
+        "containerd.io/distribution.source.127.0.0.1": "test/single"}
+    assert GC_ROOT in b[images.amd]
+    assert images.big not in listing("default")
+
+
+def test_progress_on_a_terminal(images: Images, tmp_path: Any) -> None:
+    """On a terminal, ctr's display: a line per object with its status and bar, then
+    elapsed time, total and rate; stdout (a pipe) still carries only the digest."""
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([CONTENTFS, "--root", str(tmp_path / "s"), "fetch",
+                                 "--plain-http", images.ref("test/single:v1")],
+                                stdout=subprocess.PIPE, stderr=slave)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        os.close(master)
+    assert proc.returncode == 0
+    assert out.decode().strip() == images.amd
+    screen = b"".join(chunks).decode(errors="replace")
+    assert f"layer-{images.big}:" in screen and f"manifest-{images.amd}:" in screen
+    assert "|" + "+" * 40 + "|" in screen and "done" in screen
+    assert "elapsed:" in screen and "total:" in screen and "/s)" in screen
+
+
+@pytest.mark.parametrize("body", [
+    b"{not json",
+    b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",'
+    b' "config": {"digest": "sha256:nothex", "size": 1}, "layers": []}',
+    b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",'
+    b' "config": {"digest": "sha256:' + b"a" * 64 + b'", "size": 1}, "layers": "no"}',
+])
+def test_unparseable_manifest_is_invalid_argument(images: Images, tmp_path: Any,
+                                                  body: bytes) -> None:
+    proxy = CountingProxy(images.registry.host)
+    proxy.manifest_body = body
+    root = str(tmp_path / "s")
+    try:
+        res = contentfs("--root", root, "fetch", "--plain-http",
+                        f"{proxy.host}/test/single:v1")
+    finally:
+        proxy.stop()
+    assert res.returncode == 3, res.stderr
+    assert b"manifest" in res.stderr and len(res.stderr.splitlines()) == 1
+    assert not os.path.isdir(root) or labels_by_digest(root) == {}
+
+
+def test_gc_keeps_what_was_fetched(images: Images, tmp_path: Any) -> None:
+    """gc.root on the top object and the gc.ref.content labels keep the whole image
+    (one platform of an index too); without the root, gc takes all of it."""
+    root = str(tmp_path / "s")
+    res = contentfs("--root", root, "fetch", "--plain-http", "--platform", "linux/arm64",
+                    images.ref("test/multi:v1"))
+    assert res.returncode == 0, res.stderr
+    before = set(labels_by_digest(root))
+    kept = contentfs("--root", root, "gc")
+    assert kept.returncode == 0, kept.stderr
+    assert set(labels_by_digest(root)) == before
+    unroot = contentfs("--root", root, "label", images.index, f"{GC_ROOT}=")
+    assert unroot.returncode == 0, unroot.stderr
+    gone = contentfs("--root", root, "gc")
+    assert gone.returncode == 0, gone.stderr
+    assert labels_by_digest(root) == {}
+
+
+def test_gc_during_a_fetch_takes_nothing_of_it(images: Images, tmp_path: Any) -> None:
+    """A gc while a fetch runs (the small blobs committed, the big layer still coming,
+    the manifest with its gc.root and gc.ref labels not yet there) takes nothing: the
+    fetch holds what it writes by a lease of its own (ctr's way), deleted at the end.
+    Before: gc took the config and the small layers and the fetch still succeeded."""
+    proxy = CountingProxy(images.registry.host, rate=16 << 20)
+    root = str(tmp_path / "store")
+    ref = f"{proxy.host}/test/single:v1"
+    small = [d for d in images.amd_layers if d != images.big]
+    try:
+        proc = subprocess.Popen([CONTENTFS, "--root", root, "fetch", "--plain-http", ref],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            _wait_for_offset(root, f"layer-{images.big}", 8 << 20, proc)
+            assert set(small) <= set(labels_by_digest(root))  # committed, not yet rooted
+            during = contentfs("--root", root, "gc")
+            assert during.returncode == 0, during.stderr
+            assert during.stdout == b"", during.stdout  # nothing removed
+            leases = contentfs("--root", root, "lease", "ls", "-q")
+            assert len(leases.stdout.split()) == 1, leases
+        finally:
+            proxy.rate = None
+            out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    finally:
+        proxy.stop()
+    assert set(images.amd_layers) | {images.amd} <= set(labels_by_digest(root))
+    assert contentfs("--root", root, "lease", "ls", "-q").stdout == b""  # the lease went
+    assert contentfs("--root", root, "gc").stdout == b""  # and the image is rooted

@@ -195,3 +195,54 @@ def test_token_auth_fetch_and_push(images: Images, second: Registry, tmp_path: A
         assert puts and all(r["status"] == 201 for r in puts)
     finally:
         gate.stop()
+
+
+def test_blob_redirects_are_followed_without_credentials(images: Images, second: Registry,
+                                                          tmp_path: Any) -> None:
+    """Registries send blob GETs to storage elsewhere (307 to S3 and the like): followed,
+    and the registry's token is not sent to the other origin."""
+    from .registry_util import CountingProxy
+
+    gate = CountingProxy(second.host, bearer=("dave", "pw"))
+    gate.redirect = True
+    try:
+        root = str(tmp_path / "a")
+        fetched(images, root, "--platform", "linux/arm64")
+        target = f"{gate.host}/redir/img:v1"
+        env = {"HOME": str(tmp_path)}
+        pushed = contentfs("--root", root, "push", "--plain-http", "-u", "dave:pw", target,
+                           images.arm, env=env)
+        assert pushed.returncode == 0, pushed.stderr
+        back = contentfs("--root", str(tmp_path / "b"), "fetch", "--plain-http", "-u",
+                         "dave:pw", target, env=env)
+        assert back.returncode == 0, back.stderr
+        stored = [r for r in gate.requests if r.get("redirected")]
+        assert stored and all(r["status"] == 200 for r in stored)
+        assert all(r["authorization"] is None for r in stored)
+    finally:
+        gate.stop()
+
+
+def test_registry_failing_with_5xx_is_unavailable(images: Images, second: Registry,
+                                                  tmp_path: Any) -> None:
+    """503 on every blob: retried (3 times), then exit 7 naming the registry."""
+    from .registry_util import CountingProxy
+
+    proxy = CountingProxy(second.host)
+    try:
+        root = str(tmp_path / "a")
+        fetched(images, root, "--platform", "linux/arm64")
+        target = f"{proxy.host}/flaky/img:v1"
+        assert contentfs("--root", root, "push", "--plain-http", target,
+                         images.arm).returncode == 0
+        proxy.fail_status = 503
+        res = contentfs("--root", str(tmp_path / "b"), "fetch", "--plain-http", target)
+        assert res.returncode == 7, res.stderr
+        assert b"HTTP 503" in res.stderr and proxy.host.encode() in res.stderr
+        gets = [r for r in proxy.requests if r["method"] == "GET" and "/blobs/" in r["path"]]
+        by_path: dict[str, int] = {}
+        for r in gets:
+            by_path[r["path"]] = by_path.get(r["path"], 0) + 1
+        assert max(by_path.values()) == 4  # the first try and 3 retries
+    finally:
+        proxy.stop()

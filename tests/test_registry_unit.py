@@ -135,3 +135,22 @@ def test_docker_config_credentials(tmp_path: Any) -> None:
     path.write_text("{broken")
     with pytest.raises(InvalidArgument):
         docker_config_credentials("x", str(path))
+
+
+def test_terminal_progress_draws_lines_like_ctr() -> None:
+    import io
+
+    from store.registry import TerminalProgress
+
+    out = io.StringIO()
+    with TerminalProgress(out, interval=0.01) as prog:
+        prog.update("host/repo:v1", "resolved")
+        prog.update(f"layer-{D1}", "downloading", 1 << 20, 4 << 20)  # resumed at 1 MiB
+        prog.update(f"layer-{D1}", "downloading", 3 << 20, 4 << 20)
+        prog.update(f"config-{D2}", "exists", 10, 10)
+    last = out.getvalue().split("\x1b[")[-4:]  # the final frame's lines
+    text = out.getvalue()
+    assert f"layer-{D1}:" in text and "downloading" in text and "3.0 MiB/4.0 MiB" in text
+    assert "exists" in text and "resolved" in text
+    # the rate counts what was downloaded in this run only (2 MiB), not resumed bytes
+    assert "total: 2.0 MiB" in "".join(last)

@@ -1,7 +1,7 @@
-"""A store is made by naming it: commands that write (ingest, label, serve, a read-write
-mount) create a missing root, parents too; commands that only read say ``no store at
-ROOT`` (exit 4) and create nothing; ``not a directory`` is kept for a path that is a file.
-The same wording on every face."""
+"""A store is made by naming it: commands that write (ingest, label, fetch, lease create,
+serve, a read-write mount) create a missing root, parents too; commands that only read
+say ``no store at ROOT`` (exit 4) and create nothing; ``not a directory`` is kept for a
+path that is a file. The same wording on every face."""
 
 from __future__ import annotations
 
@@ -46,6 +46,17 @@ def test_writing_commands_create_the_root(tmp_path: os.PathLike[str]) -> None:
     assert p.returncode == NO_STORE  # the blob is not there, but the store now is
     assert err(p) == f"contentfs: content {digest_of(b'x')}: not found"
     assert os.path.isdir(root2)
+    # lease create writes a lease: it makes the store too
+    root3 = os.path.join(os.fspath(tmp_path), "lease-root")
+    p = cli("--root", root3, "lease", "create", "--id", "l1")
+    assert (p.returncode, p.stdout.decode().strip()) == (0, "l1"), err(p)
+    assert ok_ls_leases(root3) == ["l1"]
+
+
+def ok_ls_leases(root: str) -> list[str]:
+    p = cli("--root", root, "lease", "ls", "-q")
+    assert p.returncode == 0, err(p)
+    return p.stdout.decode().split()
 
 
 @pytest.mark.parametrize("args", [
@@ -123,3 +134,8 @@ def test_mount_read_write_creates_read_only_says_no_store(
     assert (p.returncode, err(p)) == (
         NO_STORE, f"contentfs: store root {file_root}: not a directory")
     assert not is_mounted(mp)
+    # a mistyped mount point: said so, and no root is made for it
+    p = cli("mount", missing, mp + "-typo")
+    assert (p.returncode, err(p)) == (1, f"contentfs: mount point {mp}-typo: no such directory")
+    assert not os.path.lexists(missing)
+

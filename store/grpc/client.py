@@ -36,6 +36,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -79,6 +80,12 @@ DEFAULT_TIMEOUT = 10.0
 KEEP_LEASE = "contentfs"
 #: Bytes per Read call when a whole blob is read (``read_chunks``, ``verify``).
 READ_CHUNK = 4 << 20
+#: A reader's Read calls: blocks of this size (at least the 1 MiB a mount's reader wants),
+#: and how many blocks a sequential reader fetches ahead.
+READ_BLOCK = 2 << 20
+READ_AHEAD = 3
+#: Read calls in flight at once, for all readers of a store.
+READ_WORKERS = 4
 MAX_MESSAGE = 16 << 20
 #: Largest data payload per WRITE message (the Go client sends its callers' buffers, at
 #: most 1 MiB from content.Copy; bigger buffers are split here).
@@ -185,6 +192,16 @@ class _Watchdog:
             alarm.call.cancel()
 
 
+def _connect_reason(details: str) -> str:
+    """gRPC's connection failure in a few words: ``failed to connect to all addresses;
+    last error: FAILED_PRECONDITION: unix:/x: connect failed: addr: ... error: No such
+    file or directory`` becomes ``cannot connect: No such file or directory`` (its code
+    and the address repeated say nothing to a user); other details are kept."""
+    if not details.startswith("failed to connect to all addresses"):
+        return details
+    return "cannot connect: " + details.rsplit(": ", 1)[-1].strip()
+
+
 class RemoteStore:
     """The store API over gRPC, in ``namespace`` (every call carries it), each call with
     a deadline of ``timeout`` seconds; with ``lease``, what it writes is held by that
@@ -208,9 +225,9 @@ class RemoteStore:
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
                 ("grpc.max_send_message_length", MAX_MESSAGE),
                 # back within about a second once a restarted server listens again
-                # (grpc's default backoff grows to two minutes)
+                # (grpc's default backoff grows to two minutes). Not the minimum: grpc
+                # uses it as the connect timeout too, which a loaded server needs.
                 ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.min_reconnect_backoff_ms", 100),
                 ("grpc.max_reconnect_backoff_ms", 1000),
             ],
         )
@@ -218,6 +235,7 @@ class RemoteStore:
         self._lease_lock = threading.Lock()
         self._lease_state = "unknown" if lease else "none"  # -> "held" | "unsupported"
         self._watchdog = _Watchdog()
+        self._pool: ThreadPoolExecutor | None = None
         ch = self._channel
         self._info = ch.unary_unary(
             SERVICE + "Info", pb.InfoRequest.SerializeToString, pb.InfoResponse.FromString
@@ -259,7 +277,21 @@ class RemoteStore:
         )
 
     def close(self) -> None:
+        with self._lease_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
         self._channel.close()
+
+    def _fetcher(self) -> ThreadPoolExecutor:
+        """The threads readers fetch blocks in (started on first use)."""
+        if self._pool is None:
+            with self._lease_lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(
+                        READ_WORKERS, thread_name_prefix="contentfs-read"
+                    )
+        return self._pool
 
     def __enter__(self) -> RemoteStore:
         return self
@@ -276,7 +308,7 @@ class RemoteStore:
         if code == grpc.StatusCode.UNAVAILABLE and not details.endswith(
             ": " + Unavailable.kind
         ):
-            return Unreachable(f"store at {self.address}: {details}")
+            return Unreachable(f"store at {self.address}: {_connect_reason(details)}")
         return from_grpc(code, details)
 
     def _call(
@@ -444,23 +476,86 @@ class RemoteStore:
 
 
 class RemoteReaderAt:
-    """Positional reads of one blob, one Read call each (containerd's remote ReaderAt),
-    each within the store's deadline."""
+    """Positional reads of one blob over Read calls of whole blocks (``block`` bytes,
+    aligned), each within the store's deadline. The last blocks read are kept, and a
+    read that continues where the last one ended fetches the next ``ahead`` blocks in
+    the background, so a sequential reader (``cat``, the kernel's readahead through the
+    mount) finds them fetched. A failed fetch is raised by the read that needs it and
+    tried again by the next. Safe to call from several threads."""
 
-    def __init__(self, store: RemoteStore, digest: str, size: int) -> None:
+    def __init__(
+        self, store: RemoteStore, digest: str, size: int, *, block: int = READ_BLOCK,
+        ahead: int = READ_AHEAD,
+    ) -> None:
         self._store = store
         self.digest = digest
         self.size = size
+        self._block = block
+        self._ahead = ahead
+        self._lock = threading.Lock()
+        self._blocks: dict[int, Future[bytes]] = {}  # insertion order: oldest first
+        self._end = -1  # where the last read ended
+
+    def _get(self, index: int) -> Future[bytes]:
+        """The block ``index``, fetching it unless kept or on its way (lock held)."""
+        fut = self._blocks.pop(index, None)
+        if fut is None or fut.cancelled() or (fut.done() and fut.exception() is not None):
+            start = index * self._block
+            fut = self._store._fetcher().submit(
+                self._store._read_range, self.digest, start, min(self._block, self.size - start)
+            )
+        self._blocks[index] = fut  # now the newest
+        return fut
+
+    def read_ready(self, n: int, offset: int) -> bytes | None:
+        """``read_at`` if the blocks it needs are fetched already (it then never blocks,
+        so an event loop may call it), else None."""
+        if offset < 0 or n <= 0 or offset >= self.size:
+            return None
+        end = min(self.size, offset + n)
+        first, last = offset // self._block, (end - 1) // self._block
+        with self._lock:
+            for i in range(first, last + 1):
+                fut = self._blocks.get(i)
+                if fut is None or not fut.done() or fut.cancelled() or fut.exception():
+                    return None
+        return self.read_at(n, offset)
 
     def read_at(self, n: int, offset: int) -> bytes:
         if offset < 0:
             raise ValueError("negative offset")
         if n <= 0 or offset >= self.size:
             return b""
-        return self._store._read_range(self.digest, offset, n)
+        end = min(self.size, offset + n)
+        first, last = offset // self._block, (end - 1) // self._block
+        with self._lock:
+            wanted = [self._get(i) for i in range(first, last + 1)]
+            if offset == self._end:
+                count = -(-self.size // self._block)
+                for i in range(last + 1, min(count, last + 1 + self._ahead)):
+                    if i not in self._blocks:
+                        self._get(i)
+            self._end = end
+            while len(self._blocks) > self._ahead + (last - first) + 2:
+                oldest = next(iter(self._blocks))
+                self._blocks.pop(oldest).cancel()
+        parts = []
+        for index, fut in enumerate(wanted, first):
+            try:
+                parts.append(fut.result())
+            except CancelledError:  # dropped by a reader in another thread: fetch here
+                start = index * self._block
+                parts.append(self._store._read_range(
+                    self.digest, start, min(self._block, self.size - start)))
+        data = b"".join(parts) if len(parts) > 1 else parts[0]
+        skip = offset - first * self._block
+        return data[skip : skip + (end - offset)]
 
     def close(self) -> None:
-        pass
+        with self._lock:
+            for fut in self._blocks.values():
+                fut.cancel()
+            self._blocks.clear()
 
     def __enter__(self) -> RemoteReaderAt:
         return self
@@ -501,6 +596,7 @@ class RemoteWriter:
         expected: str | None,
     ) -> None:
         self._store = store
+        self._lock = threading.Lock()
         self._requests = _Requests()
         self._call = store._write(self._requests, metadata=md)
         self._alarm = store._watchdog.arm(self._call, store.timeout)
@@ -514,6 +610,12 @@ class RemoteWriter:
         self._stat()
 
     def _exchange(self, req: pb.WriteContentRequest) -> pb.WriteContentResponse:
+        if self._closed:
+            raise FailedPrecondition(f"ingest {self.ref}: writer is closed")
+        with self._lock:  # one exchange at a time: responses answer requests in order
+            return self._exchange_locked(req)
+
+    def _exchange_locked(self, req: pb.WriteContentRequest) -> pb.WriteContentResponse:
         if self._closed:
             raise FailedPrecondition(f"ingest {self.ref}: writer is closed")
         self._requests.put(req)
@@ -596,16 +698,17 @@ class RemoteWriter:
     def _finish(self) -> None:
         """Half-close and drain, so the server has released the ref when this returns
         (or the deadline passed: then the stream is cancelled, which releases it too)."""
-        self._closed = True
-        self._requests.put(None)
-        self._store._watchdog.touch(self._alarm)
-        try:
-            for _ in self._call:
-                pass  # containerd repeats its last response once
-        except grpc.RpcError:
-            pass  # an error ending the stream was raised by the exchange that caused it
-        finally:
-            self._end()
+        with self._lock:
+            self._closed = True
+            self._requests.put(None)
+            self._store._watchdog.touch(self._alarm)
+            try:
+                for _ in self._call:
+                    pass  # containerd repeats its last response once
+            except grpc.RpcError:
+                pass  # an error ending the stream was raised by the exchange that caused it
+            finally:
+                self._end()
 
     def close(self) -> None:
         """Keep the ingest for resuming. A second close, or one after commit, does nothing."""
@@ -630,5 +733,6 @@ if TYPE_CHECKING:  # mypy checks that RemoteStore has the store interface
     def _conforms(s: RemoteStore, w: RemoteWriter, r: RemoteReaderAt) -> None:
         from store import api
 
-        checked: tuple[api.Store, api.InfoIterator, api.Writer, api.ReaderAt] = (s, s, w, r)
+        checked: tuple[api.Store, api.InfoIterator, api.Writer, api.ReaderAt,
+                       api.ReadyReader] = (s, s, w, r, r)
         del checked

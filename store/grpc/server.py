@@ -40,6 +40,7 @@ from store.local import LocalStore
 from .errors import GrpcError, to_grpc
 from .fastread import ReadLane, attach
 from .leases import LEASES, LeasesService
+from .memory import Trimmer, limit_arenas
 from .pb import content_pb2 as pb
 from .pb import introspection_pb2, version_pb2
 from .pb import leases_pb2 as lpb
@@ -218,6 +219,7 @@ class _WriteLimits:
     thread checks every stream waiting for its next message)."""
 
     def __init__(self, streams: int, idle: float) -> None:
+        self.trimmer = Trimmer()
         self._slots = threading.BoundedSemaphore(streams)
         self.streams = streams
         self.idle = idle
@@ -233,27 +235,32 @@ class _WriteLimits:
         self._slots.release()
 
     def watch(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-        """``requests``, timed: each wait for the next message counts as idle."""
-        if self.idle <= 0:
-            yield from requests
-            return
-        self._start_reaper()
+        """``requests``, timed: each wait for the next message counts as idle. The bytes
+        received are noted for the trimmer when the stream ends."""
+        received = 0
         key = next(self._ids)
+        if self.idle > 0:
+            self._start_reaper()
         try:
             while True:
-                with self._lock:
-                    self._waiting[key] = (time.monotonic(), context)
+                if self.idle > 0:
+                    with self._lock:
+                        self._waiting[key] = (time.monotonic(), context)
                 try:
                     req = next(requests)
                 except StopIteration:
                     return
                 finally:
-                    with self._lock:
-                        self._waiting.pop(key, None)
+                    if self.idle > 0:
+                        with self._lock:
+                            self._waiting.pop(key, None)
+                received += len(req.data)
                 yield req
         finally:
             with self._lock:
                 self._waiting.pop(key, None)
+            if received:
+                self.trimmer.note(received)
 
     def _start_reaper(self) -> None:
         with self._lock:
@@ -290,6 +297,14 @@ def _write_stream(
             _abort(context, GrpcError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"too many Write streams open ({limits.streams}): retry later"))
+        freed = threading.Lock()
+
+        def free() -> None:  # once: at the call's end or this generator's, what comes first
+            if freed.acquire(blocking=False):
+                limits.release()
+
+        if not context.add_callback(free):
+            free()  # (already ended: the finally below finds it freed)
         try:
             yield from fn(limits.watch(requests, context), context.invocation_metadata(),
                           context.add_callback)
@@ -302,7 +317,7 @@ def _write_stream(
                 raise
             return  # the request stream ended by cancellation (client, shutdown, idle)
         finally:
-            limits.release()
+            free()
 
     return grpc.stream_stream_rpc_method_handler(
         handler,
@@ -476,6 +491,7 @@ def serve_main(
     except (ValueError, OSError) as exc:
         print(f"contentfs: {exc}", file=sys.stderr)
         return 2
+    limit_arenas(2)  # before the server's threads start (see .memory)
     server, pool = build_server(store, debug=debug, write_idle_timeout=write_idle_timeout)
     old_umask = os.umask(0o177) if addr.scheme == "unix" else None
     try:

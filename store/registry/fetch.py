@@ -234,7 +234,9 @@ class _Fetch:
                     if kid.digest in seen or not platform_matches(kid, platforms):
                         continue
                     self.progress.update(ref_key(kid), "resolving", 0, kid.size)
-                    visit(kid, self.manifest_bytes(kid), depth + 1)
+                    kid_data = self.manifest_bytes(kid)
+                    self.progress.update(ref_key(kid), "waiting", 0, kid.size)
+                    visit(kid, kid_data, depth + 1)
                 else:
                     blobs.setdefault(kid.digest, kid)
             nodes.append(_Node(desc, data, labels))

@@ -97,7 +97,11 @@ def _descriptor(obj: Any, where: str) -> Descriptor:
             or size < 0:
         raise InvalidArgument(f"{where}: descriptor needs a digest and a size")
     platform = obj.get("platform")
-    return Descriptor(mt if isinstance(mt, str) else "", parse_digest(dg), size,
+    try:
+        digest = parse_digest(dg)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{where}: {exc.message}") from None
+    return Descriptor(mt if isinstance(mt, str) else "", digest, size,
                       platform if isinstance(platform, dict) else None)
 
 

@@ -47,8 +47,8 @@ class TerminalProgress:
 
     def update(self, key: str, status: str, offset: int = 0, total: int = 0) -> None:
         with self._lock:
-            if key not in self._base or status in ("exists",):
-                self._base[key] = offset if status != "exists" else offset
+            if status in ("downloading", "uploading"):
+                self._base.setdefault(key, offset)  # bytes resumed from an ingest
             self._rows[key] = (status, offset, total)
 
     def _run(self) -> None:
@@ -58,8 +58,8 @@ class TerminalProgress:
     def _draw(self) -> None:
         with self._lock:
             rows = list(self._rows.items())
-            moved = sum(max(0, off - self._base.get(k, 0)) for k, (st, off, _) in rows
-                        if st != "exists")
+            moved = sum(max(0, off - self._base[k]) for k, (st, off, _) in rows
+                        if k in self._base and st != "exists")
         width = max((len(k) for k, _ in rows), default=10) + 1
         lines = []
         for key, (status, offset, total) in rows:
