@@ -206,7 +206,7 @@ class NamespaceMachine(RuleBasedStateMachine):
             want = {d: self.records[ns].get(d, {}) for d in self.files if self.visible(ns, d)}
             assert infos == want, ns
             assert sorted(x.id for x in self.view(ns).leases()) == sorted(self.leases[ns])
-        on_disk = {f"sha256:{n}" for n in self.store.blob_names("sha256")}
+        on_disk = {f"sha256:{n}" for n in self.store.namespace(None).blob_names("sha256")}
         assert on_disk == self.files
         for d in self.files:
             with self.store.namespace(None).reader_at(d) as r:
