@@ -31,7 +31,15 @@ import time
 import pyfuse3
 
 from store import ALGORITHMS, Info, NotFound, StoreError
-from store.api import BlobFiles, BlobNames, ChangeFeed, InfoIterator, Store, blob_times_of
+from store.api import (
+    BlobFiles,
+    BlobNames,
+    BlobVisibility,
+    ChangeFeed,
+    InfoIterator,
+    Store,
+    blob_times_of,
+)
 from store.digest import Digest, split_digest
 from store.types import to_ns
 
@@ -89,7 +97,8 @@ class BlobCache:
             self._cleared = time.monotonic()
 
     async def exists(self, digest: str) -> bool:
-        """The blob is committed (its file is a regular file)."""
+        """The blob is committed (its file is a regular file) and, for a store of
+        namespaced views, in this view's namespace."""
         if self.files is None:
             try:
                 info = await offload.call(False, self.store.info, digest)
@@ -104,7 +113,9 @@ class BlobCache:
             st = os.lstat(self.files.blob_path(digest))
         except (FileNotFoundError, NotADirectoryError):
             return False
-        return stat.S_ISREG(st.st_mode)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        return not isinstance(self.store, BlobVisibility) or self.store.blob_visible(digest)
 
     async def attr(self, ino: int, digest: str) -> Attr:
         """Attributes of blob ``digest`` read afresh; NotFound if it is gone."""

@@ -89,6 +89,15 @@ async def _relabelled(blobs: BlobCache) -> None:
         log.warning("looking for relabelled blobs: %s", exc)
         return
 
+    # a record that appeared in this namespace for a file that was already there (a
+    # shared commit, a claim elsewhere) changes no file: drop the kernel's cached miss
+    for digest, _created, _updated in rows:
+        alg, hexpart = digest.partition(":")[::2]
+        alg_ino = blobs.nodes.alg_ino(alg)
+        if alg_ino is not None and view.hex_ino(hexpart) not in blobs.attrs:
+            blobs.drop_listing(alg)
+            pyfuse3.invalidate_entry_async(alg_ino, hexpart.encode(), ignore_enoent=True)
+
     def invalidate() -> None:
         for i in held:
             try:

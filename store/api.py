@@ -55,6 +55,7 @@ signatures). An adapter degrades when a store lacks one, as its docstring says:
   its bytes durable before commit, change its expected total, or be closed from another
   thread when no call on it is in progress;
 * :class:`Namespaced`     ``namespace(ns, lease=)``: per-namespace views (DESIGN §6);
+* :class:`BlobVisibility` ``blob_visible``: which existing blob files a view holds;
 * :class:`LeaseManager`   leases and garbage collection in a view's namespace.
 """
 
@@ -73,6 +74,7 @@ from .types import GcResult, Info, Lease, Status
 __all__ = [
     "BlobFiles",
     "BlobNames",
+    "BlobVisibility",
     "Change",
     "ChangeFeed",
     "ChangeKind",
@@ -462,6 +464,17 @@ class IdleCloser(Protocol):
 
     def close_if_idle(self) -> None:
         """``close()`` unless a call on this writer is in progress; never blocks."""
+        ...
+
+
+@runtime_checkable
+class BlobVisibility(Protocol):
+    """For a store whose blob files (``BlobFiles``) are shared with views that must not
+    see all of them: a namespace sees its own records (and ``default`` the unclaimed
+    files), so a file at ``blob_path`` may exist and still not be this view's."""
+
+    def blob_visible(self, digest: str) -> bool:
+        """True if this view holds ``digest``, should its file exist."""
         ...
 
 

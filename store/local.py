@@ -423,24 +423,40 @@ class LocalStore:
     # BlobNames ---------------------------------------------------------------------
 
     def blob_names(self, algorithm: str) -> builtins.list[str]:
-        """The well-formed hex names in ``blobs/<algorithm>/``, unsorted, one listdir
-        (no stat: a name may still be something other than a regular file)."""
+        """The well-formed hex names in ``blobs/<algorithm>/`` this view holds, unsorted,
+        one listdir and at most one query (no stat: a name may still be something other
+        than a regular file)."""
         if algorithm not in ALGORITHMS or not is_dir(self.layout.blobs):
             return []
         try:
             names = os.listdir(self.layout.blob_dir(algorithm))
         except (FileNotFoundError, NotADirectoryError):
             return []
-        return builtins.list(filter(hex_pattern(algorithm).fullmatch, names))
+        good = filter(hex_pattern(algorithm).fullmatch, names)
+        prefix = f"{algorithm}:"
+        if self.ns is None:
+            return builtins.list(good)
+        if self.ns == DEFAULT_NAMESPACE:
+            hidden = self.meta.hidden_from(self._key)
+            return [n for n in good if prefix + n not in hidden]
+        mine = self.meta.digests_of(self._key)
+        return [n for n in good if prefix + n in mine]
 
     def blob_names_stamp(self, algorithm: str) -> object:
         """``(st_ino, st_mtime_ns, st_ctime_ns)`` of ``blobs/<algorithm>/`` (zeros when
-        it is missing): every blob added or removed there changes it."""
+        it is missing): every blob added or removed there changes it; for a namespace,
+        with the database's change stamp (records come and go there too)."""
         try:
             st = os.stat(self.layout.blob_dir(algorithm))
         except (FileNotFoundError, NotADirectoryError):
             return (0, 0, 0)
-        return (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        return stamp if self.ns is None else (stamp, self.meta.change_stamp())
+
+    def blob_visible(self, digest: str) -> bool:
+        """True if this view holds ``digest``, should its file exist (the raw store
+        holds every file)."""
+        return self.ns is None or self.visible(Digest(digest))
 
     # BlobFiles -----------------------------------------------------------------------
 
@@ -1067,7 +1083,8 @@ if TYPE_CHECKING:  # mypy checks that LocalStore has the interface and its capab
         store: api.Store = s
         caps: tuple[api.InfoIterator, api.IngestReader, api.IngestHints, api.IngestRenamer,
                     api.ChangeFeed, api.BlobNames, api.BlobFiles, api.Namespaced,
-                    api.LeaseManager, api.WriterOpener] = (s, s, s, s, s, s, s, s, s, s)
+                    api.LeaseManager, api.WriterOpener, api.BlobVisibility] = (
+                        s, s, s, s, s, s, s, s, s, s, s)
         writer: tuple[api.Writer, api.SyncWriter, api.TotalWriter, api.IdleCloser] = (
             w, w, w, w)
         del store, caps, writer

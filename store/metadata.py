@@ -454,6 +454,20 @@ class MetadataDB:
                     " AND id = ?", (ns, lease, digest))
             return [n for (n,) in c.execute("SELECT ns FROM blobs WHERE digest = ?", (digest,))]
 
+    def digests_of(self, ns: str) -> set[str]:
+        """Every digest ``ns`` has a record of."""
+        with self._tx() as c:
+            return {d for (d,) in c.execute("SELECT digest FROM blobs WHERE ns = ?", (ns,))}
+
+    def hidden_from(self, ns: str) -> set[str]:
+        """Digests some other namespace holds and ``ns`` does not (for ``default``: the
+        claimed files it does not see), and those gc is about to unlink."""
+        with self._tx() as c:
+            return {d for (d,) in c.execute(
+                "SELECT DISTINCT digest FROM blobs WHERE ns NOT IN ('', ?)"
+                " EXCEPT SELECT digest FROM blobs WHERE ns = ?"
+                " UNION SELECT digest FROM gc_doomed", (ns, ns))}
+
     def namespaces(self) -> set[str]:
         """Namespaces with a blob record or a lease."""
         with self._tx() as c:
@@ -648,7 +662,7 @@ class MetadataDB:
 def _lease_move(
     c: sqlite3.Connection, ns: str, lease: str, ingest_ref: str | None, digest: str
 ) -> None:
-    if ingest_ref is not None:
+    if ingest_ref is not None and is_text(ingest_ref):
         c.execute("DELETE FROM lease_resources WHERE ns = ? AND lease = ? AND type = 'ingests'"
                   " AND id = ?", (ns, lease, ingest_ref))
     if c.execute("SELECT 1 FROM leases WHERE ns = ? AND id = ?", (ns, lease)).fetchone():

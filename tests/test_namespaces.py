@@ -4,9 +4,12 @@ namespaces, identifiers; the CLI's ``-n`` and ``contentfs namespaces``."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 import subprocess
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -205,6 +208,55 @@ def test_cli_namespace_option_and_env(store_root: str) -> None:
     assert r.code == 4
     ok(cf("-n", "team-a", "rm", d))
     assert not os.listdir(os.path.join(store_root, "blobs", "sha256"))
+
+
+# the mount in two namespaces at once ----------------------------------------------------
+
+def _eventually(cond: Callable[[], bool], within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition still false after {within}s")
+        time.sleep(0.05)
+
+
+def test_mounts_in_two_namespaces(mounter: MountFactory) -> None:
+    """`-o namespace=NS`: each mount lists, looks up, labels and deletes in its own
+    namespace over the same root; the CLI and the mount agree per namespace."""
+    ma = mounter("namespace=a", name="ma")
+    mb = mounter("namespace=b", name="mb", root=ma.root)
+    mdef = mounter(name="mdef", root=ma.root)
+    data = b"committed through mount a\n"
+    hexd = hashlib.sha256(data).hexdigest()
+    with open(ma.ingest("x"), "wb") as f:
+        f.write(data)
+    os.rename(ma.ingest("x"), ma.blob(hexd))
+    assert os.listdir(os.path.join(ma.path, "blobs", "sha256")) == [hexd]
+    assert os.listdir(os.path.join(mb.path, "blobs", "sha256")) == []
+    assert os.listdir(os.path.join(mdef.path, "blobs", "sha256")) == []  # claimed by a
+    assert not os.path.exists(mb.blob(hexd))
+    os.setxattr(ma.blob(hexd), "user.who", b"a")
+    r = run("--root", ma.root, "-n", "a", "label", f"sha256:{hexd}")
+    assert r.text.strip() == "who=a"
+    # the same bytes in b: a record there, no bytes moved; mount b sees it appear
+    r = run("--root", ma.root, "-n", "b", "ingest", "y", "--label", "who=b", stdin=data)
+    assert r.code == 0, r.err
+    _eventually(lambda: os.path.exists(mb.blob(hexd)))
+    assert os.getxattr(mb.blob(hexd), "user.who") == b"b"
+    assert os.getxattr(ma.blob(hexd), "user.who") == b"a"
+    with open(mb.blob(hexd), "rb") as f:
+        assert f.read() == data
+    # an ingest of one namespace is not the other's
+    with open(mb.ingest("only-b"), "wb") as f:
+        f.write(b"b's")
+    assert os.listdir(os.path.join(mb.path, "ingest")) == ["only-b"]
+    assert os.listdir(os.path.join(ma.path, "ingest")) == []
+    # rm in a: a's record goes, the file stays for b
+    os.unlink(ma.blob(hexd))
+    assert not os.path.exists(ma.blob(hexd))
+    assert os.path.exists(os.path.join(ma.root, "blobs", "sha256", hexd))
+    with open(mb.blob(hexd), "rb") as f:
+        assert f.read() == data
 
 
 def test_mount_takes_the_namespace_as_every_command(mounter: MountFactory) -> None:

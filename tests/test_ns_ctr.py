@@ -87,3 +87,44 @@ def test_ctr_sequence_matches_containerd(serve: ServeProcess, containerd: Contai
     assert digest_of(A) in listing["ns1: content ls"]  # rooted in ns1
     assert digest_of(B) not in listing["ns1: content ls"]  # collected by prune
     assert digest_of(C) in listing["ns2: content ls"]  # kept by the gc.ref edge
+
+
+def lease_script(address: str) -> list[tuple[str, int, str]]:
+    """Writes under the ``containerd-lease`` header are held by that lease: prune keeps
+    them, a synchronous ``leases rm`` lets them go."""
+    from store.grpc.client import RemoteStore
+
+    out: list[tuple[str, int, str]] = []
+
+    def ls(step: str) -> None:
+        p = ctr(address, "content", "ls", "-q", namespace="lz")
+        out.append((step, p.returncode, "\n".join(sorted(p.stdout.decode().split()))))
+
+    held, loose = b"held by lease L1\n", b"no lease\n"
+    with RemoteStore(address, namespace="lz", lease="L1") as leased:
+        w = leased.writer("held")
+        w.write(held)
+        w.commit(len(held), digest_of(held))
+    with RemoteStore(address, namespace="lz") as plain:
+        w = plain.writer("loose")
+        w.write(loose)
+        w.commit(len(loose), digest_of(loose))
+    ls("before prune")
+    p = ctr(address, "content", "prune", "references", namespace="lz")
+    out.append(("prune", p.returncode, ""))
+    ls("after prune")
+    p = ctr(address, "leases", "ls", "-q", namespace="lz")
+    out.append(("leases ls", p.returncode, p.stdout.decode().strip()))
+    p = ctr(address, "leases", "rm", "--sync", "L1", namespace="lz")
+    out.append(("leases rm --sync", p.returncode, ""))
+    ls("after lease rm")
+    return out
+
+
+def test_lease_header_matches_containerd(serve: ServeProcess, containerd: Containerd) -> None:
+    ours = lease_script(serve.address)
+    theirs = lease_script(containerd.address)
+    assert ours == theirs
+    listing = dict((s, o) for s, _, o in ours)
+    assert listing["after prune"] == digest_of(b"held by lease L1\n")
+    assert listing["after lease rm"] == ""

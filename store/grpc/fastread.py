@@ -297,9 +297,9 @@ class ReadLane:
         return encode_read_response(0, data)
 
     def _admit(self, digest: str, metadata: Any) -> _Open | None:
-        """Open a committed blob to keep, through the caller's view (so a blob that
-        only namespaces hold opens too); None if it is not one there (the full path
-        reports)."""
+        """Open a committed blob to keep; None if it is not one (the full path reports).
+        Opened through the call's view, so a namespace's visibility and recorded size
+        count (later calls recheck the visibility for their own namespace)."""
         try:
             dgst = parse_digest(digest)
             store = self._service.store
