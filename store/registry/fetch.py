@@ -52,6 +52,7 @@ from .transfer import (
     Cancelled,
     NoProgress,
     Progress,
+    TransferResult,
     merge_labels,
     open_writer,
     rfc3339_now,
@@ -66,29 +67,8 @@ CHUNK = 1 << 20
 _RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
-@dataclasses.dataclass
-class FetchResult:
-    reference: str
-    digest: str
-    media_type: str
-    size: int
-    blobs: list[BlobResult]
-    elapsed: float = 0.0
-
-    @property
-    def transferred(self) -> int:
-        return sum(b.transferred for b in self.blobs)
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "reference": self.reference,
-            "digest": self.digest,
-            "media_type": self.media_type,
-            "size": self.size,
-            "transferred": self.transferred,
-            "elapsed": round(self.elapsed, 3),
-            "blobs": [b.to_json() for b in self.blobs],
-        }
+class FetchResult(TransferResult):
+    """A fetch's result (see TransferResult)."""
 
 
 def _check_bytes(data: bytes, desc: Descriptor, where: str) -> None:

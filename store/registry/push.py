@@ -12,7 +12,6 @@ reference's tag (or its digest). Nothing in the store changes.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import threading
 import time
@@ -34,36 +33,22 @@ from .images import (
     platform_matches,
 )
 from .reference import Reference
-from .transfer import BlobResult, Cancelled, NoProgress, Progress, run_parallel
+from .transfer import (
+    BlobResult,
+    Cancelled,
+    NoProgress,
+    Progress,
+    TransferResult,
+    run_parallel,
+)
 
 __all__ = ["PushResult", "push_image", "push_object"]
 
 MAX_MANIFEST = 8 << 20
 
 
-@dataclasses.dataclass
-class PushResult:
-    reference: str
-    digest: str
-    media_type: str
-    size: int
-    blobs: list[BlobResult]
-    elapsed: float = 0.0
-
-    @property
-    def transferred(self) -> int:
-        return sum(b.transferred for b in self.blobs)
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "reference": self.reference,
-            "digest": self.digest,
-            "media_type": self.media_type,
-            "size": self.size,
-            "transferred": self.transferred,
-            "elapsed": round(self.elapsed, 3),
-            "blobs": [b.to_json() for b in self.blobs],
-        }
+class PushResult(TransferResult):
+    """A push's result (see TransferResult)."""
 
 
 def _read_small(store: Store, digest: str) -> bytes | None:

@@ -16,7 +16,15 @@ from ..errors import Unavailable
 from ..types import Info
 from .images import GC_ROOT, SOURCE_PREFIX
 
-__all__ = ["BlobResult", "Cancelled", "Progress", "merge_labels", "open_writer", "run_parallel"]
+__all__ = [
+    "BlobResult",
+    "Cancelled",
+    "Progress",
+    "TransferResult",
+    "merge_labels",
+    "open_writer",
+    "run_parallel",
+]
 
 T = TypeVar("T")
 
@@ -52,6 +60,34 @@ class BlobResult:
 
     def to_json(self) -> dict[str, object]:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class TransferResult:
+    """A whole fetch or push: the top object (``digest``, ``media_type``, ``size``) and
+    each blob's result; ``elapsed`` in seconds."""
+
+    reference: str
+    digest: str
+    media_type: str
+    size: int
+    blobs: list[BlobResult]
+    elapsed: float = 0.0
+
+    @property
+    def transferred(self) -> int:
+        return sum(b.transferred for b in self.blobs)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "reference": self.reference,
+            "digest": self.digest,
+            "media_type": self.media_type,
+            "size": self.size,
+            "transferred": self.transferred,
+            "elapsed": round(self.elapsed, 3),
+            "blobs": [b.to_json() for b in self.blobs],
+        }
 
 
 def rfc3339_now() -> str:
