@@ -2,7 +2,7 @@
 ``mount``, ``umount`` and ``serve``.
 
 Every store error prints one line, ``contentfs: <message>``, and exits with the code of
-its class (EXIT_CODES); anything else is a bug and shows its traceback.
+its class (fusefs.exits); anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -25,14 +25,12 @@ import click
 
 from store import (
     AlreadyExists,
-    DataLoss,
     FailedPrecondition,
     Info,
     InvalidArgument,
     Lease,
     LocalStore,
     LocalWriter,
-    NotFound,
     NotImplemented,  # noqa: A004
     Status,
     StoreError,
@@ -45,6 +43,7 @@ from store.digest import split_digest
 from store.identifiers import DEFAULT_NAMESPACE, validate_identifier
 from store.verify import verify_many
 
+from .exits import EXIT_OTHER, exit_code
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -53,17 +52,6 @@ if TYPE_CHECKING:
 #: What the store commands work on: a root directory, or a store over gRPC (--address).
 AnyStore: TypeAlias = "LocalStore | RemoteStore"
 
-#: Exit status per store error class; stable for scripts (documented in the README).
-EXIT_CODES: dict[type[StoreError], int] = {
-    InvalidArgument: 3,
-    NotFound: 4,
-    AlreadyExists: 5,
-    FailedPrecondition: 6,
-    Unavailable: 7,
-    DataLoss: 8,
-    NotImplemented: 9,
-}
-EXIT_OTHER = 1
 
 F = TypeVar("F", bound=Callable[..., Any])
 _CHUNK = 1 << 20
@@ -115,13 +103,6 @@ def cell(text: str, limit: int = CELL_MAX) -> str:
         return text
     tail = (limit - 1) // 3
     return f"{text[:limit - 1 - tail]}\u2026{text[len(text) - tail:]}"
-
-
-def exit_code(exc: StoreError) -> int:
-    for cls, code in EXIT_CODES.items():
-        if isinstance(exc, cls):
-            return code
-    return EXIT_OTHER
 
 
 class _Group(click.Group):

@@ -28,6 +28,7 @@ from store import LocalStore, StoreError, prepare_root
 from store.api import ChangeFeed, Store
 from store.identifiers import DEFAULT_NAMESPACE, validate_identifier
 
+from .exits import exit_code
 from .ops import ContentOps
 
 __all__ = ["MountOptions", "is_address", "mount_main", "parse_options", "umount_main"]
@@ -275,9 +276,12 @@ def _run(root: str, mountpoint: str, opts: MountOptions, *, debug: bool, ready_f
     except RuntimeError as exc:
         _tell(f"cannot mount {root}: {exc}")
         return 1
-    except (OSError, StoreError) as exc:
+    except OSError as exc:
         _tell(f"cannot mount {root} at {mountpoint}: {exc}")
         return 1
+    except StoreError as exc:  # the CLI's exit status for its class (unreachable: 7)
+        _tell(f"cannot mount {root} at {mountpoint}: {exc}")
+        return exit_code(exc)
     lock_fd = _take_pidfile(mountpoint)
     ops = ContentOps(store, readonly=opts.readonly)
     fuse_options = set(pyfuse3.default_options) | opts.fuse

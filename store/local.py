@@ -311,12 +311,21 @@ class LocalStore:
             else:
                 raise InvalidArgument(f'cannot update "{path}" field on content info "{dgst}"')
         validate_labels({k: v for k, v in {**(replace or {}), **changes}.items() if v})
-        st = self._stat_blob(dgst)
-        row = self.db.get_blob(dgst)
-        if not self._visible(dgst, row):
-            raise NotFound(f"content {dgst}")
-        created = row[1] if row is not None and row[0] == st.st_size else st.st_mtime_ns
-        new = self.db.update_labels(dgst, st.st_size, created, time.time_ns(), replace, changes)
+        # under the digest's commit lock, as gc unlinks: a blob gc is removing is either
+        # still recorded here (gc then keeps it) or gone (NotFound), never a record
+        # written back for a file that is no longer there
+        if not self.readonly:  # (a read-only store fails at the database write below)
+            self._ensure_private()
+        lock = contextlib.nullcontext() if self.readonly else hold_lock(
+            self.layout.commit_lock_path(dgst))
+        with lock:
+            st = self._stat_blob(dgst)
+            row = self.db.get_blob(dgst)
+            if not self._visible(dgst, row):
+                raise NotFound(f"content {dgst}")
+            created = row[1] if row is not None and row[0] == st.st_size else st.st_mtime_ns
+            new = self.db.update_labels(
+                dgst, st.st_size, created, time.time_ns(), replace, changes)
         return self._info(dgst, st, new)
 
     def walk(self, fn: Callable[[Info], object], *filters: str) -> None:

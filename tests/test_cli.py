@@ -16,7 +16,8 @@ from collections.abc import Callable
 import pytest
 from click.testing import CliRunner
 
-from fusefs.cli import EXIT_CODES, cli, default_root
+from fusefs.cli import cli, default_root
+from fusefs.exits import EXIT_CODES
 from store import (
     AlreadyExists,
     DataLoss,

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from fusefs.cli import EXIT_CODES
+from fusefs.exits import EXIT_CODES
 from store import (
     FailedPrecondition,
     InvalidArgument,

@@ -7,7 +7,7 @@ import os
 import subprocess
 from typing import Any
 
-from fusefs.cli import EXIT_CODES
+from fusefs.exits import EXIT_CODES
 from store import Unavailable, digest_of
 from store.grpc.client import RemoteStore
 from tests.fuse_util import Mount, require_fuse
