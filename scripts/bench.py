@@ -1492,7 +1492,7 @@ def plot(doc: dict[str, Any], path: Path, old: dict[str, Any] | None = None) -> 
     fig.suptitle(f"contentfs bench {doc.get('date', '')}: {m.get('cpus', '?')} CPUs, "
                  f"{doc.get('fs_type', '?')}, {doc.get('params', {}).get('blobs', '?')} blobs"
                  " (green: target met; time and memory: lower is better)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
