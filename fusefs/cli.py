@@ -41,6 +41,7 @@ from store import (
 )
 from store.digest import split_digest
 from store.identifiers import DEFAULT_NAMESPACE, validate_identifier
+from store.text import human_size
 from store.verify import verify_many
 
 from .exits import EXIT_OTHER, exit_code
@@ -290,15 +291,6 @@ def status_json(st: Status) -> dict[str, Any]:
         "started_at": rfc3339(st.started_at),
         "updated_at": rfc3339(st.updated_at),
     }
-
-
-def human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
 
 
 def age(when: dt.datetime) -> str:

@@ -11,18 +11,12 @@ import sys
 import time
 from typing import IO
 
+from store.text import human_size as _size
+
 __all__ = ["Progress"]
 
 _INTERVAL = 0.1  # seconds between redraws
 _WIDEST = "  100%  1023.9 MiB of 1023.9 MiB  1023.9 MiB/s"
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 class Progress:

@@ -1,4 +1,5 @@
-"""Text that may travel: refs and labels must be valid UTF-8 to cross protobuf and SQLite.
+"""Text that may travel: refs and labels must be valid UTF-8 to cross protobuf and SQLite;
+and byte counts as people read them (``human_size``).
 
 Names from FUSE and argv arrive as bytes decoded with ``surrogateescape``: bytes that are
 not UTF-8 become lone surrogates, which protobuf and SQLite cannot carry.
@@ -6,7 +7,7 @@ not UTF-8 become lone surrogates, which protobuf and SQLite cannot carry.
 
 from __future__ import annotations
 
-__all__ = ["is_text", "printable_ref"]
+__all__ = ["human_size", "is_text", "printable_ref"]
 
 
 def is_text(text: str) -> bool:
@@ -24,3 +25,13 @@ def printable_ref(ref: str) -> str:
     if is_text(ref):
         return ref
     return ref.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def human_size(n: float) -> str:
+    """``n`` bytes in binary units, as listings and progress lines show them:
+    ``512 B``, ``1.5 KiB`` ... ``2.0 TiB`` (TiB is the largest unit)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -8,17 +8,11 @@ import threading
 import time
 from typing import TextIO
 
+from ..text import human_size as _size
+
 __all__ = ["TerminalProgress"]
 
 _BAR = 40
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 class TerminalProgress:
