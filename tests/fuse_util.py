@@ -52,6 +52,23 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def write_bytes(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def src_file(tmp_path: os.PathLike[str] | str, data: bytes, name: str = "src") -> str:
+    """``data`` written to a file ``name`` in ``tmp_path`` (a source to copy in); its path."""
+    path = os.path.join(os.fspath(tmp_path), name)
+    write_bytes(path, data)
+    return path
+
+
 def run(*cmd: str, check: bool = True, stdin: bytes | None = None,
         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
     """Run a real tool; on failure with ``check`` the assertion shows its stderr."""

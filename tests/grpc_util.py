@@ -240,6 +240,16 @@ class Containerd:
         self.log.close()
 
 
+def containerd_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
+    """Fixture body: a containerd of the test module's own, stopped at its end
+    (``containerd = pytest.fixture(scope="module")(containerd_daemon)`` in a test module)."""
+    daemon = Containerd(str(tmp_path_factory.mktemp("containerd")))
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
 @dataclasses.dataclass
 class Reply:
     """The outcome of one raw call: the code, its details and the responses received."""

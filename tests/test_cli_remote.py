@@ -27,19 +27,13 @@ from store import (
     digest_of,
 )
 from store.grpc.client import RemoteStore
-from tests.grpc_util import Containerd, ServeProcess, ctr
+from tests.grpc_util import Containerd, ServeProcess, containerd_daemon, ctr
 from tests.test_cli import Run, ok, run
 
 _namespaces = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
-    daemon = Containerd(str(tmp_path_factory.mktemp("containerd")))
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
+containerd = pytest.fixture(scope="module")(containerd_daemon)
 
 
 class Remote:

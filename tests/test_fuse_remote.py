@@ -21,8 +21,18 @@ from typing import Any
 import pytest
 
 from tests import fuse_util
-from tests.fuse_util import CONTENTFS, FuseStore, Mount, MountFactory, run, sha256
-from tests.grpc_util import Containerd, ctr
+from tests.fuse_util import (
+    CONTENTFS,
+    FuseStore,
+    Mount,
+    MountFactory,
+    read_bytes,
+    run,
+    sha256,
+    src_file,
+    write_bytes,
+)
+from tests.grpc_util import Containerd, containerd_daemon, ctr
 
 pytest.register_assert_rewrite("tests.suite")
 
@@ -34,13 +44,7 @@ DATA = os.urandom((3 << 20) + 12345)
 HEX = sha256(DATA)
 
 
-@pytest.fixture(scope="module")
-def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
-    daemon = Containerd(str(tmp_path_factory.mktemp("containerd")))
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
+containerd = pytest.fixture(scope="module")(containerd_daemon)
 
 
 class RemoteMount:
@@ -83,15 +87,10 @@ def rmnt(mounter: MountFactory, containerd: Containerd) -> RemoteMount:
 
 
 def _src(tmp_path: Any, data: bytes = DATA, name: str = "src") -> str:
-    path = os.path.join(os.fspath(tmp_path), name)
-    with open(path, "wb") as f:
-        f.write(data)
-    return path
+    return src_file(tmp_path, data, name)
 
 
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+_read = read_bytes
 
 
 # the conformance suite through a mount over containerd -----------------------------------
@@ -284,9 +283,7 @@ def test_containerd_killed_under_a_live_mount(mounter: MountFactory, tmp_path: A
         daemon.stop()
 
 
-def _write(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
+_write = write_bytes
 
 
 def test_mount_options_and_cli_forms(mounter: MountFactory, containerd: Containerd,

@@ -7,7 +7,7 @@ import os
 import subprocess
 
 from tests import fuse_util
-from tests.fuse_util import CONTENTFS, Mount, run, sha256
+from tests.fuse_util import CONTENTFS, Mount, read_bytes, run, sha256, src_file
 
 mounter = fuse_util.mounter
 mnt = fuse_util.mnt
@@ -17,15 +17,10 @@ HEX = sha256(DATA)
 
 
 def _src(tmp_path: os.PathLike[str], data: bytes = DATA, name: str = "src") -> str:
-    path = os.path.join(os.fspath(tmp_path), name)
-    with open(path, "wb") as f:
-        f.write(data)
-    return path
+    return src_file(tmp_path, data, name)
 
 
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+_read = read_bytes
 
 
 def _commit(m: Mount, name: str) -> None:
