@@ -66,13 +66,17 @@ class Images:
         return f"{self.registry.host}/{name}"
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
+def registry_images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
+    """Fixture body: a registry of the test module's own with the test images pushed,
+    stopped at its end (``images = pytest.fixture(scope="module")(registry_images)``)."""
     imgs = Images(str(tmp_path_factory.mktemp("registry")))
     try:
         yield imgs
     finally:
         imgs.registry.stop()
+
+
+images = pytest.fixture(scope="module")(registry_images)
 
 
 def labels_by_digest(root: str) -> dict[str, tuple[int, dict[str, str]]]:

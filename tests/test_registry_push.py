@@ -11,18 +11,12 @@ from typing import Any
 import pytest
 
 from .registry_util import SKOPEO, Registry, read_blob, run, skopeo_copy
-from .test_registry_fetch import Images, contentfs, labels_by_digest
+from .test_registry_fetch import Images, contentfs, labels_by_digest, registry_images
 
 SOURCE = "containerd.io/distribution.source.127.0.0.1"
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Images]:
-    imgs = Images(str(tmp_path_factory.mktemp("registry")))
-    try:
-        yield imgs
-    finally:
-        imgs.registry.stop()
+images = pytest.fixture(scope="module")(registry_images)
 
 
 @pytest.fixture
