@@ -696,17 +696,24 @@ def abort_cmd(ctx: click.Context, refs: tuple[str, ...], cmd_root: str | None) -
 def rm_cmd(ctx: click.Context, digests: tuple[str, ...], cmd_root: str | None) -> None:
     """Delete blobs; print each digest deleted. A missing blob is an error."""
     store = open_store(ctx, cmd_root)
+    first_error = _each(digests, store.delete)
+    if first_error is not None:
+        sys.exit(exit_code(first_error))
+
+
+def _each(names: Iterable[str], action: Callable[[str], object]) -> StoreError | None:
+    """``action`` on each name in turn, printing the name when it succeeds and a one-line
+    error when it fails (the others still run); the first error, or None."""
     first_error: StoreError | None = None
-    for digest in digests:
+    for name in names:
         try:
-            store.delete(digest)
+            action(name)
         except StoreError as exc:
             click.echo(f"contentfs: {printable(str(exc))}", err=True)
             first_error = first_error or exc
             continue
-        click.echo(digest)
-    if first_error is not None:
-        sys.exit(exit_code(first_error))
+        click.echo(name)
+    return first_error
 
 
 @cli.command("label")
@@ -1164,15 +1171,7 @@ def lease_rm_cmd(
 ) -> None:
     """Delete leases; print each id deleted. With --sync, run gc afterwards."""
     store = open_local(ctx, cmd_root, "lease rm")
-    first_error: StoreError | None = None
-    for lease_id in ids:
-        try:
-            store.delete_lease(lease_id)
-        except StoreError as exc:
-            click.echo(f"contentfs: {exc}", err=True)
-            first_error = first_error or exc
-            continue
-        click.echo(lease_id)
+    first_error = _each(ids, store.delete_lease)
     if sync:
         store.gc()
     if first_error is not None:
