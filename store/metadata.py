@@ -489,12 +489,6 @@ class MetadataDB:
             return None, {}
         return row[0], json.loads(row[1])
 
-    def all_ingest_expectations(self) -> dict[str, str]:
-        """Backend ref -> expected digest, of every ingest that has one."""
-        with self._tx() as c:
-            return dict(c.execute(
-                "SELECT ref, expected FROM ingests WHERE expected IS NOT NULL"))
-
     def ingest_expects(self, digest: str) -> bool:
         """True if some ingest records ``digest`` as its expected digest."""
         with self._tx() as c:
