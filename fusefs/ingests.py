@@ -43,9 +43,8 @@ from store.api import (
     TotalWriter,
     Writer,
 )
-from store.digest import Digest, parse_digest, split_digest
-from store.helpers import open_writer
-from store.labels import validate_labels
+from store.digest import Digest, split_digest
+from store.helpers import open_writer, updated_hints
 from store.types import Status, to_ns
 
 from . import offload, view
@@ -190,14 +189,10 @@ class Ingests:
         if not await self.exists(ref):
             raise NotFound(f"ingest {ref}")
         old_expected, old_labels, total = self._hints.get(ref, (None, {}, 0))
-        if expected is not None:
-            old_expected = parse_digest(expected)
-        if clear_expected:
-            old_expected = None
-        if labels is not None:
-            validate_labels(labels)
-            old_labels = dict(labels)
-        self._hints[ref] = (old_expected, old_labels, total)
+        new_expected, new_labels = updated_hints(
+            old_expected, old_labels, expected=expected, labels=labels,
+            clear_expected=clear_expected)
+        self._hints[ref] = (new_expected, new_labels, total)
 
     # writers ---------------------------------------------------------------------------
 

@@ -4,12 +4,15 @@ they work on any :class:`store.api.Store` and use a capability when the store ha
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Protocol
 
 from .api import Ingester, IngestManager, Writer, WriterOpener
+from .digest import parse_digest
 from .errors import Unavailable
+from .labels import validate_labels
 
-__all__ = ["open_writer"]
+__all__ = ["open_writer", "updated_hints"]
 
 _RETRY = 0.01  # seconds between tries for a held ref
 
@@ -40,3 +43,21 @@ def open_writer(
             if time.monotonic() >= deadline:
                 raise
         time.sleep(_RETRY)
+
+
+def updated_hints(
+    old_expected: str | None, old_labels: Mapping[str, str], *,
+    expected: str | None = None, labels: Mapping[str, str] | None = None,
+    clear_expected: bool = False,
+) -> tuple[str | None, dict[str, str]]:
+    """An ingest's hints after :meth:`~store.api.IngestHints.set_ingest_hints`:
+    ``expected`` replaces the expected digest (InvalidArgument if it is not one),
+    ``clear_expected`` forgets it, ``labels`` replace the labels (validated)."""
+    if expected is not None:
+        old_expected = parse_digest(expected)
+    if clear_expected:
+        old_expected = None
+    if labels is not None:
+        validate_labels(labels)
+        old_labels = labels
+    return old_expected, dict(old_labels)

@@ -44,6 +44,7 @@ from .filters import Filter, parse_filters
 from .fsutil import ensure_dir, read_small, write_atomic
 from .gc import collect
 from .hashcache import HashCache
+from .helpers import updated_hints
 from .identifiers import DEFAULT_NAMESPACE, validate_identifier
 from .labels import validate_labels
 from .layout import Layout
@@ -879,16 +880,11 @@ class LocalStore:
             raise NotFound(f"ingest {ref}")
         if expected is not None or labels is not None:
             _check_new_ref(ref)  # hints live in the metadata database: UTF-8 only
-        old_expected, old_labels = self.db.get_ingest(bref)
-        if expected is not None:
-            old_expected = parse_digest(expected)
-        if clear_expected:
-            old_expected = None
-        if labels is not None:
-            validate_labels(labels)
-            old_labels = dict(labels)
+        new_expected, new_labels = updated_hints(
+            *self.db.get_ingest(bref), expected=expected, labels=labels,
+            clear_expected=clear_expected)
         if expected is not None or labels is not None or clear_expected:
-            self.db.put_ingest(bref, old_expected, old_labels)
+            self.db.put_ingest(bref, new_expected, new_labels)
         if total is not None:
             if total < 0:
                 raise InvalidArgument(f"ingest {ref}: negative total {total}")
