@@ -1042,42 +1042,34 @@ def _check_resource(rtype: str, rid: str) -> None:
         raise InvalidArgument(f"unsupported resource type {rtype!r}")
 
 
-def _lease_adaptor(lease: Lease) -> Callable[[Sequence[str]], tuple[str, bool]]:
+def _adaptor(field: str, value: str, labels: Mapping[str, str]
+             ) -> Callable[[Sequence[str]], tuple[str, bool]]:
+    """A filter adaptor: ``field`` is ``value`` (as containerd, only the first element
+    counts: ``digest.x`` is ``digest``), ``labels.<key>`` is that label."""
     def adapt(fieldpath: Sequence[str]) -> tuple[str, bool]:
         if not fieldpath:
             return "", False
-        if fieldpath[0] == "id":
-            return lease.id, True
+        if fieldpath[0] == field:
+            return value, True
         if fieldpath[0] == "labels" and len(fieldpath) > 1:
             key = ".".join(fieldpath[1:])
-            if key in lease.labels:
-                return lease.labels[key], True
+            if key in labels:
+                return labels[key], True
         return "", False
 
     return adapt
+
+
+def _lease_adaptor(lease: Lease) -> Callable[[Sequence[str]], tuple[str, bool]]:
+    return _adaptor("id", lease.id, lease.labels)
 
 
 def _info_adaptor(info: Info) -> Callable[[Sequence[str]], tuple[str, bool]]:
-    def adapt(fieldpath: Sequence[str]) -> tuple[str, bool]:
-        if not fieldpath:
-            return "", False
-        if fieldpath[0] == "digest":  # as containerd: `digest.x` is `digest`
-            return info.digest, True
-        if fieldpath[0] == "labels" and len(fieldpath) > 1:
-            key = ".".join(fieldpath[1:])
-            if key in info.labels:
-                return info.labels[key], True
-        return "", False
-
-    return adapt
+    return _adaptor("digest", info.digest, info.labels)
 
 
 def _ref_adaptor(ref: str) -> Callable[[Sequence[str]], tuple[str, bool]]:
-    def adapt(fieldpath: Sequence[str]) -> tuple[str, bool]:
-        # as containerd, only the first field counts: `ref.x` is `ref`
-        return (ref, True) if fieldpath and fieldpath[0] == "ref" else ("", False)
-
-    return adapt
+    return _adaptor("ref", ref, {})
 
 
 if TYPE_CHECKING:  # mypy checks that LocalStore has the interface and its capabilities
