@@ -41,7 +41,7 @@ from store import (
 )
 from store.digest import split_digest
 from store.identifiers import DEFAULT_NAMESPACE, validate_identifier
-from store.text import human_size
+from store.text import human_size, printable_ref
 from store.verify import verify_many
 
 from .exits import EXIT_OTHER, exit_code
@@ -77,7 +77,7 @@ def fail(message: str, code: int = EXIT_OTHER) -> NoReturn:
 def printable(text: str) -> str:
     """``text`` safe for a terminal line: bytes that are not UTF-8 (argv and names
     decoded with surrogateescape) as ``\\xNN``, control characters escaped."""
-    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    text = printable_ref(text)
     if _CONTROL.search(text) is None:
         return text
     return _CONTROL.sub(_escape_control, text)
