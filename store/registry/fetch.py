@@ -52,6 +52,7 @@ from .transfer import (
     Cancelled,
     NoProgress,
     Progress,
+    Transfer,
     TransferResult,
     merge_labels,
     open_writer,
@@ -166,13 +167,10 @@ class _Node:
     labels: dict[str, str]
 
 
-class _Fetch:
+class _Fetch(Transfer):
     def __init__(self, store: Store, client: RegistryClient, ref: Reference,
                  progress: Progress) -> None:
-        self.store = store
-        self.client = client
-        self.ref = ref
-        self.progress = progress
+        super().__init__(store, client, ref, progress)
         self.source_key, _ = source_label(ref.hostname, ref.repository, None)
 
     def source(self) -> dict[str, str]:

@@ -38,6 +38,7 @@ from .transfer import (
     Cancelled,
     NoProgress,
     Progress,
+    Transfer,
     TransferResult,
     run_parallel,
 )
@@ -76,14 +77,7 @@ def _chunks(store: Store, digest: str, size: int, progress: Progress, key: str,
             yield chunk
 
 
-class _Push:
-    def __init__(self, store: Store, client: RegistryClient, ref: Reference,
-                 progress: Progress) -> None:
-        self.store = store
-        self.client = client
-        self.ref = ref
-        self.progress = progress
-
+class _Push(Transfer):
     def has_blob(self, digest: str) -> bool:
         return self.client.exists(f"{self.ref.repository}/blobs/{digest}",
                                   f"blob {self.ref.name}@{digest}")

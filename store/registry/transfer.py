@@ -14,12 +14,15 @@ from typing import Protocol, TypeVar
 from ..api import Store, Writer
 from ..errors import Unavailable
 from ..types import Info
+from .client import RegistryClient
 from .images import GC_ROOT, SOURCE_PREFIX
+from .reference import Reference
 
 __all__ = [
     "BlobResult",
     "Cancelled",
     "Progress",
+    "Transfer",
     "TransferResult",
     "merge_labels",
     "open_writer",
@@ -88,6 +91,18 @@ class TransferResult:
             "elapsed": round(self.elapsed, 3),
             "blobs": [b.to_json() for b in self.blobs],
         }
+
+
+class Transfer:
+    """What one fetch or push works with: the store, the registry client, the reference
+    and where progress goes."""
+
+    def __init__(self, store: Store, client: RegistryClient, ref: Reference,
+                 progress: Progress) -> None:
+        self.store = store
+        self.client = client
+        self.ref = ref
+        self.progress = progress
 
 
 def rfc3339_now() -> str:
