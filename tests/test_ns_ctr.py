@@ -4,15 +4,11 @@ containerd gives the same ``ctr -n NS content ls`` and the same exit codes."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from typing import Any
-
 import pytest
 
 from store import digest_of
 
-from .grpc_util import Containerd, ServeProcess, ctr, serve_process
+from .grpc_util import Containerd, ServeProcess, containerd_daemon, ctr, serve_process
 
 serve = pytest.fixture(serve_process)
 
@@ -23,13 +19,7 @@ D = b"ns2 root\n"
 UNKNOWN = "sha256:" + "0" * 64
 
 
-@pytest.fixture
-def containerd(tmp_path: Any) -> Iterator[Containerd]:
-    daemon = Containerd(os.path.join(tmp_path, "ctrd"))
-    try:
-        yield daemon
-    finally:
-        daemon.stop()
+containerd = pytest.fixture(containerd_daemon)
 
 
 def _sorted_labels(text: str) -> str:
