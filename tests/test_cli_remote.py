@@ -27,13 +27,14 @@ from store import (
     digest_of,
 )
 from store.grpc.client import RemoteStore
-from tests.grpc_util import Containerd, ServeProcess, containerd_daemon, ctr
+from tests.grpc_util import Containerd, ServeProcess, containerd_daemon, ctr, serve_process
 from tests.test_cli import Run, ok, run
 
 _namespaces = itertools.count()
 
 
 containerd = pytest.fixture(scope="module")(containerd_daemon)
+serve = pytest.fixture(serve_process)
 
 
 class Remote:
@@ -60,18 +61,13 @@ class Remote:
 
 
 @pytest.fixture(params=["containerd", "serve"])
-def remote(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Remote]:
+def remote(request: pytest.FixtureRequest) -> Iterator[Remote]:
     if request.param == "containerd":
         daemon: Containerd = request.getfixturevalue("containerd")
         yield Remote("containerd", daemon.address, f"cli{next(_namespaces)}")
         return
-    root = os.path.join(tmp_path, "root")
-    os.mkdir(root)
-    srv = ServeProcess(root, os.path.join(tmp_path, "s.sock"))
-    try:
-        yield Remote("serve", srv.address, "default")
-    finally:
-        assert srv.stop() == 0, srv.stderr
+    srv: ServeProcess = request.getfixturevalue("serve")
+    yield Remote("serve", srv.address, "default")
 
 
 def _fails(r: Run, cls: type[Exception]) -> str:
