@@ -107,6 +107,10 @@ FIGURES: tuple[Figure, ...] = (
            "contentfs serve RSS after rounds of abandoned 15 MB writes (max)",
            "the same server's RSS before them", "memory", "<", 100.0,
            "within 50 MB of the ~46 MB start (issue 15); growth in extra"),
+    Figure("gc_many", "gc over many blobs, all reachable",
+           "contentfs gc peak RSS: --blobs blobs, a tenth gc.root, the rest by gc.ref.content",
+           "contentfs gc peak RSS over an empty store", "memory", "<", 150.0,
+           "time, writers held off and blob count in extra (issue 12)"),
     Figure("pull_proxy", "ctr images pull, one big layer",
            "containerd over contentfs serve (content proxy plugin)",
            "containerd with its own content store", "rate", ">=", 0.8),
@@ -807,6 +811,7 @@ class Bench:
         if self.serve is not None:
             self.measure("rss_serve", lambda r: self.fig_rss(r, self.serve))
         self.measure("serve_rss_abandoned", self.fig_serve_rss_abandoned)
+        self.measure("gc_many", self.fig_gc_many)
         if self.wanted("fetch_registry", "fetch_registry_skopeo"):
             self.run_registry_figures()
         if self.wanted("pull_proxy"):
@@ -1033,6 +1038,16 @@ class Bench:
                               "growth_mb": round(max(after) - before, 1)})
         finally:
             srv.stop()
+
+    def fig_gc_many(self, res: Result) -> None:
+        """``contentfs gc`` over ``--blobs`` blobs that are all reachable (see
+        ``gc_many``), against gc over an empty store: peak RSS of each gc process."""
+        empty = gc_many(0, str(self.work), keep=False)
+        full = gc_many(self.p.blobs, str(self.work), keep=False)
+        res.ours.append(full["peak_rss_mb"])
+        res.baseline.append(empty["peak_rss_mb"])
+        res.extra.update({k: full[k] for k in ("blobs", "roots", "seconds", "held_seconds",
+                                               "remarked")})
 
     # gRPC and CLI -----------------------------------------------------------------------
 
@@ -1589,7 +1604,16 @@ def parse_args(argv: Sequence[str]) -> Params:
 
 
 # --------------------------------------------------------------------------------------
-# gc_many: a figure of its own (no baseline), run with --gc-many
+# gc_many: the gc_many figure, and on its own with --gc-many [N]
+
+
+#: ``python -c`` body: run argv[2:], write its peak RSS in kB (ru_maxrss) to argv[1].
+_PEAK_LAUNCHER = (
+    "import resource, subprocess, sys\n"
+    "code = subprocess.run(sys.argv[2:], check=False).returncode\n"
+    "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n"
+    "sys.exit(code)\n"
+)
 
 
 def gc_many(blobs: int, tmpdir: str, keep: bool) -> dict[str, Any]:
@@ -1608,11 +1632,11 @@ def gc_many(blobs: int, tmpdir: str, keep: bool) -> dict[str, Any]:
         blob_dir = root / "blobs" / "sha256"
         blob_dir.mkdir(parents=True)
         say(f"gc_many: writing {blobs} blobs in {root}")
-        names = make_small_blobs(blob_dir, blobs)
+        names = make_small_blobs(blob_dir, blobs) if blobs else []
         LocalStore(str(root)).close()  # the schema
         db = sqlite3.connect(str(root / ".contentfs" / "meta.db"))
         now = time.time_ns()
-        roots = max(1, blobs // 10)
+        roots = max(1, blobs // 10) if blobs else 0
         with db:
             db.executemany(
                 "INSERT INTO blobs(ns, digest, size, created_ns, updated_ns)"
@@ -1630,12 +1654,18 @@ def gc_many(blobs: int, tmpdir: str, keep: bool) -> dict[str, Any]:
         db.close()
         say(f"gc_many: contentfs gc over {blobs} blobs ({roots} roots)")
         started = time.monotonic()
-        proc = subprocess.Popen([str(BIN / "contentfs"), "--root", str(root), "gc", "--json"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        out, err = proc.communicate()
+        # through a small launcher: a child's ru_maxrss counts what it inherited at fork,
+        # so gc forked from this (big) process would report this process's RSS
+        peak_file = work / "gc.peak"
+        proc = subprocess.run(
+            [sys.executable, "-c", _PEAK_LAUNCHER, str(peak_file),
+             str(BIN / "contentfs"), "--root", str(root), "gc", "--json"],
+            capture_output=True, check=False)
         seconds = time.monotonic() - started
         if proc.returncode != 0:
-            raise BenchError(f"contentfs gc failed: {err.decode()[-2000:]}")
+            raise BenchError(f"contentfs gc failed: {proc.stderr.decode()[-2000:]}")
+        out = proc.stdout
+        peak_mb = int(peak_file.read_text()) / 1024  # kB on Linux
         report = json.loads(out)
         left = len(os.listdir(blob_dir))
         if report["removed"] or left != blobs:
@@ -1643,18 +1673,10 @@ def gc_many(blobs: int, tmpdir: str, keep: bool) -> dict[str, Any]:
         return {"blobs": blobs, "roots": roots, "seconds": round(seconds, 3),
                 "held_seconds": report["held_seconds"],
                 "remarked": report.get("remarked"),
-                "peak_rss_mb": round(_child_peak_mb(), 1)}
+                "peak_rss_mb": round(peak_mb, 1)}
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
-
-
-def _child_peak_mb() -> float:
-    """Peak RSS of the largest child waited for so far (ru_maxrss of RUSAGE_CHILDREN, kB
-    on Linux): the gc process, the only child gc_many starts."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ FIGURES = {
     "read_first", "read_warm", "ingest_mount", "small_writes", "ls_many", "find_many",
     "stat_hit", "stat_miss", "ctr_get", "ctr_ingest", "cli_ingest", "cli_get",
     "rss_mount", "rss_serve", "ls_first", "cli_verify", "fetch_registry",
-    "fetch_registry_skopeo", "pull_proxy", "serve_rss_abandoned", "read_remote",
+    "fetch_registry_skopeo", "pull_proxy", "serve_rss_abandoned", "read_remote", "gc_many",
 }
 
 
