@@ -55,6 +55,7 @@ __all__ = ["BlobCache"]
 _UPDATED_SLACK_NS = 2_000_000_000
 _READDIR_BATCH = 256  # entries stat-ed (and one DB query) per step of a listing
 _VERIFIED_MAX = 100_000
+_CHUNK = 8192  # names joined at a time when a listing is built
 
 
 class BlobCache:
@@ -214,16 +215,25 @@ class BlobCache:
             kept = self._listings.get(alg)
             if kept is not None and stamp is not None and kept.stamp == stamp:
                 return kept
-            good = sorted(self.store.blob_names(alg))
+            good = self.store.blob_names(alg)
+            good.sort()
         else:  # one walk gives the names and their attributes
             stamp, prefix = None, f"{alg}:"
             found = [i for i in self._walk() if i.digest.startswith(prefix)]
             found.sort(key=lambda i: i.digest)
             good = [i.digest[len(prefix):] for i in found]
             infos = {view.blob_ino(i.digest): i for i in found}
-        listing = BlobListing(stamp, ALGORITHMS[alg], "".join(good).encode(),
-                              array.array("Q", map(view.hex_ino, good)),
-                              array.array("Q", map(view.hex_key, good)), infos)
+        width, n = ALGORITHMS[alg], len(good)
+        inos = array.array("Q", map(view.hex_ino, good))
+        keys = array.array("Q", map(view.hex_key, good))
+        # the names as one bytes, built a chunk at a time: a million names as str take
+        # ~120 MB; their copies are not all held at once beside them
+        buf = bytearray(n * width)
+        for k in range(0, n, _CHUNK):
+            buf[k * width:(k + _CHUNK) * width] = "".join(good[k:k + _CHUNK]).encode()
+        del good
+        listing = BlobListing(stamp, width, bytes(buf), inos, keys, infos)
+        del buf
         if self._listing_gen.get(alg, 0) == gen and stamp is not None:
             self._listings[alg] = listing  # (nothing dropped it meanwhile)
         return listing
