@@ -269,6 +269,7 @@ class ContentOps(pyfuse3.Operations):
             self.blobs.expire()
             with fuse_errors(f"list blobs/{node.key}"):
                 listing = await trio.to_thread.run_sync(self.blobs.listing, node.key)
+            self.blobs.use(node.key, listing)
             return self.handles.add(DirHandle(node.kind, node.key, [], [], [], listing))
         elif node.kind is Kind.INGEST_DIR:
             with fuse_errors("list ingest/"):
@@ -501,7 +502,7 @@ class ContentOps(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             digest = f"{parent.key}:{text}"
             ino = view.hex_ino(text)
-            kept = self.blobs.attrs.get(ino)
+            kept = self.blobs.cached(ino)
             with fuse_errors(f"delete content {digest}"):
                 if kept is None and ino in self.handles.open_files:
                     kept = make_entry(await self.blobs.attr(ino, digest))

@@ -94,7 +94,7 @@ async def _relabelled(blobs: BlobCache) -> None:
     for digest, _created, _updated in rows:
         alg, hexpart = digest.partition(":")[::2]
         alg_ino = blobs.nodes.alg_ino(alg)
-        if alg_ino is not None and view.hex_ino(hexpart) not in blobs.attrs:
+        if alg_ino is not None and blobs.cached(view.hex_ino(hexpart)) is None:
             blobs.drop_listing(alg)
             pyfuse3.invalidate_entry_async(alg_ino, hexpart.encode(), ignore_enoent=True)
 
