@@ -56,6 +56,8 @@ _UPDATED_SLACK_NS = 2_000_000_000
 _READDIR_BATCH = 256  # entries stat-ed (and one DB query) per step of a listing
 _VERIFIED_MAX = 100_000
 _CHUNK = 8192  # names joined at a time when a listing is built
+#: held blobs checked one query each for visibility; more: one listing per algorithm
+_VISIBLE_ONE_BY_ONE = 2048
 
 
 class BlobCache:
@@ -202,6 +204,35 @@ class BlobCache:
                 if ino in self.nodes:
                     held.append(ino)
         return held
+
+    def held_blobs(self) -> list[str]:
+        """Digests of the blobs the kernel holds (a lookup count above 0), for
+        :meth:`invisible` (call on the trio thread)."""
+        out = [n.key for n in self.nodes.table.values()
+               if n.kind is Kind.BLOB and n.ino >> 62 == 1]
+        for rows in self.nodes.rows.values():
+            lookups = rows.lookups
+            out.extend(rows.digest(r) for r, n in enumerate(lookups) if n)
+        return out
+
+    def invisible(self, digests: list[str]) -> list[str]:
+        """Of ``digests``, those this view no longer shows: in a namespace, a record
+        deleted by another process while another namespace keeps the file (no event on
+        blobs/). A worker thread's work: one query each, or one listing per algorithm
+        when there are many."""
+        if not isinstance(self.store, BlobVisibility) or not digests:
+            return []
+        if len(digests) <= _VISIBLE_ONE_BY_ONE or not isinstance(self.store, BlobNames):
+            return [d for d in digests if not self.store.blob_visible(d)]
+        shown: dict[str, set[str]] = {}
+        out = []
+        for d in digests:
+            alg, hexpart = d.partition(":")[::2]
+            if alg not in shown:
+                shown[alg] = set(self.store.blob_names(alg))
+            if hexpart not in shown[alg]:
+                out.append(d)
+        return out
 
     # listings --------------------------------------------------------------------------
 
