@@ -63,8 +63,11 @@ async def watch_store(feed: ChangeFeed, blobs: BlobCache) -> None:
                         _blob_changed(blobs, change.digest)
                     elif change.kind is ChangeKind.LABELS:
                         labels_dirty = True
-                    elif change.kind is ChangeKind.OVERFLOW:
-                        log.warning("change feed overflow: cached blob entries may be stale")
+                    elif change.kind is ChangeKind.OVERFLOW:  # (LABELS comes with it)
+                        log.warning("change feed overflow: looking at every blob again")
+                        for alg_ino, name in blobs.overflowed():
+                            pyfuse3.invalidate_entry_async(alg_ino, name,
+                                                           ignore_enoent=True)
             if labels_dirty and trio.current_time() >= last_check + interval:
                 labels_dirty = False
                 last_check = trio.current_time()
@@ -85,6 +88,7 @@ def _blob_changed(blobs: BlobCache, digest: str) -> None:
         return
     blobs.drop_listing(alg)
     blobs.drop(view.hex_ino(hexpart))
+    blobs.misses.discard((alg_ino, hexpart.encode()))
     pyfuse3.invalidate_entry_async(alg_ino, hexpart.encode(), ignore_enoent=True)
 
 
