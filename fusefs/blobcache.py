@@ -56,9 +56,22 @@ _UPDATED_SLACK_NS = 2_000_000_000
 _READDIR_BATCH = 256  # entries stat-ed (and one DB query) per step of a listing
 _VERIFIED_MAX = 100_000
 _CHUNK = 8192  # names joined at a time when a listing is built
+#: held blobs checked one query each for visibility; more: one listing per algorithm
+_VISIBLE_ONE_BY_ONE = 2048
+#: misses in blobs/<alg>/ remembered (to be told again after the change feed lost
+#: events); past that, a miss is cached by the kernel this long only (seconds)
+_MISSES_KEPT = 50_000
+_SHORT_NEGATIVE = 1.0
 #: readdirplus replies kept built per listing (~300 B each): 100,000 blobs list at the
 #: speed of kept replies; past that, replies are built from the rows each time
 REPLIES_KEPT = 150_000
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
 
 
 class BlobCache:
@@ -90,6 +103,9 @@ class BlobCache:
         # or did not match
         self.verified: set[tuple[int, int, int, int]] = set()
         self.corrupt: set[tuple[int, int, int, int]] = set()
+        # (alg dir inode, name) the kernel was told are missing and keeps as such for
+        # negative_timeout: told again when the change feed overflows (lost events)
+        self.misses: set[tuple[int, bytes]] = set()
 
     # attributes ------------------------------------------------------------------------
 
@@ -97,6 +113,29 @@ class BlobCache:
     def negative_timeout(self) -> float:
         """How long the kernel may keep a lookup miss in blobs/<alg>/."""
         return view.NEGATIVE_TIMEOUT if self.ttl is None else self.ttl
+
+    def miss_timeout(self, parent: int, name: bytes) -> float:
+        """How long the kernel may keep the miss of ``name`` in blobs/<alg>/ (inode
+        ``parent``): remembered for :meth:`overflowed`, else briefly."""
+        if self.ttl is not None:
+            return self.ttl
+        if len(self.misses) < _MISSES_KEPT:
+            self.misses.add((parent, name))
+            return self.negative_timeout
+        return _SHORT_NEGATIVE
+
+    def overflowed(self) -> list[tuple[int, bytes]]:
+        """The change feed lost events: drop every cached listing and attribute; return
+        the misses the kernel keeps (to invalidate: any may exist now). Deleted blobs the
+        kernel holds are found by :meth:`invisible`."""
+        self.attrs.clear()
+        for alg in list(self._listings):
+            self.drop_listing(alg)
+        for rows in self.nodes.rows.values():
+            rows.forget_attrs()
+        misses = list(self.misses)
+        self.misses.clear()
+        return misses
 
     def expire(self) -> None:
         """Drop everything cached once ``ttl`` has passed (no change feed tells us)."""
@@ -205,6 +244,39 @@ class BlobCache:
                 if ino in self.nodes:
                     held.append(ino)
         return held
+
+    def held_blobs(self) -> list[str]:
+        """Digests of the blobs the kernel holds (a lookup count above 0), for
+        :meth:`invisible` (call on the trio thread)."""
+        out = [n.key for n in self.nodes.table.values()
+               if n.kind is Kind.BLOB and n.ino >> 62 == 1]
+        for rows in self.nodes.rows.values():
+            lookups = rows.lookups
+            out.extend(rows.digest(r) for r, n in enumerate(lookups) if n)
+        return out
+
+    def invisible(self, digests: list[str]) -> list[str]:
+        """Of ``digests``, those this view no longer shows: in a namespace, a record
+        deleted by another process while another namespace keeps the file (no event on
+        blobs/), or a file deleted while the change feed overflowed. A worker thread's
+        work: an lstat and a query each, or one listing per algorithm when there are
+        many."""
+        if not isinstance(self.store, BlobVisibility) or not digests:
+            return []
+        if len(digests) <= _VISIBLE_ONE_BY_ONE or not isinstance(self.store, BlobNames):
+            files, visible = self.files, self.store.blob_visible
+            return [d for d in digests
+                    if (files is not None and not _is_file(files.blob_path(d)))
+                    or not visible(d)]
+        shown: dict[str, set[str]] = {}
+        out = []
+        for d in digests:
+            alg, hexpart = d.partition(":")[::2]
+            if alg not in shown:
+                shown[alg] = set(self.store.blob_names(alg))
+            if hexpart not in shown[alg]:
+                out.append(d)
+        return out
 
     # listings --------------------------------------------------------------------------
 

@@ -171,7 +171,8 @@ class ContentOps(pyfuse3.Operations):
         with fuse_errors(f"lookup {text}"):
             node = await self._child(parent, text)
         if node is None:
-            return negative(self.blobs.negative_timeout)
+            return negative(self.blobs.miss_timeout(parent_inode, name)
+                            if parent.kind is Kind.ALG else self.blobs.negative_timeout)
         self.handles.unlinked.pop(node.ino, None)  # e.g. the same blob committed again
         try:
             entry = await self._entry_of(node)

@@ -423,7 +423,10 @@ class NodeTable:
     def remember(self, node: Node) -> None:
         """The kernel took one more reference to ``node`` (lookup, create, readdirplus)."""
         node.lookups += 1
-        if node.ino in self._nodes:
+        held = self._nodes.get(node.ino)
+        if held is not None:
+            if held is not node:  # a row's copy, and a relisting moved its count to a
+                held.lookups += 1  # Node meanwhile (a lookup awaiting a remote store)
             return
         if node.kind is Kind.BLOB and (found := self._row(node.ino)) is not None:
             rows, r = found

@@ -103,6 +103,25 @@ def test_blob_rows_keep_lookup_counts_across_a_relisting(before: set[int],
         assert view.hex_ino(_hex(i)) not in table
 
 
+def test_lookup_counted_when_a_relisting_drops_its_row_meanwhile() -> None:
+    """A lookup takes the node of a listed blob (its row's count), awaits its
+    attributes (a remote store), and meanwhile a relisting without the blob moves the
+    count to a Node: the lookup's reference must still be counted, or the kernel's
+    FORGET of it ends the node while the kernel holds the other."""
+    x, y = _hex(1), _hex(2)
+    table = view.NodeTable()
+    table.install(view.BlobRows("sha256", _listing([x, y])))
+    table.remember(table.blob(f"sha256:{x}"))  # the kernel holds x once
+    node = table.blob(f"sha256:{x}")  # a second lookup starts ...
+    table.install(view.BlobRows("sha256", _listing([y])))  # ... x deleted, relisted
+    table.remember(node)  # ... and the lookup ends
+    ino = view.hex_ino(x)
+    table.forget(ino, 1)
+    assert ino in table  # still held once
+    table.forget(ino, 1)
+    assert ino not in table
+
+
 def test_large_directory_lists_completely(mnt: Mount) -> None:
     blob_dir = os.path.join(mnt.root, "blobs", "sha256")
     os.makedirs(blob_dir, exist_ok=True)
