@@ -45,7 +45,7 @@ from store.types import to_ns
 
 from . import offload, view
 from .errors import fuse_errors, refuse
-from .handles import BlobListing, ReadHandle
+from .handles import BlobListing, ReadHandle, index_inos
 from .kernel import entry as make_entry
 from .view import Attr, BlobRows, Kind, Node, NodeTable
 
@@ -305,7 +305,7 @@ class BlobCache:
         for k in range(0, n, _CHUNK):
             buf[k * width:(k + _CHUNK) * width] = "".join(good[k:k + _CHUNK]).encode()
         del good
-        listing = BlobListing(stamp, width, bytes(buf), inos, keys, infos)
+        listing = BlobListing(stamp, width, bytes(buf), inos, keys, infos, index_inos(inos))
         del buf
         if self._listing_gen.get(alg, 0) == gen and stamp is not None:
             self._listings[alg] = listing  # (nothing dropped it meanwhile)

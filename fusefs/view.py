@@ -192,8 +192,11 @@ class BlobRows:
         return len(self.have)
 
     def find(self, ino: int) -> int:
-        """The row of blob inode ``ino``, or -1. The inode keeps 62 of the first 64 bits
-        of the digest and the cursor its first 60 bits: try the four top bits."""
+        """The row of blob inode ``ino``, or -1: through the listing's index if it has
+        one, else bisections (the inode keeps 62 of the first 64 bits of the digest and
+        the cursor its first 60 bits: try the four top bits)."""
+        if self.listing.index:
+            return self.listing.row_of(ino)
         keys, inos = self.listing.keys, self.listing.inos
         n = len(keys)
         low = ino & _LOW_62

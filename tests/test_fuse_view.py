@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fusefs import view
-from fusefs.handles import BlobListing
+from fusefs.handles import BlobListing, index_inos
 from tests import fuse_util
 from tests.fuse_util import Mount
 
@@ -51,11 +51,12 @@ def test_hex_cursor_follows_name_order() -> None:
     assert keys == sorted(keys) and len(set(keys)) == len(keys) and min(keys) > 0
 
 
-def _listing(names: list[str]) -> BlobListing:
+def _listing(names: list[str], indexed: bool = False) -> BlobListing:
     names = sorted(names)
-    return BlobListing(None, 64, "".join(names).encode(),
-                       array.array("Q", map(view.hex_ino, names)),
-                       array.array("Q", map(view.hex_key, names)))
+    inos = array.array("Q", map(view.hex_ino, names))
+    return BlobListing(None, 64, "".join(names).encode(), inos,
+                       array.array("Q", map(view.hex_key, names)), None,
+                       index_inos(inos) if indexed else array.array("I"))
 
 
 def _hex(i: int) -> str:
@@ -64,11 +65,12 @@ def _hex(i: int) -> str:
 
 def test_blob_rows_find_every_listed_inode_and_no_other() -> None:
     names = [_hex(i) for i in range(2000)]
-    rows = view.BlobRows("sha256", _listing(names))
-    for name in names:
-        r = rows.find(view.hex_ino(name))
-        assert r >= 0 and rows.digest(r) == f"sha256:{name}"
-    assert all(rows.find(view.hex_ino(_hex(i))) == -1 for i in range(2000, 2200))
+    for indexed in (False, True):
+        rows = view.BlobRows("sha256", _listing(names, indexed))
+        for name in names:
+            r = rows.find(view.hex_ino(name))
+            assert r >= 0 and rows.digest(r) == f"sha256:{name}"
+        assert all(rows.find(view.hex_ino(_hex(i))) == -1 for i in range(2000, 2200))
 
 
 @given(st.sets(st.integers(0, 300)), st.sets(st.integers(0, 300)))
