@@ -45,16 +45,33 @@ from store.types import to_ns
 
 from . import offload, view
 from .errors import fuse_errors, refuse
-from .handles import BlobListing, ReadHandle
+from .handles import BlobListing, ReadHandle, index_inos
 from .kernel import entry as make_entry
-from .view import Attr, Kind, Node, NodeTable
+from .view import Attr, BlobRows, Kind, Node, NodeTable
 
 __all__ = ["BlobCache"]
 
 #: Label changes by other processes are looked for this far back from the newest seen.
 _UPDATED_SLACK_NS = 2_000_000_000
-_READDIR_BATCH = 64  # entries stat-ed (and one DB query) per step of a listing
+_READDIR_BATCH = 256  # entries stat-ed (and one DB query) per step of a listing
 _VERIFIED_MAX = 100_000
+_CHUNK = 8192  # names joined at a time when a listing is built
+#: held blobs checked one query each for visibility; more: one listing per algorithm
+_VISIBLE_ONE_BY_ONE = 2048
+#: misses in blobs/<alg>/ remembered (to be told again after the change feed lost
+#: events); past that, a miss is cached by the kernel this long only (seconds)
+_MISSES_KEPT = 50_000
+_SHORT_NEGATIVE = 1.0
+#: readdirplus replies kept built per listing (~300 B each): 100,000 blobs list at the
+#: speed of kept replies; past that, replies are built from the rows each time
+REPLIES_KEPT = 150_000
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
 
 
 class BlobCache:
@@ -69,9 +86,14 @@ class BlobCache:
         self.ttl = ttl
         self._cleared = time.monotonic()
         self._uid, self._gid = os.getuid(), os.getgid()
-        # Attributes of blobs by inode, as sent to the kernel (blobs are immutable).
-        # Plain C structs keep 100k blobs at ~25 MB.
+        # Attributes of blobs (immutable but for ctime): those in the listing of their
+        # directory in its rows (nodes.rows), others (looked up before any listing, or
+        # committed since) here, by inode, as sent to the kernel.
         self.attrs: dict[int, pyfuse3.EntryAttributes] = {}
+        self.blob_timeout = view.BLOB_TIMEOUT if self.files is not None else (
+            self.negative_timeout)
+        # one reply reused for every readdirplus entry (the reply copies it)
+        self._scratch = make_entry(view.info_attr(0, 0, 0, 0, 0, 0, self.blob_timeout))
         # Listings of blobs/<alg>/, kept while the store's stamp is unchanged (and
         # drop_listing when a blob comes or goes, here or elsewhere).
         self._listings: dict[str, BlobListing] = {}
@@ -81,6 +103,9 @@ class BlobCache:
         # or did not match
         self.verified: set[tuple[int, int, int, int]] = set()
         self.corrupt: set[tuple[int, int, int, int]] = set()
+        # (alg dir inode, name) the kernel was told are missing and keeps as such for
+        # negative_timeout: told again when the change feed overflows (lost events)
+        self.misses: set[tuple[int, bytes]] = set()
 
     # attributes ------------------------------------------------------------------------
 
@@ -89,11 +114,34 @@ class BlobCache:
         """How long the kernel may keep a lookup miss in blobs/<alg>/."""
         return view.NEGATIVE_TIMEOUT if self.ttl is None else self.ttl
 
+    def miss_timeout(self, parent: int, name: bytes) -> float:
+        """How long the kernel may keep the miss of ``name`` in blobs/<alg>/ (inode
+        ``parent``): remembered for :meth:`overflowed`, else briefly."""
+        if self.ttl is not None:
+            return self.ttl
+        if len(self.misses) < _MISSES_KEPT:
+            self.misses.add((parent, name))
+            return self.negative_timeout
+        return _SHORT_NEGATIVE
+
+    def overflowed(self) -> list[tuple[int, bytes]]:
+        """The change feed lost events: drop every cached listing; return the misses
+        the kernel keeps (to invalidate: any may exist now). Deleted blobs the kernel
+        holds are found by :meth:`invisible`; relabelled ones by :meth:`relabelled`
+        (from the metadata, so the attributes it compares with are kept)."""
+        for alg in ALGORITHMS:
+            self.drop_listing(alg)
+        misses = list(self.misses)
+        self.misses.clear()
+        return misses
+
     def expire(self) -> None:
         """Drop everything cached once ``ttl`` has passed (no change feed tells us)."""
         if self.ttl is not None and time.monotonic() - self._cleared >= self.ttl:
             self.attrs.clear()
             self._listings.clear()
+            for rows in self.nodes.rows.values():
+                rows.forget_attrs()
             self._cleared = time.monotonic()
 
     async def exists(self, digest: str) -> bool:
@@ -107,7 +155,7 @@ class BlobCache:
             except StoreError as exc:  # e.g. the store cannot be reached: its errno
                 with fuse_errors(f"info of {digest}"):
                     raise exc from None
-            self.attrs[view.blob_ino(digest)] = make_entry(self._info_attr(info))
+            self._keep(digest, self._info_attr(info))
             return True
         try:
             st = os.lstat(self.files.blob_path(digest))
@@ -136,15 +184,44 @@ class BlobCache:
     async def entry(self, node: Node) -> pyfuse3.EntryAttributes:
         """What the kernel gets for blob ``node``: the cached attributes, else read."""
         self.expire()
-        entry = self.attrs.get(node.ino)
+        entry = self.cached(node.ino)
         if entry is None:
-            entry = make_entry(await self.attr(node.ino, node.key))
-            self.attrs[node.ino] = entry
+            attr = await self.attr(node.ino, node.key)
+            self._keep(node.key, attr)
+            entry = make_entry(attr)
+        return entry
+
+    def _row(self, ino: int, digest: str | None = None) -> tuple[BlobRows, int] | None:
+        """The row of blob ``ino`` in the table of its directory (of that digest)."""
+        for rows in self.nodes.rows.values():
+            r = rows.find(ino)
+            if r >= 0 and (digest is None or rows.digest(r) == digest):
+                return rows, r
+        return None
+
+    def _keep(self, digest: str, attr: Attr) -> None:
+        """Cache the attributes of blob ``digest``: in its row if it has one."""
+        found = self._row(attr.ino, digest)
+        if found is not None:
+            found[0].put(found[1], attr)
+            self.attrs.pop(attr.ino, None)
+        else:
+            self.attrs[attr.ino] = make_entry(attr)
+
+    def cached(self, ino: int) -> pyfuse3.EntryAttributes | None:
+        """The cached attributes of blob ``ino``, or None."""
+        entry = self.attrs.get(ino)
+        if entry is None and (found := self._row(ino)) is not None:
+            rows, r = found
+            if rows.have[r]:
+                entry = make_entry(rows.attr(r, ino, self.blob_timeout))
         return entry
 
     def drop(self, ino: int) -> None:
         """Forget the cached attributes of blob ``ino`` (deleted, committed, relabelled)."""
         self.attrs.pop(ino, None)
+        if (found := self._row(ino)) is not None:
+            found[0].unset(found[1])
 
     def updated_rows(self) -> list[tuple[Digest, int, int]]:
         """Metadata rows whose UpdatedAt moved lately, for ``relabelled`` (a scan of the
@@ -159,12 +236,45 @@ class BlobCache:
         for digest, created, updated in rows:
             self._updated_mark = max(self._updated_mark, updated)
             ino = view.blob_ino(digest)
-            entry = self.attrs.get(ino)
+            entry = self.cached(ino)
             if entry is not None and entry.st_ctime_ns != max(created, updated):
-                self.attrs.pop(ino, None)
+                self.drop(ino)
                 if ino in self.nodes:
                     held.append(ino)
         return held
+
+    def held_blobs(self) -> list[str]:
+        """Digests of the blobs the kernel holds (a lookup count above 0), for
+        :meth:`invisible` (call on the trio thread)."""
+        out = [n.key for n in self.nodes.table.values()
+               if n.kind is Kind.BLOB and n.ino >> 62 == 1]
+        for rows in self.nodes.rows.values():
+            lookups = rows.lookups
+            out.extend(rows.digest(r) for r, n in enumerate(lookups) if n)
+        return out
+
+    def invisible(self, digests: list[str]) -> list[str]:
+        """Of ``digests``, those this view no longer shows: in a namespace, a record
+        deleted by another process while another namespace keeps the file (no event on
+        blobs/), or a file deleted while the change feed overflowed. A worker thread's
+        work: an lstat and a query each, or one listing per algorithm when there are
+        many."""
+        if not isinstance(self.store, BlobVisibility) or not digests:
+            return []
+        if len(digests) <= _VISIBLE_ONE_BY_ONE or not isinstance(self.store, BlobNames):
+            files, visible = self.files, self.store.blob_visible
+            return [d for d in digests
+                    if (files is not None and not _is_file(files.blob_path(d)))
+                    or not visible(d)]
+        shown: dict[str, set[str]] = {}
+        out = []
+        for d in digests:
+            alg, hexpart = d.partition(":")[::2]
+            if alg not in shown:
+                shown[alg] = set(self.store.blob_names(alg))
+            if hexpart not in shown[alg]:
+                out.append(d)
+        return out
 
     # listings --------------------------------------------------------------------------
 
@@ -178,16 +288,25 @@ class BlobCache:
             kept = self._listings.get(alg)
             if kept is not None and stamp is not None and kept.stamp == stamp:
                 return kept
-            good = sorted(self.store.blob_names(alg))
+            good = self.store.blob_names(alg)
+            good.sort()
         else:  # one walk gives the names and their attributes
             stamp, prefix = None, f"{alg}:"
             found = [i for i in self._walk() if i.digest.startswith(prefix)]
             found.sort(key=lambda i: i.digest)
             good = [i.digest[len(prefix):] for i in found]
             infos = {view.blob_ino(i.digest): i for i in found}
-        listing = BlobListing(stamp, ALGORITHMS[alg], "".join(good).encode(),
-                              array.array("Q", map(view.hex_ino, good)),
-                              array.array("Q", map(view.hex_key, good)), infos)
+        width, n = ALGORITHMS[alg], len(good)
+        inos = array.array("Q", map(view.hex_ino, good))
+        keys = array.array("Q", map(view.hex_key, good))
+        # the names as one bytes, built a chunk at a time: a million names as str take
+        # ~120 MB; their copies are not all held at once beside them
+        buf = bytearray(n * width)
+        for k in range(0, n, _CHUNK):
+            buf[k * width:(k + _CHUNK) * width] = "".join(good[k:k + _CHUNK]).encode()
+        del good
+        listing = BlobListing(stamp, width, bytes(buf), inos, keys, infos, index_inos(inos))
+        del buf
         if self._listing_gen.get(alg, 0) == gen and stamp is not None:
             self._listings[alg] = listing  # (nothing dropped it meanwhile)
         return listing
@@ -204,65 +323,156 @@ class BlobCache:
         self._listing_gen[alg] = self._listing_gen.get(alg, 0) + 1
         self._listings.pop(alg, None)
 
+    def use(self, alg: str, listing: BlobListing) -> None:
+        """``listing`` (just taken by :meth:`listing`) is the table of blobs/<alg>/ from
+        now on (call on the trio thread: it takes over the counts of the one before)."""
+        rows = self.nodes.rows.get(alg)
+        if rows is None or rows.listing is not listing:
+            self.nodes.install(BlobRows(alg, listing))
+
     def readdir(self, alg: str, listing: BlobListing, start_id: int,
                 token: pyfuse3.ReaddirToken) -> None:
         """readdirplus of blobs/<alg>/ from cursor ``start_id``: attributes from the
-        cache; on a miss, those of the next batch are read (one lstat each, one DB
-        query). The hot loop of ``ls -l``: keep it lean."""
-        cache_get = self.attrs.get
+        rows of the listing; on a miss, those of the next batch are read (one lstat
+        each, one DB query). The hot loop of ``ls -l``: keep it lean."""
+        rows = self.nodes.rows.get(alg)
+        if rows is None or rows.listing is not listing:
+            self._readdir_stale(alg, listing, start_id, token)
+            return
         inos, keys, width, names = listing.inos, listing.keys, listing.width, listing.names
+        have, lookups, replies = rows.have, rows.lookups, rows.replies
+        room = REPLIES_KEPT - rows.nreplies
+        size, blocks, created, updated = rows.size, rows.blocks, rows.created, rows.updated
+        uid, gid = rows.uid, rows.gid
+        scratch = self._scratch
         node_get = self.nodes.table.get
         blob_kind = Kind.BLOB
         reply = pyfuse3.readdir_reply
         n = len(inos)
         i = bisect.bisect_left(keys, start_id)
-        filled = i  # entries before this were read into the cache by this call
+        filled = i  # entries before this were read into the rows by this call
         while i < n:
-            ino = inos[i]
-            entry = cache_get(ino)
-            if entry is None:
+            if not have[i]:
                 if i >= filled:
                     filled = min(i + _READDIR_BATCH, n)
-                    batch = [j for j in range(i, filled) if inos[j] not in self.attrs]
-                    self._fill(alg, listing, batch)
+                    self._fill(alg, rows, i, filled)
                     continue
                 i += 1  # deleted since opendir
                 continue
+            ino = inos[i]
+            e = replies[i]
+            if e is None:
+                if room > 0 and have[i] == 2:  # sent before: keep its reply
+                    e = replies[i] = make_entry(rows.attr(i, ino, self.blob_timeout))
+                    rows.nreplies += 1
+                    room -= 1
+                else:
+                    have[i] = 2
+                    e = scratch
+                    e.st_ino = ino
+                    e.st_size = size[i]
+                    e.st_blocks = blocks[i]
+                    e.st_uid = uid[i]
+                    e.st_gid = gid[i]
+                    e.st_atime_ns = e.st_mtime_ns = created[i]
+                    e.st_ctime_ns = updated[i]
             off = i * width
-            name = names[off:off + width]
-            if not reply(token, name, entry, keys[i] + 1):
+            if not reply(token, names[off:off + width], e, keys[i] + 1):
                 return
             node = node_get(ino)
-            if node is None or node.kind is not blob_kind:
-                node = self.nodes.blob(f"{alg}:{name.decode()}")
-            node.lookups += 1
+            if node is not None and node.kind is blob_kind:
+                node.lookups += 1
+            else:
+                lookups[i] += 1
             i += 1
 
-    def _fill(self, alg: str, listing: BlobListing, batch: list[int]) -> None:
-        """Read the attributes of entries ``batch`` of ``listing`` into the cache;
+    def _readdir_stale(self, alg: str, listing: BlobListing, start_id: int,
+                       token: pyfuse3.ReaddirToken) -> None:
+        """readdirplus from a listing that is no longer its directory's table (opened
+        before a change that another opendir has seen): entry by entry."""
+        i = bisect.bisect_left(listing.keys, start_id)
+        while i < len(listing):
+            digest = f"{alg}:{listing.name(i).decode()}"
+            ino = listing.inos[i]
+            entry = self.cached(ino)
+            if entry is None:
+                attr = self._read(digest, ino, listing)
+                if attr is None:  # gone
+                    i += 1
+                    continue
+                self._keep(digest, attr)
+                entry = make_entry(attr)
+            node = self.nodes.blob(digest)
+            if not pyfuse3.readdir_reply(token, listing.name(i), entry, listing.keys[i] + 1):
+                self.nodes.drop_unused(node)
+                return
+            self.nodes.remember(node)
+            i += 1
+
+    def _read(self, digest: str, ino: int, listing: BlobListing) -> Attr | None:
+        """Attributes of one listed blob, read now (None: it is gone)."""
+        if listing.infos is not None:
+            info = listing.infos.get(ino)
+            return None if info is None else self._info_attr(info)
+        assert self.files is not None
+        try:
+            st = os.lstat(self.files.blob_path(digest))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        created, updated = blob_times_of(st, self.files.blob_times([digest]).get(Digest(digest)))
+        return view.blob_attr(ino, st, created, updated)
+
+    def _fill(self, alg: str, rows: BlobRows, start: int, stop: int) -> None:
+        """Read the attributes of rows ``start`` to ``stop`` of ``rows`` that have none
+        (one ``lstat`` each, beside their directory; one range query for their records);
         blobs that no longer exist are left out."""
+        listing, have = rows.listing, rows.have
+        batch = [j for j in range(start, stop) if not have[j]]
+        if not batch:
+            return
         if listing.infos is not None:  # from the walk that listed them
             for j in batch:
                 info = listing.infos.get(listing.inos[j])
                 if info is not None:
-                    self.attrs[listing.inos[j]] = make_entry(self._info_attr(info))
+                    rows.put(j, self._info_attr(info))
             return
         assert self.files is not None
+        w, first = listing.width, batch[0]
+        text = listing.names[first * w:(batch[-1] + 1) * w].decode()
         prefix = f"{alg}:"
-        names = [listing.name(j).decode() for j in batch]
-        times = self.files.blob_times([prefix + n for n in names])
-        blob_path = self.files.blob_path
-        for name, j in zip(names, batch, strict=True):
-            ino = listing.inos[j]
-            digest = prefix + name
-            try:
-                st = os.lstat(blob_path(digest))
-            except (FileNotFoundError, NotADirectoryError):
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            created, updated = blob_times_of(st, times.get(Digest(digest)))
-            self.attrs[ino] = make_entry(view.blob_attr(ino, st, created, updated))
+        recorded = {d: (size, cr, up) for d, size, cr, up in self.files.blob_times_between(
+            prefix + text[:w], prefix + text[-w:])}
+        directory = os.path.dirname(self.files.blob_path(prefix + text[:w]))
+        size, blocks, created, updated = rows.size, rows.blocks, rows.created, rows.updated
+        uid, gid = rows.uid, rows.gid
+        lstat, is_reg, get = os.lstat, stat.S_ISREG, recorded.get
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for j in batch:
+                off = (j - first) * w
+                name = text[off:off + w]
+                try:
+                    st = lstat(name, dir_fd=dfd)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                if not is_reg(st.st_mode):
+                    continue
+                row = get(prefix + name)
+                if row is not None and row[0] == st.st_size:  # (blob_times_of)
+                    cr, up = row[1], row[2]
+                else:
+                    cr = up = st.st_mtime_ns
+                size[j] = st.st_size
+                blocks[j] = st.st_blocks
+                created[j] = cr
+                updated[j] = max(cr, up)
+                uid[j] = st.st_uid
+                gid[j] = st.st_gid
+                have[j] = 1
+        finally:
+            os.close(dfd)
 
     # verification ----------------------------------------------------------------------
 

@@ -171,7 +171,8 @@ class ContentOps(pyfuse3.Operations):
         with fuse_errors(f"lookup {text}"):
             node = await self._child(parent, text)
         if node is None:
-            return negative(self.blobs.negative_timeout)
+            return negative(self.blobs.miss_timeout(parent_inode, name)
+                            if parent.kind is Kind.ALG else self.blobs.negative_timeout)
         self.handles.unlinked.pop(node.ino, None)  # e.g. the same blob committed again
         try:
             entry = await self._entry_of(node)
@@ -269,6 +270,7 @@ class ContentOps(pyfuse3.Operations):
             self.blobs.expire()
             with fuse_errors(f"list blobs/{node.key}"):
                 listing = await trio.to_thread.run_sync(self.blobs.listing, node.key)
+            self.blobs.use(node.key, listing)
             return self.handles.add(DirHandle(node.kind, node.key, [], [], [], listing))
         elif node.kind is Kind.INGEST_DIR:
             with fuse_errors("list ingest/"):
@@ -501,7 +503,7 @@ class ContentOps(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             digest = f"{parent.key}:{text}"
             ino = view.hex_ino(text)
-            kept = self.blobs.attrs.get(ino)
+            kept = self.blobs.cached(ino)
             with fuse_errors(f"delete content {digest}"):
                 if kept is None and ino in self.handles.open_files:
                     kept = make_entry(await self.blobs.attr(ino, digest))

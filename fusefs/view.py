@@ -20,18 +20,25 @@ ingest's number is never reused for another ref).
 
 from __future__ import annotations
 
+import array
+import bisect
 import dataclasses
 import enum
 import hashlib
 import os
 import stat
+from typing import TYPE_CHECKING, Any
 
 from store import ALGORITHMS
 from store.digest import is_hex_name
 
+if TYPE_CHECKING:
+    from .handles import BlobListing
+
 __all__ = [
     "BLKSIZE",
     "Attr",
+    "BlobRows",
     "Kind",
     "Node",
     "NodeTable",
@@ -151,17 +158,161 @@ def hex_key(hexname: str) -> int:
     return int(hexname[:15], 16) + 1
 
 
+class BlobRows:
+    """The blobs of one listing of ``blobs/<alg>/`` as a compact table, one row per name
+    (in the listing's order): the kernel's lookup count of the blob and its attributes
+    once read (``have``). About 50 bytes a row beside the listing's 80: no object per
+    blob, so a million blobs the kernel holds cost ~130 MB, not ~700.
+
+    Rows are found by inode (:meth:`find`, four bisections of the listing's cursors).
+    When ``blobs/<alg>/`` is listed afresh, the new table takes over the rows of the old
+    one whose names it still has (:meth:`adopt`)."""
+
+    __slots__ = ("alg", "blocks", "created", "gid", "have", "listing", "lookups", "nreplies",
+                 "replies", "size", "uid", "updated")
+
+    def __init__(self, alg: str, listing: BlobListing) -> None:
+        n = len(listing)
+        self.alg = alg
+        self.listing = listing
+        self.lookups = array.array("I", bytes(4 * n))  # the kernel's references
+        self.have = bytearray(n)  # 1: the attributes below are the blob's; 2: and sent
+        self.size = array.array("q", bytes(8 * n))
+        self.blocks = array.array("q", bytes(8 * n))
+        self.created = array.array("q", bytes(8 * n))
+        self.updated = array.array("q", bytes(8 * n))  # ctime: max(updated, created)
+        self.uid = array.array("I", bytes(4 * n))
+        self.gid = array.array("I", bytes(4 * n))
+        # replies built from rows, kept for the first REPLIES_KEPT rows sent twice
+        # (readdirplus is ~40% cheaper from a kept reply; ~300 B each)
+        self.replies: list[Any] = [None] * n
+        self.nreplies = 0
+
+    def __len__(self) -> int:
+        return len(self.have)
+
+    def find(self, ino: int) -> int:
+        """The row of blob inode ``ino``, or -1: through the listing's index if it has
+        one, else bisections (the inode keeps 62 of the first 64 bits of the digest and
+        the cursor its first 60 bits: try the four top bits)."""
+        if self.listing.index:
+            return self.listing.row_of(ino)
+        keys, inos = self.listing.keys, self.listing.inos
+        n = len(keys)
+        low = ino & _LOW_62
+        for top in (0, 1, 2, 3):
+            key = (((top << 62) | low) >> 4) + 1
+            i = bisect.bisect_left(keys, key)
+            while i < n and keys[i] == key:
+                if inos[i] == ino:
+                    return i
+                i += 1
+        return -1
+
+    def digest(self, row: int) -> str:
+        return f"{self.alg}:{self.listing.name(row).decode()}"
+
+    def put(self, row: int, attr: Attr) -> None:
+        """Keep blob attributes ``attr`` in row ``row``."""
+        self.size[row] = attr.size
+        self.blocks[row] = attr.blocks
+        self.created[row] = attr.mtime_ns
+        self.updated[row] = attr.ctime_ns
+        self.uid[row] = attr.uid
+        self.gid[row] = attr.gid
+        self.have[row] = 1
+        self.unreply(row)
+
+    def unset(self, row: int) -> None:
+        """Forget the attributes of row ``row``."""
+        self.have[row] = 0
+        self.unreply(row)
+
+    def unreply(self, row: int) -> None:
+        if self.replies[row] is not None:
+            self.replies[row] = None
+            self.nreplies -= 1
+
+    def attr(self, row: int, ino: int, timeout: float) -> Attr:
+        """The attributes kept in row ``row`` (``have``)."""
+        return Attr(ino, stat.S_IFREG | 0o444, size=self.size[row], uid=self.uid[row],
+                    gid=self.gid[row], blocks=self.blocks[row], atime_ns=self.created[row],
+                    mtime_ns=self.created[row], ctime_ns=self.updated[row], timeout=timeout)
+
+    def forget_attrs(self) -> None:
+        self.have = bytearray(len(self.have))
+        self.replies = [None] * len(self.have)
+        self.nreplies = 0
+
+    def adopt(self, old: BlobRows) -> list[tuple[int, str, int]]:
+        """Take over the lookup counts and attributes of ``old`` (an earlier listing of
+        the same directory) for the names both have. Returns ``(ino, digest, lookups)``
+        of old rows the kernel holds whose names this listing lacks (deleted blobs).
+        Python work is per run of equal names, not per name."""
+        w = self.listing.width
+        a, b = old.listing.names, self.listing.names
+        na, nb = len(old), len(self)
+        gone: list[tuple[int, str, int]] = []
+        i = j = 0
+        cols = ("lookups", "have", "size", "blocks", "created", "updated", "uid", "gid",
+                "replies")
+        while i < na and j < nb:
+            k = _common_run(a, i, b, j, w, min(na - i, nb - j))
+            if k:
+                for col in cols:
+                    getattr(self, col)[j:j + k] = getattr(old, col)[i:i + k]
+                i += k
+                j += k
+                continue
+            if a[i * w:(i + 1) * w] < b[j * w:(j + 1) * w]:  # gone from the directory
+                if old.lookups[i]:
+                    gone.append((old.listing.inos[i], old.digest(i), old.lookups[i]))
+                i += 1
+            else:  # new in the directory
+                j += 1
+        gone.extend((old.listing.inos[r], old.digest(r), old.lookups[r])
+                    for r in range(i, na) if old.lookups[r])
+        self.nreplies = nb - self.replies.count(None)
+        return gone
+
+
+def _common_run(a: bytes, i: int, b: bytes, j: int, w: int, most: int) -> int:
+    """How many names (``w`` bytes each) are equal from name ``i`` of ``a`` and ``j`` of
+    ``b`` on, at most ``most``: doubling, then bisection of slice compares."""
+    def same(k: int) -> bool:
+        return a[i * w:(i + k) * w] == b[j * w:(j + k) * w]
+
+    if most <= 0 or not same(1):
+        return 0
+    lo, hi = 1, 2  # same(lo); find the first k with not same(k)
+    while hi <= most and same(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, most + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if same(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 class NodeTable:
     """The inodes the kernel currently holds, with their lookup counts.
 
     Fixed inodes are always present; blob and ingest nodes are added on lookup (and
-    readdirplus) and dropped when the kernel forgets them.
+    readdirplus) and dropped when the kernel forgets them. A blob in the current
+    listing of its directory is counted in that listing's :class:`BlobRows` (``rows``)
+    instead of by a :class:`Node`: :meth:`get` makes a Node for it on demand. A blob
+    counted by a Node stays counted there until the kernel forgets it.
     """
 
     def __init__(self) -> None:
         self._nodes: dict[int, Node] = {}
         self._ingest_by_ref: dict[str, int] = {}
         self._next_ingest = 1
+        #: the compact table of each blobs/<alg>/ (its latest listing), by algorithm
+        self.rows: dict[str, BlobRows] = {}
         for ino, kind, key in (
             (ROOT_INO, Kind.ROOT, ""),
             (BLOBS_INO, Kind.BLOBS, ""),
@@ -175,11 +326,26 @@ class NodeTable:
 
     @property
     def table(self) -> dict[int, Node]:
-        """The nodes by inode, for hot loops: read only."""
+        """The nodes by inode, for hot loops: read only (blobs counted in ``rows`` are
+        not in it)."""
         return self._nodes
 
+    def _row(self, ino: int) -> tuple[BlobRows, int] | None:
+        if ino >> 62 != 1:
+            return None
+        for rows in self.rows.values():
+            r = rows.find(ino)
+            if r >= 0:
+                return rows, r
+        return None
+
     def get(self, ino: int) -> Node | None:
-        return self._nodes.get(ino)
+        node = self._nodes.get(ino)
+        if node is None and (found := self._row(ino)) is not None:
+            rows, r = found
+            if rows.lookups[r]:
+                return Node(ino, Kind.BLOB, rows.digest(r), rows.lookups[r])
+        return node
 
     def alg_ino(self, algorithm: str) -> int | None:
         for i, alg in enumerate(sorted(ALGORITHMS)):
@@ -194,10 +360,30 @@ class NodeTable:
         """The node for a blob (created if the kernel does not hold one yet)."""
         ino = blob_ino(digest)
         node = self._nodes.get(ino)
-        if node is None or node.kind is not Kind.BLOB:
-            node = Node(ino, Kind.BLOB, digest)
-            self._nodes[ino] = node
+        if node is not None and node.kind is Kind.BLOB:
+            return node
+        rows = self.rows.get(digest.partition(":")[0])
+        r = rows.find(ino) if rows is not None else -1
+        if rows is not None and r >= 0 and rows.digest(r) == digest:
+            return Node(ino, Kind.BLOB, digest, rows.lookups[r])  # counted in its row
+        node = Node(ino, Kind.BLOB, digest)
+        self._nodes[ino] = node
         return node
+
+    def install(self, rows: BlobRows) -> None:
+        """``rows`` is now the table of its directory: it takes over the counts of the
+        one before; a blob held by the kernel but no longer listed gets a Node."""
+        old = self.rows.get(rows.alg)
+        if old is rows:
+            return
+        if old is not None:
+            for ino, digest, n in rows.adopt(old):
+                node = self._nodes.get(ino)
+                if node is None:
+                    self._nodes[ino] = Node(ino, Kind.BLOB, digest, n)
+                else:
+                    node.lookups += n
+        self.rows[rows.alg] = rows
 
     def ingest(self, ref: str) -> Node:
         """The node for an ingest ref (a fresh number unless the kernel holds one)."""
@@ -237,7 +423,17 @@ class NodeTable:
     def remember(self, node: Node) -> None:
         """The kernel took one more reference to ``node`` (lookup, create, readdirplus)."""
         node.lookups += 1
-        self._nodes.setdefault(node.ino, node)
+        held = self._nodes.get(node.ino)
+        if held is not None:
+            if held is not node:  # a row's copy, and a relisting moved its count to a
+                held.lookups += 1  # Node meanwhile (a lookup awaiting a remote store)
+            return
+        if node.kind is Kind.BLOB and (found := self._row(node.ino)) is not None:
+            rows, r = found
+            if rows.digest(r) == node.key:
+                rows.lookups[r] += 1
+                return
+        self._nodes[node.ino] = node
 
     def drop_unused(self, node: Node) -> None:
         """Drop a node created for a reply the kernel did not take."""
@@ -246,7 +442,12 @@ class NodeTable:
 
     def forget(self, ino: int, n: int) -> None:
         node = self._nodes.get(ino)
-        if node is None or node.kind not in (Kind.BLOB, Kind.INGEST):
+        if node is None:
+            if (found := self._row(ino)) is not None:
+                rows, r = found
+                rows.lookups[r] -= min(n, rows.lookups[r])
+            return
+        if node.kind not in (Kind.BLOB, Kind.INGEST):
             return
         node.lookups -= n
         if node.lookups <= 0:
@@ -255,10 +456,7 @@ class NodeTable:
                 del self._ingest_by_ref[node.key]
 
     def __contains__(self, ino: int) -> bool:
-        return ino in self._nodes
-
-    def __len__(self) -> int:
-        return len(self._nodes)
+        return ino in self._nodes or self.get(ino) is not None
 
 
 def dir_attr(ino: int, st: os.stat_result, *, writable: bool, nlink: int = 2) -> Attr:

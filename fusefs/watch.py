@@ -7,7 +7,9 @@ metadata database) tells when a blob appears or disappears, whoever did it (the 
 gRPC server, containerd): its cached attributes and listing are dropped and its name
 invalidated, so the next lookup sees the truth. When labels changed somewhere, blobs
 whose UpdatedAt moved get their cached attributes dropped and the kernel's invalidated,
-so ctime moves. Ingest entries have short timeouts and need no watch.
+so ctime moves; blobs the kernel holds that this view no longer shows (a record
+deleted in this namespace while another keeps the file) are dropped and invalidated.
+Ingest entries have short timeouts and need no watch.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ log = logging.getLogger("fusefs")
 
 #: Looking for relabelled blobs scans the metadata: at most this often (seconds).
 DB_CHECK_INTERVAL = 0.2
+_CHECK_DUTY = 10  # ... and at least this many times as long as the last look took
 
 
 async def watch_store(feed: ChangeFeed, blobs: BlobCache) -> None:
@@ -42,9 +45,10 @@ async def watch_store(feed: ChangeFeed, blobs: BlobCache) -> None:
         return
     labels_dirty = False  # labels changed somewhere: look for relabelled blobs
     last_check = -math.inf
+    interval = DB_CHECK_INTERVAL
     try:
         while True:
-            wait = (last_check + DB_CHECK_INTERVAL - trio.current_time() if labels_dirty
+            wait = (last_check + interval - trio.current_time() if labels_dirty
                     else math.inf)
             with trio.move_on_after(max(0.0, wait)):
                 await trio.lowlevel.wait_readable(changes.fileno())
@@ -59,12 +63,19 @@ async def watch_store(feed: ChangeFeed, blobs: BlobCache) -> None:
                         _blob_changed(blobs, change.digest)
                     elif change.kind is ChangeKind.LABELS:
                         labels_dirty = True
-                    elif change.kind is ChangeKind.OVERFLOW:
-                        log.warning("change feed overflow: cached blob entries may be stale")
-            if labels_dirty and trio.current_time() >= last_check + DB_CHECK_INTERVAL:
+                    elif change.kind is ChangeKind.OVERFLOW:  # (LABELS comes with it)
+                        log.warning("change feed overflow: looking at every blob again")
+                        for alg_ino, name in blobs.overflowed():
+                            pyfuse3.invalidate_entry_async(alg_ino, name,
+                                                           ignore_enoent=True)
+            if labels_dirty and trio.current_time() >= last_check + interval:
                 labels_dirty = False
                 last_check = trio.current_time()
                 await _relabelled(blobs)
+                # a big store (or many held blobs) makes each check long: keep the
+                # watch to a tenth of a core however often the database changes
+                interval = max(DB_CHECK_INTERVAL,
+                               _CHECK_DUTY * (trio.current_time() - last_check))
     finally:
         changes.close()
 
@@ -77,6 +88,7 @@ def _blob_changed(blobs: BlobCache, digest: str) -> None:
         return
     blobs.drop_listing(alg)
     blobs.drop(view.hex_ino(hexpart))
+    blobs.misses.discard((alg_ino, hexpart.encode()))
     pyfuse3.invalidate_entry_async(alg_ino, hexpart.encode(), ignore_enoent=True)
 
 
@@ -85,16 +97,21 @@ async def _relabelled(blobs: BlobCache) -> None:
     try:
         rows = await trio.to_thread.run_sync(blobs.updated_rows)
         held = blobs.relabelled(rows)
+        # a record deleted in this namespace while another keeps the file changes no
+        # file (no event on blobs/): drop what the kernel holds that is no longer shown
+        gone = await trio.to_thread.run_sync(blobs.invisible, blobs.held_blobs())
     except (StoreError, OSError) as exc:  # e.g. a locked database: try at the next change
         log.warning("looking for relabelled blobs: %s", exc)
         return
+    for digest in gone:
+        _blob_changed(blobs, digest)
 
     # a record that appeared in this namespace for a file that was already there (a
     # shared commit, a claim elsewhere) changes no file: drop the kernel's cached miss
     for digest, _created, _updated in rows:
         alg, hexpart = digest.partition(":")[::2]
         alg_ino = blobs.nodes.alg_ino(alg)
-        if alg_ino is not None and view.hex_ino(hexpart) not in blobs.attrs:
+        if alg_ino is not None and blobs.cached(view.hex_ino(hexpart)) is None:
             blobs.drop_listing(alg)
             pyfuse3.invalidate_entry_async(alg_ino, hexpart.encode(), ignore_enoent=True)
 

@@ -422,6 +422,13 @@ class BlobFiles(Protocol):
         stale: use the file's mtime for both times then (:func:`blob_times_of`)."""
         ...
 
+    def blob_times_between(self, first: str,
+                           last: str) -> list[tuple[str, int, int, int]]:
+        """``(digest, size, created_ns, updated_ns)`` of the records with ``first <=
+        digest <= last`` (as strings), in digest order: a run of a sorted listing in one
+        query."""
+        ...
+
 
 @runtime_checkable
 class ReadyReader(Protocol):

@@ -480,6 +480,12 @@ class LocalStore:
         rows = self.db.get_blob_times(builtins.list(digests))
         return {Digest(d): row for d, row in rows.items()}
 
+    def blob_times_between(self, first: str,
+                           last: str) -> builtins.list[tuple[str, int, int, int]]:
+        """``(digest, size, created_ns, updated_ns)`` of the records with ``first <=
+        digest <= last``, in digest order (see :meth:`store.api.BlobFiles`)."""
+        return self.db.get_blob_times_between(first, last)
+
     def delete(self, digest: str) -> None:
         """Delete a committed blob from this view (DESIGN §6): its record goes at once,
         and the file too when no namespace holds it any longer (else it stays for the

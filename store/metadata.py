@@ -334,6 +334,17 @@ class MetadataDB:
                 )
             }
 
+    def get_blob_times_between(self, ns: str, first: str,
+                               last: str) -> list[tuple[str, int, int, int]]:
+        """(digest, size, created_ns, updated_ns) of the rows with ``first <= digest <=
+        last``, in digest order: one range scan of the primary key, for a run of a sorted
+        listing (cheaper than ``digest IN`` of each)."""
+        with self._tx() as c:
+            return c.execute(
+                "SELECT digest, size, created_ns, updated_ns FROM blobs"
+                " WHERE ns = ? AND digest BETWEEN ? AND ? ORDER BY digest",
+                (ns, first, last)).fetchall()
+
     def blobs_updated_since(self, ns: str, since: int) -> list[tuple[str, int, int]]:
         """(digest, created_ns, updated_ns) of blobs whose UpdatedAt is after ``since``: what
         changed since then (a mount looks for labels set by other processes)."""
@@ -679,6 +690,10 @@ class NsMetadata:
 
     def get_blob_times(self, digests: list[str]) -> dict[str, tuple[int, int, int]]:
         return self.meta.get_blob_times(self.ns, digests)
+
+    def get_blob_times_between(self, first: str,
+                               last: str) -> list[tuple[str, int, int, int]]:
+        return self.meta.get_blob_times_between(self.ns, first, last)
 
     def blobs_updated_since(self, since: int) -> list[tuple[str, int, int]]:
         return self.meta.blobs_updated_since(self.ns, since)

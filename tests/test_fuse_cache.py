@@ -5,11 +5,13 @@ still shows up in stat and in listings."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable
 
 import pytest
 
+from store import Info, LocalStore
 from tests import fuse_util
 from tests.fuse_util import CONTENTFS, Mount, run, sha256
 
@@ -84,3 +86,47 @@ def test_blobs_deleted_or_added_elsewhere_leave_or_join_listings(mnt: Mount) -> 
     os.unlink(mnt.blob(kept))
     assert kept not in _ls_l(mnt)
     assert kept not in os.listdir(os.path.join(mnt.path, "blobs", "sha256"))
+
+
+def test_blob_added_while_the_change_feed_overflows_is_found(mnt: Mount) -> None:
+    """A name the kernel was told is missing (cached an hour), committed by another
+    process while the mount's change feed overflows (inotify's queue fills up while the
+    daemon is stopped): after the overflow the mount must look again (stat, cat), as
+    it does for blobs it holds that were deleted meanwhile."""
+    data, gone_data = b"committed during an overflow\n", b"deleted during an overflow\n"
+    hexd = sha256(data)
+    blob_dir = os.path.join(mnt.root, "blobs", "sha256")
+    gone = _ingest_cli(mnt, gone_data, "gone")
+    kept = _ingest_cli(mnt, b"relabelled during an overflow\n", "kept")
+    _eventually(lambda: os.path.exists(mnt.blob(gone)) and os.path.exists(mnt.blob(kept)))
+    ctime = os.stat(mnt.blob(kept)).st_ctime_ns  # attributes the kernel keeps
+    time.sleep(0.01)
+    assert not os.path.exists(mnt.blob(hexd))  # a miss the kernel keeps
+    assert mnt.proc is not None
+    store = LocalStore(mnt.root)
+    os.kill(mnt.proc.pid, signal.SIGSTOP)
+    try:
+        flood = os.path.join(blob_dir, "flood-a")
+        with open(flood, "wb"):
+            pass
+        other = os.path.join(blob_dir, "flood-b")
+        for _ in range(9000):  # 18,000 events: past max_queued_events (16,384)
+            os.rename(flood, other)
+            os.rename(other, flood)
+        os.unlink(flood)
+        w = store.writer("during-overflow")
+        w.write(data)
+        w.commit(len(data), f"sha256:{hexd}")
+        store.delete(f"sha256:{gone}")
+        info = store.info(f"sha256:{kept}")
+        store.update(Info(info.digest, info.size, info.created_at, info.updated_at,
+                          {"during": "overflow"}), "labels")
+    finally:
+        os.kill(mnt.proc.pid, signal.SIGCONT)
+        store.close()
+    _eventually(lambda: os.path.exists(mnt.blob(hexd)), within=10)
+    with open(mnt.blob(hexd), "rb") as f:
+        assert f.read() == data
+    _eventually(lambda: not os.path.exists(mnt.blob(gone)), within=10)
+    _eventually(lambda: os.stat(mnt.blob(kept)).st_ctime_ns > ctime, within=10)
+    assert os.getxattr(mnt.blob(kept), "user.during") == b"overflow"

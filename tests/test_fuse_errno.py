@@ -62,15 +62,21 @@ def test_second_writer_ebusy_but_back_to_back_opens_succeed(mnt: Mount) -> None:
         assert time.monotonic() - start >= 0.5  # it waited for a RELEASE first
         # a reader is fine while the writer holds the ref
         os.close(os.open(path, os.O_RDONLY))
-        # commit while a writer holds it: EBUSY
+        # commit while a writer holds it (setfattr or mv into blobs/): EBUSY, never
+        # fewer bytes than the writer wrote
+        os.write(fd, b"held")
         assert errno_of(lambda: os.setxattr(path, "user.contentfs.commit", b"")) == errno.EBUSY
+        blob = mnt.blob(sha256(b"held"))
+        assert errno_of(lambda: os.rename(path, blob)) == errno.EBUSY
+        assert not os.path.exists(blob)
+        os.write(fd, b"!")
     finally:
         os.close(fd)
     for i in range(50):  # open/write/close loops never see EBUSY from a late RELEASE
         with open(path, "ab") as f:
             f.write(b"%d," % i)
     with open(path, "rb") as f:
-        assert f.read() == b"".join(b"%d," % i for i in range(50))
+        assert f.read() == b"held!" + b"".join(b"%d," % i for i in range(50))
 
 
 def test_second_writer_gets_slot_when_first_closes_during_wait(mnt: Mount) -> None:

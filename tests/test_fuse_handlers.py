@@ -22,6 +22,7 @@ import pyfuse3
 import pytest
 import trio
 
+from fusefs import view
 from fusefs.ops import ContentOps
 from store import LocalStore
 from store.api import Store
@@ -282,6 +283,62 @@ def test_readdir_lists_blobs_and_ingests(store: Store, monkeypatch: pytest.Monke
         assert await listdir(ops, alg_ino(ops)) == sorted([(a.encode(), 2), (b.encode(), 3)])
         assert await listdir(ops, INGEST) == [(b"open%2Fref", 1)]
         assert [n for n, _ in await listdir(ops, ROOT)] == [b"blobs", b"ingest"]
+
+    run(store, case)
+
+
+def test_listings_across_changes_keep_lookup_counts(store: Store,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blobs listed (readdirplus) are held by the kernel until forget, across a commit
+    and a delete and a listing opened before them read after a newer one: getattr
+    answers for each held blob, ENOENT once deleted, and each is known until the
+    kernel forgets every reference it was given."""
+    sent: list[tuple[bytes, int, int]] = []
+
+    def reply(token: object, name: bytes, attr: pyfuse3.EntryAttributes, _next: int) -> bool:
+        sent.append((name, attr.st_ino, attr.st_size))
+        return True
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+
+    async def listed(fh: int) -> set[str]:
+        sent.clear()
+        await ops_of[0].readdir(fh, 0, TOKEN)
+        for _, ino, _ in sent:
+            given[ino] = given.get(ino, 0) + 1
+        return {n.decode() for n, _, _ in sent}
+
+    ops_of: list[ContentOps] = []
+    given: dict[int, int] = {}  # references the kernel got, by inode
+
+    async def case(ops: ContentOps) -> None:
+        ops_of.append(ops)
+        alg = alg_ino(ops)
+        blobs = {await commit(ops, b"c%d" % i, b"x" * i): i for i in range(1, 6)}
+        first = await ops.opendir(alg, CTX)
+        assert await listed(first) == set(blobs)
+        assert all(size == blobs[n.decode()] for n, _, size in sent)
+        old = await ops.opendir(alg, CTX)
+        newest = await commit(ops, b"n", b"new blob")
+        gone = min(blobs)
+        await ops.unlink(alg, gone.encode(), CTX)
+        fh = await ops.opendir(alg, CTX)  # a new listing: the table of the directory
+        assert await listed(fh) == set(blobs) - {gone} | {newest}
+        await fails(errno.ENOENT, ops.getattr(view.hex_ino(gone), CTX))
+        # (a listing opened before the changes; a remote store's listing is the
+        # snapshot of one walk: it may still show the deleted blob)
+        assert set(blobs) - {gone} <= await listed(old) <= set(blobs)
+        assert await listed(fh) == set(blobs) - {gone} | {newest}
+        for hexd in set(blobs) - {gone} | {newest}:
+            ino = view.hex_ino(hexd)
+            assert (await ops.getattr(ino, CTX)).st_ino == ino
+        for handle in (first, old, fh):
+            await ops.releasedir(handle)
+        for ino, n in given.items():
+            await ops.forget([(ino, n - 1)])
+            assert ino in ops.nodes
+            await ops.forget([(ino, 1)])
+            assert ino not in ops.nodes and ops.nodes.get(ino) is None
 
     run(store, case)
 

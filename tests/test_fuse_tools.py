@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import subprocess
 
+from store import LocalStore
 from tests import fuse_util
 from tests.fuse_util import CONTENTFS, Mount, read_bytes, run, sha256, src_file
+from tests.rel_util import wait_for
 
 mounter = fuse_util.mounter
 mnt = fuse_util.mnt
@@ -76,6 +78,24 @@ def test_cp_p_touch_install_keep_metadata_on_ingests(mnt: Mount,
     assert _read(mnt.ingest("inst")) == b"metadata\n"
     _commit(mnt, "inst")
     assert _read(mnt.blob(sha256(b"metadata\n"))) == b"metadata\n"
+
+
+def test_append_after_another_process_extended_the_ingest(mnt: Mount) -> None:
+    """An ingest extended by another process (the store API here; gRPC and the CLI
+    alike) shows its new size through the mount once the attribute timeout passes, and
+    a shell append through the mount lands after those bytes. (The kernel's writeback
+    cache would break both: it trusts its own i_size of a cached regular file, so the
+    mount kept showing 3 bytes and ``printf 9 >>`` wrote back "1239" at offset 0.)"""
+    ing = mnt.ingest("faces")
+    run("sh", "-c", f"printf 123 > {ing}")
+    assert os.stat(ing).st_size == 3
+    with LocalStore(mnt.root).writer("faces") as w:  # waits for the shell's RELEASE
+        w.write(b"45678")
+    wait_for(lambda: os.stat(ing).st_size == 8, timeout=30,
+             what="the size written by the other process")
+    run("sh", "-c", f"printf 9 >> {ing}")
+    assert _read(ing) == b"123456789"
+    assert os.stat(ing).st_size == 9
 
 
 def test_shell_redirection_append_and_small_writes(mnt: Mount) -> None:

@@ -282,3 +282,38 @@ def test_mount_takes_the_namespace_as_every_command(mounter: MountFactory) -> No
     p = subprocess.run([CONTENTFS, "mount", "-n", "team-a", root, "/nonexistent-qa",
                         "-o", "namespace=team-b"], capture_output=True, check=False, timeout=60)
     assert p.returncode == 2 and b"-n team-a and -o namespace=team-b disagree" in p.stderr
+
+
+def test_mount_drops_a_blob_another_process_deletes_from_its_namespace(
+        mounter: MountFactory) -> None:
+    """A blob two namespaces hold, deleted from one by another process (`contentfs rm`):
+    its file stays for the other, so no inotify event on blobs/; the mount of that
+    namespace must still stop showing it (stat, ls -l, open after the kernel held it),
+    while the other namespace's mount keeps it."""
+    ma = mounter("namespace=a", name="ma")
+    mb = mounter("namespace=b", name="mb", root=ma.root)
+    data = b"held by a and b\n"
+    hexd = hashlib.sha256(data).hexdigest()
+    for ns in ("a", "b"):
+        assert run("--root", ma.root, "-n", ns, "ingest", f"in-{ns}", stdin=data).code == 0
+    _eventually(lambda: os.path.exists(ma.blob(hexd)) and os.path.exists(mb.blob(hexd)))
+    assert os.stat(ma.blob(hexd)).st_size == len(data)  # the kernel holds it now
+    listing = subprocess.run(["ls", "-l", os.path.dirname(ma.blob(hexd))],
+                             capture_output=True, text=True, check=True).stdout
+    assert hexd in listing
+    r = run("--root", ma.root, "-n", "a", "rm", f"sha256:{hexd}")
+    assert r.code == 0, r.err
+    assert os.path.exists(os.path.join(ma.root, "blobs", "sha256", hexd))  # b's
+    _eventually(lambda: not os.path.exists(ma.blob(hexd)))
+    listing = subprocess.run(["ls", "-l", os.path.dirname(ma.blob(hexd))],
+                             capture_output=True, text=True, check=True).stdout
+    assert hexd not in listing
+    with open(mb.blob(hexd), "rb") as f:
+        assert f.read() == data
+    # and again after the kernel's caches were dropped and refilled by a listing
+    assert run("--root", ma.root, "-n", "a", "ingest", "again", stdin=data).code == 0
+    _eventually(lambda: os.path.exists(ma.blob(hexd)))
+    subprocess.run(["ls", "-l", os.path.dirname(ma.blob(hexd))], capture_output=True,
+                   check=True)
+    assert run("--root", ma.root, "-n", "a", "rm", f"sha256:{hexd}").code == 0
+    _eventually(lambda: not os.path.exists(ma.blob(hexd)))
