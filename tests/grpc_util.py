@@ -52,7 +52,11 @@ class InProcessServer:
         return self
 
     def stop(self) -> None:
-        self.server.stop(0).wait()
+        # bounded: grpc once left an RPC unfinished after a raw request it could not
+        # decode (test_refs_utf8, 1 in ~4 loaded runs) and stop() waited forever
+        if not self.server.stop(0).wait(timeout=60):
+            self._pool.shutdown(wait=False)
+            pytest.fail("the in-process gRPC server did not stop within 60 s of stop(0)")
         self._pool.shutdown(wait=True)
 
 
