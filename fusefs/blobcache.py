@@ -125,14 +125,12 @@ class BlobCache:
         return _SHORT_NEGATIVE
 
     def overflowed(self) -> list[tuple[int, bytes]]:
-        """The change feed lost events: drop every cached listing and attribute; return
-        the misses the kernel keeps (to invalidate: any may exist now). Deleted blobs the
-        kernel holds are found by :meth:`invisible`."""
-        self.attrs.clear()
-        for alg in list(self._listings):
+        """The change feed lost events: drop every cached listing; return the misses
+        the kernel keeps (to invalidate: any may exist now). Deleted blobs the kernel
+        holds are found by :meth:`invisible`; relabelled ones by :meth:`relabelled`
+        (from the metadata, so the attributes it compares with are kept)."""
+        for alg in ALGORITHMS:
             self.drop_listing(alg)
-        for rows in self.nodes.rows.values():
-            rows.forget_attrs()
         misses = list(self.misses)
         self.misses.clear()
         return misses

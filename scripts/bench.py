@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from store.text import human_size
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 MiB = 1 << 20
@@ -446,13 +448,6 @@ def parse_size(text: str) -> int:
     return n
 
 
-def human(n: int) -> str:
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size and n % size == 0:
-            return f"{n // size} {unit}"
-    return f"{n} B"
-
-
 def make_random_file(path: Path, size: int, seed: int) -> str:
     """Write ``size`` incompressible bytes; return their sha256 hex. Every 1 MiB chunk is
     one random 4 MiB pool at a seed-chosen offset, with the chunk number stamped in front,
@@ -683,7 +678,7 @@ class Bench:
         self.prepared = not p.only <= REGISTRY_FIGS | PULL_FIGS
         if not self.prepared:  # the registry figures make their own data
             return
-        say(f"preparing data in {self.work}: 2 x {human(p.size)}, {p.blobs} small blobs")
+        say(f"preparing data in {self.work}: 2 x {human_size(p.size)}, {p.blobs} small blobs")
         self.big = self.work / "big.bin"
         self.big_hex = make_random_file(self.big, p.size, 1)
         self.src = self.work / "ingest.bin"
@@ -1765,7 +1760,7 @@ def measure_all(p: Params) -> dict[str, Any]:
     }
     p.json_path.parent.mkdir(parents=True, exist_ok=True)
     p.json_path.write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"contentfs bench: big blob {human(p.size)}, {p.blobs} small blobs, "
+    print(f"contentfs bench: big blob {human_size(p.size)}, {p.blobs} small blobs, "
           f"{p.runs} runs ({p.slow_runs} against containerd), store on {doc['fs_type']} "
           f"({p.tmpdir}), {doc['seconds']} s")
     print(table(doc["figures"]))

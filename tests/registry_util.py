@@ -69,7 +69,7 @@ class Registry:
             "    uploadpurging:",
             "      enabled: false",
             "http:",
-            f"  addr: 127.0.0.1:{self.port}",
+            "  addr: 127.0.0.1:{PORT}",
         ]
         self.tls = tls
         self.cert = os.path.join(base, "cert.pem")
@@ -90,18 +90,34 @@ class Registry:
                     f.write(out.strip() + "\n")
             lines += ["auth:", "  htpasswd:", "    realm: contentfs-test",
                       f"    path: {htfile}"]
-        with open(self.config, "w") as f:
-            f.write("\n".join(lines) + "\n")
+        self._lines = lines
         self.log_path = os.path.join(base, "registry.log")
         self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
+        # a port picked here may be taken by another test (or xdist worker) before the
+        # registry binds it: then pick another, a few times (a port given is kept)
+        for attempt in range(5):
+            self._write_config()
+            if self._start(fail=port is not None or attempt == 4):
+                break
+            self.port = free_port()
+
+    def _write_config(self) -> None:
+        with open(self.config, "w") as f:
+            f.write("\n".join(self._lines).replace("{PORT}", str(self.port)) + "\n")
 
     @property
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        """Start (again) on the same port and storage; fail the test if it does not answer."""
+        self._start(fail=True)
+
+    def _start(self, fail: bool) -> bool:
+        """Start and wait until it answers (True). False when it exited because its port
+        is taken and not ``fail``; any other failure fails the test."""
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        start = log.tell()
         try:
             self.proc = subprocess.Popen([REGISTRY, "serve", self.config], stdout=log,
                                          stderr=subprocess.STDOUT)
@@ -109,22 +125,31 @@ class Registry:
             log.close()
         deadline = time.monotonic() + 30
         while True:
+            with open(self.log_path, "rb") as f:
+                f.seek(start)
+                said = f.read()
             if self.proc.poll() is not None:
+                if b"address already in use" in said and not fail:
+                    self.proc = None
+                    return False
                 pytest.fail(f"docker-registry exited {self.proc.returncode}: {self.log()}")
-            try:
-                if self.tls:
-                    import ssl
+            # it logs "listening on" once bound: until then an answer could come from
+            # whoever else holds the port
+            if b"listening on" in said:
+                try:
+                    if self.tls:
+                        import ssl
 
-                    ctx = ssl.create_default_context(cafile=self.cert)
-                    urllib.request.urlopen(f"https://{self.host}/v2/", timeout=2,
-                                           context=ctx).close()
-                else:
-                    urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2).close()
-                return
-            except urllib.error.HTTPError:
-                return  # 401 with auth: it answers
-            except OSError:
-                pass
+                        ctx = ssl.create_default_context(cafile=self.cert)
+                        urllib.request.urlopen(f"https://{self.host}/v2/", timeout=2,
+                                               context=ctx).close()
+                    else:
+                        urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2).close()
+                    return True
+                except urllib.error.HTTPError:
+                    return True  # 401 with auth: it answers
+                except OSError:
+                    pass
             if time.monotonic() > deadline:
                 self.stop()
                 pytest.fail(f"docker-registry did not start: {self.log()}")

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from store import LocalStore
+from store import Info, LocalStore
 from tests import fuse_util
 from tests.fuse_util import CONTENTFS, Mount, run, sha256
 
@@ -97,7 +97,10 @@ def test_blob_added_while_the_change_feed_overflows_is_found(mnt: Mount) -> None
     hexd = sha256(data)
     blob_dir = os.path.join(mnt.root, "blobs", "sha256")
     gone = _ingest_cli(mnt, gone_data, "gone")
-    _eventually(lambda: os.path.exists(mnt.blob(gone)))
+    kept = _ingest_cli(mnt, b"relabelled during an overflow\n", "kept")
+    _eventually(lambda: os.path.exists(mnt.blob(gone)) and os.path.exists(mnt.blob(kept)))
+    ctime = os.stat(mnt.blob(kept)).st_ctime_ns  # attributes the kernel keeps
+    time.sleep(0.01)
     assert not os.path.exists(mnt.blob(hexd))  # a miss the kernel keeps
     assert mnt.proc is not None
     store = LocalStore(mnt.root)
@@ -115,6 +118,9 @@ def test_blob_added_while_the_change_feed_overflows_is_found(mnt: Mount) -> None
         w.write(data)
         w.commit(len(data), f"sha256:{hexd}")
         store.delete(f"sha256:{gone}")
+        info = store.info(f"sha256:{kept}")
+        store.update(Info(info.digest, info.size, info.created_at, info.updated_at,
+                          {"during": "overflow"}), "labels")
     finally:
         os.kill(mnt.proc.pid, signal.SIGCONT)
         store.close()
@@ -122,3 +128,5 @@ def test_blob_added_while_the_change_feed_overflows_is_found(mnt: Mount) -> None
     with open(mnt.blob(hexd), "rb") as f:
         assert f.read() == data
     _eventually(lambda: not os.path.exists(mnt.blob(gone)), within=10)
+    _eventually(lambda: os.stat(mnt.blob(kept)).st_ctime_ns > ctime, within=10)
+    assert os.getxattr(mnt.blob(kept), "user.during") == b"overflow"

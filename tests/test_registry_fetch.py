@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -316,10 +317,13 @@ def test_corrupt_registry_blob_is_dataloss(tmp_path: Any, images: Images) -> Non
 
 
 def test_unreachable_registry_is_unavailable(tmp_path: Any) -> None:
-    from .registry_util import free_port
-
-    res = contentfs("--root", str(tmp_path / "s"), "fetch", "--plain-http",
-                    f"127.0.0.1:{free_port()}/nothing/here:v1", timeout=60)
+    # a port bound here but not listening refuses connections, and no other test can
+    # start a server on it meanwhile
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        res = contentfs("--root", str(tmp_path / "s"), "fetch", "--plain-http",
+                        f"127.0.0.1:{port}/nothing/here:v1", timeout=60)
     assert res.returncode == 7, res.stderr
     assert b"cannot connect" in res.stderr
 
