@@ -35,7 +35,7 @@ from .errors import fuse_errors, refuse
 from .handles import DirHandle, Handles, ReadHandle, WriteHandle
 from .ingests import BUSY_WAIT, Ingests
 from .kernel import entry as make_entry
-from .kernel import negative
+from .kernel import invalidate_inode, negative
 from .view import (
     BLOBS_INO,
     INGEST_INO,
@@ -503,13 +503,21 @@ class ContentOps(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOENT)
             digest = f"{parent.key}:{text}"
             ino = view.hex_ino(text)
+            # files opened through the entry a commit by mv left (the ingest's inode,
+            # which shows the blob until the kernel drops that entry) are removed too
+            moved = [i for i in self.handles.open_files if i != ino
+                     and (n := self.nodes.get(i)) is not None
+                     and n.kind is Kind.BLOB and n.key == digest]
             kept = self.blobs.cached(ino)
             with fuse_errors(f"delete content {digest}"):
-                if kept is None and ino in self.handles.open_files:
+                if kept is None and (moved or ino in self.handles.open_files):
                     kept = make_entry(await self.blobs.attr(ino, digest))
                 await offload.call(self.inline, self.store.delete, digest)
             if kept is not None:
-                self.handles.unlinked_open(ino, kept.st_mtime_ns, kept.st_ctime_ns)
+                for i in (ino, *moved):
+                    self.handles.unlinked_open(i, kept.st_mtime_ns, kept.st_ctime_ns)
+            for i in moved:  # the kernel drops st_nlink only for the removed entry's inode
+                invalidate_inode(i, digest)
             self.blobs.drop(ino)
             self.blobs.drop_listing(parent.key)
             log.info("deleted content %s", digest)

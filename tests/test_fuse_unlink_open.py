@@ -114,3 +114,27 @@ def test_open_ingest_aborted_by_another_process(mnt: Mount) -> None:
         assert os.pread(fd, 10, 0) == b"12345"
     finally:
         os.close(fd)
+
+
+def test_rm_blob_open_through_its_commit_by_mv(mnt: Mount) -> None:
+    """``mv ingest/X blobs/sha256/HEX`` leaves the ingest's inode at the blob's name until
+    the kernel drops that entry (the mount asks it to, asynchronously): a file opened
+    before that shows the blob through the ingest's inode. ``rm`` of the blob must give it
+    st_nlink 0 as well (seen once under load: fstat after rm said 1, from the kernel's
+    attribute cache of that inode)."""
+    data = os.urandom(5000)
+    path = mnt.ingest("moved")
+    with open(path, "wb") as f:
+        f.write(data)
+    fd = os.open(path, os.O_RDONLY)  # the ingest's inode, whatever the kernel does later
+    try:
+        blob = mnt.blob(sha256(data).split(":")[1])
+        os.rename(path, blob)
+        assert os.fstat(fd).st_nlink == 1  # (and cached by the kernel)
+        os.unlink(blob)
+        st = os.fstat(fd)
+        assert (st.st_nlink, st.st_size) == (0, len(data))
+        assert os.pread(fd, len(data) + 1, 0) == data
+    finally:
+        os.close(fd)
+    assert not os.path.exists(blob)
