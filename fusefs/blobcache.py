@@ -45,9 +45,9 @@ from store.types import to_ns
 
 from . import offload, view
 from .errors import fuse_errors, refuse
-from .handles import BlobListing, ReadHandle, index_inos
+from .handles import ReadHandle
 from .kernel import entry as make_entry
-from .view import Attr, BlobRows, Kind, Node, NodeTable
+from .view import Attr, BlobListing, BlobRows, Kind, Node, NodeTable, index_inos
 
 __all__ = ["BlobCache"]
 

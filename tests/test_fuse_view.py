@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fusefs import view
-from fusefs.handles import BlobListing, index_inos
+from fusefs.view import BlobListing, index_inos
 from tests import fuse_util
 from tests.fuse_util import Mount
 
