@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pyfuse3
 import trio
@@ -29,10 +32,11 @@ from .blobcache import BlobCache
 __all__ = ["watch_store"]
 
 log = logging.getLogger("fusefs")
+T = TypeVar("T")
 
 #: Looking for relabelled blobs scans the metadata: at most this often (seconds).
 DB_CHECK_INTERVAL = 0.2
-_CHECK_DUTY = 10  # ... and at least this many times as long as the last look took
+_CHECK_DUTY = 10  # ... and at least this many times the CPU the last look took
 
 
 async def watch_store(feed: ChangeFeed, blobs: BlobCache) -> None:
@@ -71,11 +75,11 @@ async def watch_store(feed: ChangeFeed, blobs: BlobCache) -> None:
             if labels_dirty and trio.current_time() >= last_check + interval:
                 labels_dirty = False
                 last_check = trio.current_time()
-                await _relabelled(blobs)
-                # a big store (or many held blobs) makes each check long: keep the
-                # watch to a tenth of a core however often the database changes
-                interval = max(DB_CHECK_INTERVAL,
-                               _CHECK_DUTY * (trio.current_time() - last_check))
+                # a big store (or many held blobs) makes each check costly: keep the
+                # watch to a tenth of a core however often the database changes. Its
+                # CPU, not its wall time: on a busy machine the wait for a thread
+                # would otherwise space the checks seconds apart for a tiny store
+                interval = max(DB_CHECK_INTERVAL, _CHECK_DUTY * await _relabelled(blobs))
     finally:
         changes.close()
 
@@ -92,17 +96,32 @@ def _blob_changed(blobs: BlobCache, digest: str) -> None:
     pyfuse3.invalidate_entry_async(alg_ino, hexpart.encode(), ignore_enoent=True)
 
 
-async def _relabelled(blobs: BlobCache) -> None:
-    """Push label changes (ctime) made by any process into the kernel's attribute cache."""
+def _on_thread_timed(fn: Callable[..., T], *args: Any) -> Callable[[], tuple[T, float]]:
+    """``fn(*args)`` as a thread body that also returns the CPU seconds it took."""
+    def body() -> tuple[T, float]:
+        started = time.thread_time()
+        result = fn(*args)
+        return result, time.thread_time() - started
+    return body
+
+
+async def _relabelled(blobs: BlobCache) -> float:
+    """Push label changes (ctime) made by any process into the kernel's attribute cache.
+    Returns the CPU seconds the look took (its database and file checks)."""
     try:
-        rows = await trio.to_thread.run_sync(blobs.updated_rows)
+        rows, cpu = await trio.to_thread.run_sync(_on_thread_timed(blobs.updated_rows))
+        started = time.thread_time()
         held = blobs.relabelled(rows)
+        held_blobs = blobs.held_blobs()
+        cpu += time.thread_time() - started
         # a record deleted in this namespace while another keeps the file changes no
         # file (no event on blobs/): drop what the kernel holds that is no longer shown
-        gone = await trio.to_thread.run_sync(blobs.invisible, blobs.held_blobs())
+        gone, used = await trio.to_thread.run_sync(_on_thread_timed(blobs.invisible,
+                                                                    held_blobs))
+        cpu += used
     except (StoreError, OSError) as exc:  # e.g. a locked database: try at the next change
         log.warning("looking for relabelled blobs: %s", exc)
-        return
+        return 0.0
     for digest in gone:
         _blob_changed(blobs, digest)
 
@@ -124,3 +143,4 @@ async def _relabelled(blobs: BlobCache) -> None:
 
     if held:
         await trio.to_thread.run_sync(invalidate)
+    return cpu
