@@ -169,6 +169,12 @@ class BlobCache:
         """Attributes of blob ``digest`` read afresh; NotFound if it is gone."""
         if self.files is None:
             return self._info_attr(await offload.call(False, self.store.info, digest), ino)
+        return self._file_attr(ino, digest)
+
+    def _file_attr(self, ino: int, digest: str) -> Attr:
+        """Attributes of blob ``digest`` from its file and row; NotFound (or the lstat's
+        OSError) if it is gone or not a regular file."""
+        assert self.files is not None
         st = os.lstat(self.files.blob_path(digest))
         if not stat.S_ISREG(st.st_mode):
             raise NotFound(f"content {digest}")
@@ -414,15 +420,10 @@ class BlobCache:
         if listing.infos is not None:
             info = listing.infos.get(ino)
             return None if info is None else self._info_attr(info)
-        assert self.files is not None
         try:
-            st = os.lstat(self.files.blob_path(digest))
-        except (FileNotFoundError, NotADirectoryError):
+            return self._file_attr(ino, digest)
+        except (FileNotFoundError, NotADirectoryError, NotFound):
             return None
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        created, updated = blob_times_of(st, self.files.blob_times([digest]).get(Digest(digest)))
-        return view.blob_attr(ino, st, created, updated)
 
     def _fill(self, alg: str, rows: BlobRows, start: int, stop: int) -> None:
         """Read the attributes of rows ``start`` to ``stop`` of ``rows`` that have none
